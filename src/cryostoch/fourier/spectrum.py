@@ -1,0 +1,125 @@
+"""Oversampled low-frequency spectra: exact DTFT values on a fine grid near the origin.
+
+The likelihood only needs Fourier values inside a small cutoff, but interpolating them
+accurately needs a grid finer than the DFT's (RELION pads maps twice for this reason). For a
+real array X on an N-point box with origin at N//2, define for any frequency k (cycles/box)
+
+    X_hat(k) = N^(-d/2) * sum_x X(x) exp(-2 pi i k . (x - N//2) / N),
+
+which equals `fft2c` / `fft3c` at integer k. `SpectrumLayout` describes a block of X_hat on the
+grid k = j / oversampling with |k_axis| <= k_max: centred axes of length 2h+1 (zero at index h)
+and a half axis kx = 0 .. h (zero at index 0), h = ceil(k_max * oversampling). The block is
+computed with one small matrix product per axis (a pruned DFT): far cheaper than padding and
+transforming the whole box when k_max << N/2, and exactly differentiable by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SpectrumLayout:
+    box_size: int
+    k_max: float
+    oversampling: int
+
+    def __post_init__(self) -> None:
+        if self.box_size < 2 or self.oversampling < 1 or self.k_max <= 0:
+            raise ValueError(f"invalid spectrum layout {self}")
+
+    @property
+    def half_width(self) -> int:
+        return int(math.ceil(self.k_max * self.oversampling - 1e-9))
+
+    @property
+    def centred_length(self) -> int:
+        return 2 * self.half_width + 1
+
+    @property
+    def half_length(self) -> int:
+        return self.half_width + 1
+
+    def centred_frequencies(self, *, dtype=torch.float64, device=None) -> Tensor:
+        h = self.half_width
+        return torch.arange(-h, h + 1, dtype=dtype, device=device) / self.oversampling
+
+    def half_frequencies(self, *, dtype=torch.float64, device=None) -> Tensor:
+        return torch.arange(0, self.half_width + 1, dtype=dtype, device=device) / self.oversampling
+
+
+def dft_matrix(frequencies: Tensor, box_size: int) -> Tensor:
+    """(K, N) complex matrix F[k, x] = N^-1/2 exp(-2 pi i k (x - N//2) / N)."""
+    x = torch.arange(box_size, dtype=torch.float64, device=frequencies.device) - box_size // 2
+    phase = -2 * math.pi * torch.outer(frequencies.to(torch.float64), x) / box_size
+    return torch.polar(torch.full_like(phase, box_size**-0.5), phase)
+
+
+def _complex_dtype(real_dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if real_dtype == torch.float64 else torch.complex64
+
+
+@dataclass(frozen=True)
+class PrunedDft:
+    """Precomputed per-axis DFT matrices for a layout, on one device and dtype."""
+
+    layout: SpectrumLayout
+    centred: Tensor  # (2h+1, N) complex
+    half_real: Tensor  # (h+1, N) real part of the kx matrix
+    half_imag: Tensor  # (h+1, N) imaginary part
+
+    @staticmethod
+    def create(layout: SpectrumLayout, *, dtype=torch.float32, device=None) -> PrunedDft:
+        centred = dft_matrix(layout.centred_frequencies(device=device), layout.box_size)
+        half = dft_matrix(layout.half_frequencies(device=device), layout.box_size)
+        return PrunedDft(
+            layout,
+            centred.to(_complex_dtype(dtype)),
+            half.real.to(dtype).contiguous(),
+            half.imag.to(dtype).contiguous(),
+        )
+
+    def _along_x(self, x: Tensor) -> Tensor:
+        # real input: two real GEMMs are cheaper than promoting x to complex
+        return torch.complex(x @ self.half_real.T, x @ self.half_imag.T)
+
+    def images(self, images: Tensor) -> Tensor:
+        """(..., N, N) real -> (..., 2h+1, h+1) complex block [ky, kx]."""
+        a = self._along_x(images)  # (..., N_y, Kx)
+        return self.centred @ a  # (..., Ky, Kx)
+
+    def volume(self, volume: Tensor) -> Tensor:
+        """(N, N, N) real -> (2h+1, 2h+1, h+1) complex block [kz, ky, kx]."""
+        n = self.layout.box_size
+        a = self._along_x(volume)  # (Nz, Ny, Kx)
+        b = self.centred @ a  # (Nz, Ky, Kx)
+        kz = self.centred.shape[0]
+        c = self.centred @ b.reshape(n, -1)  # (Kz, Ky*Kx)
+        return c.reshape(kz, b.shape[1], b.shape[2])
+
+
+def oversampled_volume_spectrum(
+    volume: Tensor, k_max: float, oversampling: int
+) -> tuple[Tensor, SpectrumLayout]:
+    """The block of `volume`'s spectrum on the oversampled grid, by zero-padded FFT.
+
+    Used where the block is large (simulation up to Nyquist); gives the same values as
+    `PrunedDft.volume` (both are the exact DTFT on the grid j / oversampling).
+    """
+    from cryostoch.fourier.resample import pad_real_space
+    from cryostoch.fourier.transforms import rfft3c
+
+    n = volume.shape[-1]
+    layout = SpectrumLayout(n, k_max, oversampling)
+    padded_size = n * oversampling
+    h = layout.half_width
+    if h >= padded_size // 2:
+        raise ValueError("k_max exceeds the padded box")
+    padded = pad_real_space(volume, padded_size, ndim=3)
+    spectrum = rfft3c(padded) * oversampling**1.5  # undo the larger box's normalisation
+    c = padded_size // 2
+    return spectrum[c - h : c + h + 1, c - h : c + h + 1, : h + 1], layout

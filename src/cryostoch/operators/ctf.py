@@ -1,0 +1,110 @@
+"""Contrast transfer function, RELION's formula (see docs/conventions.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CtfParameters:
+    """Per-particle CTF parameters; every field is a 1-D tensor of the same length.
+
+    Units: Angstrom for defocus, degrees for angles, kV, mm for Cs, A^2 for the B-factor.
+    """
+
+    defocus_u_a: Tensor
+    defocus_v_a: Tensor
+    defocus_angle_deg: Tensor
+    voltage_kv: Tensor
+    spherical_aberration_mm: Tensor
+    amplitude_contrast: Tensor
+    phase_shift_deg: Tensor
+    bfactor_a2: Tensor
+    scale: Tensor
+
+    def __post_init__(self) -> None:
+        lengths = {f.name: getattr(self, f.name).shape for f in fields(self)}
+        shapes = set(lengths.values())
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"CtfParameters fields must be 1-D of one length, got {lengths}")
+
+    def __len__(self) -> int:
+        return int(self.defocus_u_a.shape[0])
+
+    def index(self, indices: Tensor | slice | list[int]) -> CtfParameters:
+        """The parameters of a subset of particles."""
+        return CtfParameters(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        return CtfParameters(
+            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)}
+        )
+
+    @staticmethod
+    def concatenate(parts: list[CtfParameters]) -> CtfParameters:
+        return CtfParameters(
+            **{
+                f.name: torch.cat([getattr(p, f.name) for p in parts])
+                for f in fields(CtfParameters)
+            }
+        )
+
+    @staticmethod
+    def from_values(n: int, **values: float | Tensor) -> CtfParameters:
+        """Broadcast scalars (or tensors) to `n` particles; unspecified optional fields get
+        RELION's defaults (no phase shift, no B-factor, scale 1)."""
+        defaults = {"phase_shift_deg": 0.0, "bfactor_a2": 0.0, "scale": 1.0}
+        merged = {**defaults, **values}
+        out = {}
+        for f in fields(CtfParameters):
+            if f.name not in merged:
+                raise ValueError(f"missing CTF parameter {f.name}")
+            v = torch.as_tensor(merged[f.name], dtype=torch.float64)
+            out[f.name] = v.expand(n).clone() if v.ndim == 0 else v.clone()
+        return CtfParameters(**out)
+
+
+def electron_wavelength_a(voltage_kv: Tensor | float) -> Tensor:
+    """Relativistic electron wavelength in Angstrom (0.019687 A at 300 kV)."""
+    volts = torch.as_tensor(voltage_kv, dtype=torch.float64) * 1e3
+    return 12.2643247 / torch.sqrt(volts * (1.0 + 0.978466e-6 * volts))
+
+
+def evaluate_ctf(ctf: CtfParameters, freq_x_per_a: Tensor, freq_y_per_a: Tensor) -> Tensor:
+    """CTF values of every particle at spatial frequencies in 1/Angstrom.
+
+    The frequency tensors have a leading particle axis of size `n` (one frequency set per
+    particle, e.g. rotated grids) or 1 (shared), followed by any point axes: `(1, M)`,
+    `(n, M)`, `(n, P, M)`. Returns `(n, *points)` in the dtype of the frequencies; the
+    arithmetic is done in float64 because defocus * s^2 is a large phase.
+    """
+    n = len(ctf)
+    if freq_x_per_a.shape[0] not in (1, n) or freq_y_per_a.shape[0] not in (1, n):
+        raise ValueError("frequency tensors need a leading axis of size 1 or n_particles")
+    fx = freq_x_per_a.to(torch.float64)
+    fy = freq_y_per_a.to(torch.float64)
+    extra = max(fx.ndim, fy.ndim) - 1
+
+    def per_particle(v: Tensor) -> Tensor:
+        return v.to(device=fx.device, dtype=torch.float64).reshape(n, *([1] * extra))
+
+    wavelength = per_particle(electron_wavelength_a(ctf.voltage_kv))
+    cs_a = per_particle(ctf.spherical_aberration_mm) * 1e7
+    q0 = per_particle(ctf.amplitude_contrast)
+    s2 = fx * fx + fy * fy
+    azimuth = torch.atan2(fy, fx) - torch.deg2rad(per_particle(ctf.defocus_angle_deg))
+    du, dv = per_particle(ctf.defocus_u_a), per_particle(ctf.defocus_v_a)
+    defocus = -(du + dv) / 2 - (du - dv) / 2 * torch.cos(2 * azimuth)
+    amplitude_phase = torch.atan(q0 / torch.sqrt(1 - q0 * q0))
+    gamma = (
+        math.pi * wavelength * defocus * s2
+        + (math.pi / 2) * cs_a * wavelength**3 * s2 * s2
+        - torch.deg2rad(per_particle(ctf.phase_shift_deg))
+        - amplitude_phase
+    )
+    envelope = torch.exp(-per_particle(ctf.bfactor_a2) * s2 / 4)
+    return (-torch.sin(gamma) * envelope * per_particle(ctf.scale)).to(freq_x_per_a.dtype)

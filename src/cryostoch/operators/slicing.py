@@ -1,0 +1,128 @@
+"""Central-slice extraction from a half spectrum (Fourier slice theorem) and its exact adjoint.
+
+A half spectrum is a complex array `[kz, ky, kx]` whose centred axes (kz, ky) have zero
+frequency at index `length // 2` and whose half axis kx starts at zero; grid spacing is
+`1 / oversampling` cycles per box. This covers both `rfft3c` output (oversampling 1, length N)
+and the oversampled blocks of `cryostoch.fourier.spectrum` (length 2h+1). Points with kx < 0 are
+read from their Hermitian twin: V(-k) = conj(V(k)).
+
+For a rotation A (RELION convention), the projection image's spectrum at 2-D frequency
+(kx, ky) is V_hat(A^T (kx, ky, 0)) = V_hat(kx * A[0, :] + ky * A[1, :]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def slice_points_3d(rotations: Tensor, kx: Tensor, ky: Tensor) -> Tensor:
+    """3-D frequencies (..., M, 3) (x, y, z order) of the 2-D points under rotations (..., 3, 3)."""
+    row0 = rotations[..., 0, :].unsqueeze(-2)  # (..., 1, 3)
+    row1 = rotations[..., 1, :].unsqueeze(-2)
+    return kx.unsqueeze(-1) * row0 + ky.unsqueeze(-1) * row1
+
+
+def trilinear_stencil(
+    points: Tensor, shape: tuple[int, int, int], oversampling: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices (..., 8), weights (..., 8) and a conjugation flag (...) for trilinear reads.
+
+    `points` (..., 3) are frequencies (x, y, z) in cycles per box. Corners outside the array get
+    weight 0 (and a clamped, valid index) so that callers never read out of bounds.
+    """
+    n_z, n_y, n_x = shape
+    flip = points[..., 0] < 0
+    p = torch.where(flip.unsqueeze(-1), -points, points) * oversampling
+    gx = p[..., 0]
+    gy = p[..., 1] + n_y // 2
+    gz = p[..., 2] + n_z // 2
+    x0, y0, z0 = gx.floor(), gy.floor(), gz.floor()
+    fx, fy, fz = gx - x0, gy - y0, gz - z0
+    indices, weights = [], []
+    for dz in (0, 1):
+        wz = fz if dz else 1 - fz
+        iz = z0 + dz
+        for dy in (0, 1):
+            wy = fy if dy else 1 - fy
+            iy = y0 + dy
+            for dx in (0, 1):
+                wx = fx if dx else 1 - fx
+                ix = x0 + dx
+                valid = (ix >= 0) & (ix < n_x) & (iy >= 0) & (iy < n_y) & (iz >= 0) & (iz < n_z)
+                flat = (iz.clamp(0, n_z - 1) * n_y + iy.clamp(0, n_y - 1)) * n_x + ix.clamp(
+                    0, n_x - 1
+                )
+                indices.append(flat.long())
+                weights.append(torch.where(valid, wx * wy * wz, torch.zeros_like(wx)))
+    return torch.stack(indices, -1), torch.stack(weights, -1), flip
+
+
+def extract_slices(
+    half_spectrum: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor, oversampling: int = 1
+) -> Tensor:
+    """Values (..., M) of central slices at 2-D frequencies (kx, ky) for rotations (..., 3, 3).
+
+    Trilinear interpolation; differentiable (autograd's backward is `insert_slices`).
+    """
+    points = slice_points_3d(rotations.to(kx.dtype), kx, ky)
+    idx, w, flip = trilinear_stencil(points, tuple(half_spectrum.shape), oversampling)
+    flat = half_spectrum.reshape(-1)
+    values = (flat[idx.reshape(-1)].reshape(idx.shape) * w.to(flat.real.dtype)).sum(-1)
+    return torch.where(flip, values.conj(), values)
+
+
+def insert_slices(
+    slices: Tensor,
+    rotations: Tensor,
+    kx: Tensor,
+    ky: Tensor,
+    shape: tuple[int, int, int],
+    oversampling: int = 1,
+) -> Tensor:
+    """Exact adjoint of `extract_slices` (as a real-linear map): back-projection in Fourier space.
+
+    Satisfies Re<extract(V), u> = Re<V, insert(u)> for every complex V and u, where
+    <a, b> = sum(conj(a) * b).
+    """
+    points = slice_points_3d(rotations.to(kx.dtype), kx, ky)
+    idx, w, flip = trilinear_stencil(points, shape, oversampling)
+    u = torch.where(flip, slices.conj(), slices)
+    contributions = u.unsqueeze(-1) * w.to(slices.real.dtype)
+    out = torch.zeros(shape[0] * shape[1] * shape[2], dtype=slices.dtype, device=slices.device)
+    out.index_add_(0, idx.reshape(-1), contributions.reshape(-1))
+    return out.reshape(shape)
+
+
+def insert_slice_weights(
+    weights: Tensor,
+    rotations: Tensor,
+    kx: Tensor,
+    ky: Tensor,
+    shape: tuple[int, int, int],
+    oversampling: int = 1,
+) -> Tensor:
+    """Back-project real per-point weights (e.g. CTF^2 counts) with the same trilinear kernel."""
+    points = slice_points_3d(rotations.to(kx.dtype), kx, ky)
+    idx, w, _ = trilinear_stencil(points, shape, oversampling)
+    out = torch.zeros(shape[0] * shape[1] * shape[2], dtype=weights.dtype, device=weights.device)
+    out.index_add_(0, idx.reshape(-1), (weights.unsqueeze(-1) * w.to(weights.dtype)).reshape(-1))
+    return out.reshape(shape)
+
+
+def hermitian_fold_half_plane(half_spectrum: Tensor) -> Tensor:
+    """Make the kx = 0 plane of a back-projected half spectrum Hermitian.
+
+    Back-projection writes each kx = 0 coefficient and its twin separately; a real volume needs
+    V(0, -ky, -kz) = conj(V(0, ky, kz)), so both get the sum of one and the twin's conjugate.
+    Assumes centred axes of odd length (oversampled blocks) or even length with the unmatched
+    most-negative row left alone.
+    """
+    out = half_spectrum.clone()
+    plane = half_spectrum[:, :, 0]
+    n_z, n_y = plane.shape
+    sz, sy = (1 if n_z % 2 == 0 else 0), (1 if n_y % 2 == 0 else 0)
+    core = plane[sz:, sy:]
+    twin = torch.flip(core, dims=(0, 1)).conj()
+    out[sz:, sy:, 0] = core + twin
+    return out
