@@ -1,0 +1,38 @@
+"""Rotations (RELION Euler angles, matrices, quaternions, rotation vectors) and quadrature
+over orientations (Lebedev directions x in-plane angles) and shifts."""
+
+from cryostoch.geometry.quadrature import (
+    DIRECTION_DENSITY_FACTOR,
+    OrientationQuadrature,
+    ShiftQuadrature,
+    angular_step_rad,
+    default_shift_step_px,
+    lebedev_sizes,
+    max_radius_px,
+    orientation_quadrature,
+    shift_quadrature,
+    sphere_rule,
+)
+from cryostoch.geometry.rotations import (
+    direction_to_euler,
+    euler_to_matrix,
+    euler_to_quaternion,
+    inplane_rotation,
+    matrix_to_euler,
+    matrix_to_quaternion,
+    matrix_to_rotvec,
+    quaternion_multiply,
+    quaternion_to_euler,
+    quaternion_to_matrix,
+    random_rotations,
+    rotvec_to_matrix,
+)
+
+__all__ = [
+    "DIRECTION_DENSITY_FACTOR", "OrientationQuadrature", "ShiftQuadrature", "angular_step_rad",
+    "default_shift_step_px", "direction_to_euler", "euler_to_matrix", "euler_to_quaternion",
+    "inplane_rotation", "lebedev_sizes", "matrix_to_euler", "matrix_to_quaternion",
+    "matrix_to_rotvec", "max_radius_px", "orientation_quadrature", "quaternion_multiply",
+    "quaternion_to_euler", "quaternion_to_matrix", "random_rotations", "rotvec_to_matrix",
+    "shift_quadrature", "sphere_rule",
+]
