@@ -12,6 +12,7 @@ from cryostoch.errors import InputError
 # name -> module under cryostoch.cli; each module defines `add_arguments(parser)` and `run(args)`.
 SUBCOMMANDS: dict[str, str] = {
     "info": "info",
+    "reconstruct": "reconstruct",
 }
 
 

@@ -14,7 +14,13 @@ from cryostoch.fourier.grids import (
     rfft2_grid,
     rfft3_grid,
 )
-from cryostoch.fourier.resample import low_pass, pad_real_space, resample_images, resample_volume
+from cryostoch.fourier.resample import (
+    low_pass,
+    pad_real_space,
+    resample_images,
+    resample_volume,
+    soft_low_pass,
+)
 from cryostoch.fourier.spectrum import (
     PrunedDft,
     SpectrumLayout,
@@ -58,6 +64,7 @@ __all__ = [
     "resample_images",
     "resample_volume",
     "rfft2_grid",
+    "soft_low_pass",
     "rfft3_grid",
     "rfft2c",
     "rfft3c",

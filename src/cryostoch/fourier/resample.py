@@ -7,6 +7,7 @@ image stays the same constant), which with unitary transforms means scaling by (
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from cryostoch.fourier.transforms import fft2c, fft3c, ifft2c, ifft3c
@@ -77,3 +78,16 @@ def low_pass(x: Tensor, radius: float, ndim: int) -> Tensor:
     kz, ky, kx = fft3_grid(n, device=x.device)
     mask = kx * kx + ky * ky + kz * kz <= radius * radius
     return ifft3c(fft3c(x) * mask).real
+
+
+def soft_low_pass(x: Tensor, radius: float, width: float, ndim: int) -> Tensor:
+    """Low-pass with a raised-cosine edge from `radius` to `radius + width` (cycles per box)."""
+    from cryostoch.fourier.grids import fft2_grid, fft3_grid
+
+    n = x.shape[-1]
+    grid = fft2_grid(n, device=x.device) if ndim == 2 else fft3_grid(n, device=x.device)
+    k = torch.sqrt(sum(g * g for g in grid))
+    t = ((k - radius) / max(width, 1e-9)).clamp(0, 1)
+    weights = (0.5 * (1 + torch.cos(torch.pi * t))).to(x.dtype)
+    forward, inverse = (fft2c, ifft2c) if ndim == 2 else (fft3c, ifft3c)
+    return inverse(forward(x) * weights).real

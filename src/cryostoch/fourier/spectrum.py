@@ -93,13 +93,45 @@ class PrunedDft:
         return self.centred @ a  # (..., Ky, Kx)
 
     def volume(self, volume: Tensor) -> Tensor:
-        """(N, N, N) real -> (2h+1, 2h+1, h+1) complex block [kz, ky, kx]."""
+        """(N, N, N) real -> (2h+1, 2h+1, h+1) complex block [kz, ky, kx].
+
+        Differentiable; the backward pass is the explicit adjoint (see `_PrunedVolumeDft`).
+        """
+        return _PrunedVolumeDft.apply(volume, self)
+
+    def volume_forward(self, volume: Tensor) -> Tensor:
         n = self.layout.box_size
-        a = self._along_x(volume)  # (Nz, Ny, Kx)
-        b = self.centred @ a  # (Nz, Ky, Kx)
-        kz = self.centred.shape[0]
-        c = self.centred @ b.reshape(n, -1)  # (Kz, Ky*Kx)
-        return c.reshape(kz, b.shape[1], b.shape[2])
+        k, kx = self.centred.shape[0], self.half_real.shape[0]
+        a = self._along_x(volume.reshape(n * n, n))  # (Nz*Ny, Kx)
+        # along y: bring y to the front so one GEMM covers every z
+        a = a.reshape(n, n, kx).permute(1, 0, 2).reshape(n, n * kx)  # (Ny, Nz*Kx)
+        b = self.centred @ a  # (Ky, Nz*Kx)
+        b = b.reshape(k, n, kx).permute(1, 0, 2).reshape(n, k * kx)  # (Nz, Ky*Kx)
+        return (self.centred @ b).reshape(k, k, kx)  # (Kz, Ky, Kx)
+
+    def volume_adjoint(self, block_grad: Tensor) -> Tensor:
+        """Re(F^H g): the gradient with respect to the real volume of a real loss whose
+        gradient with respect to the block is `block_grad` (torch's complex convention)."""
+        n = self.layout.box_size
+        k, kx = self.centred.shape[0], self.half_real.shape[0]
+        adj = self.centred.conj().T  # (N, K)
+        a = adj @ block_grad.reshape(k, k * kx)  # (Nz, Ky*Kx)
+        a = a.reshape(n, k, kx).permute(1, 0, 2).reshape(k, n * kx)  # (Ky, Nz*Kx)
+        b = adj @ a  # (Ny, Nz*Kx)
+        b = b.reshape(n, n, kx).permute(1, 0, 2).reshape(n * n, kx)  # (Nz*Ny, Kx)
+        out = b.real @ self.half_real + b.imag @ self.half_imag  # Re(b conj(F_x))
+        return out.reshape(n, n, n)
+
+
+class _PrunedVolumeDft(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, volume: Tensor, dft: PrunedDft) -> Tensor:
+        ctx.dft = dft
+        return dft.volume_forward(volume)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.dft.volume_adjoint(grad), None
 
 
 def oversampled_volume_spectrum(

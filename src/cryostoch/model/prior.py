@@ -28,6 +28,9 @@ class PriorConfig:
 
 def negative_log_prior(volume: Tensor, prior: PriorConfig) -> Tensor:
     """Sum over voxels of -log p(V_i) (a 0-dim tensor, differentiable)."""
+    if prior.beta == 1.0:  # one pass: sum|V-| = sum V+ - sum V
+        positive_sum = torch.clamp(volume, min=0).sum()
+        return prior.lambda_plus * positive_sum + prior.lambda_minus * (positive_sum - volume.sum())
     positive = torch.clamp(volume, min=0)
     negative = torch.clamp(volume, max=0).abs()
     return prior.lambda_plus * positive.sum() + prior.lambda_minus * negative.pow(prior.beta).sum()

@@ -1,0 +1,128 @@
+"""Configuration of a reconstruction run: a frozen, validated dataclass saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "tonga", "olbfgs", "hf", "adam")
+
+# The paper's minibatch sizes: 100 for every method except Hessian-free (300).
+DEFAULT_BATCH_SIZE = {"hf": 300}
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Everything that determines a reconstruction (and so its checkpoint compatibility).
+
+    Resolution: `max_freq` is the likelihood cutoff as a fraction of Nyquist of the *working*
+    box; `resolution_a`, if given, overrides it. `box_size` (optional) Fourier-crops the
+    images to a smaller working box first. Shifts: `shift_range_a` is the radius of the
+    shift disc (0: no shift marginalisation), `shift_sigma_a` the prior's sigma.
+    """
+
+    particles: str
+    out_dir: str
+    optimizer: str = "sgd"
+    epochs: float = 1.0
+    max_freq: float = 0.10
+    resolution_a: float | None = None
+    box_size: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lambda_plus: float = 1e-4
+    lambda_minus: float = 1e-4
+    prior_beta: float = 1.0
+    init: str = "random"
+    test_size: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    snapshots: tuple[int, ...] = ()
+    shift_range_a: float = 0.0
+    shift_sigma_a: float | None = None
+    particle_diameter_a: float | None = None
+    invert: bool | None = None
+    project_root: str | None = None
+    class_file: str | None = None
+    keep_classes: tuple[int, ...] = ()
+    half_set: int | None = None
+    test_every: int = 20
+    checkpoint_interval_s: float = 300.0
+    volume_oversampling: int = 2
+    image_oversampling: int = 2
+    memory_budget_mb: float = 256.0
+    write_poses: bool = True
+    optimizer_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.optimizer not in OPTIMIZER_NAMES:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            problems.append("epochs must be positive")
+        if not 0 < self.max_freq <= 0.9:
+            problems.append("max-freq must be in (0, 0.9] (a fraction of Nyquist)")
+        if self.resolution_a is not None and not self.resolution_a > 0:
+            problems.append("resolution-a must be positive")
+        if self.box_size is not None and (self.box_size < 16 or self.box_size % 2):
+            problems.append("box must be an even number >= 16")
+        if self.batch_size is not None and self.batch_size < 1:
+            problems.append("batch-size must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            problems.append("lr must be positive")
+        if self.lambda_plus < 0 or self.lambda_minus < 0:
+            problems.append("lambda-plus and lambda-minus must be >= 0")
+        if self.prior_beta < 1:
+            problems.append("prior beta must be >= 1")
+        if self.test_size < 0:
+            problems.append("test-size must be >= 0")
+        if self.dtype not in ("float32", "float64"):
+            problems.append("dtype must be float32 or float64")
+        if any(s <= 0 for s in self.snapshots):
+            problems.append("snapshots must be positive gradient-evaluation counts")
+        if self.shift_range_a < 0:
+            problems.append("shift-range-a must be >= 0")
+        if self.shift_sigma_a is not None and not self.shift_sigma_a > 0:
+            problems.append("shift-sigma-a must be positive")
+        if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:
+            problems.append("particle-diameter-a must be positive")
+        if self.half_set not in (None, 1, 2):
+            problems.append("half-set must be 1 or 2")
+        if self.test_every < 1:
+            problems.append("test-every must be >= 1")
+        if self.checkpoint_interval_s < 0:
+            problems.append("checkpoint interval must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZE.get(self.optimizer, 100)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["snapshots"] = list(self.snapshots)
+        d["keep_classes"] = list(self.keep_classes)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> ReconstructionConfig:
+        d = dict(d)
+        d["snapshots"] = tuple(d.get("snapshots", ()))
+        d["keep_classes"] = tuple(d.get("keep_classes", ()))
+        return ReconstructionConfig(**d)
+
+    def trajectory_fields(self) -> dict:
+        """The fields that must match for a checkpoint to resume this run exactly."""
+        d = self.to_dict()
+        for free in ("epochs", "out_dir", "device", "checkpoint_interval_s", "write_poses",
+                     "snapshots", "test_every"):
+            d.pop(free)
+        return d

@@ -1,0 +1,159 @@
+"""Load-time preprocessing: a particle data set -> small in-memory Fourier blocks.
+
+Done once per run (paper section 4: images rescaled so the noise sigma is 1):
+1. estimate the noise standard deviation from the background of a sample of images;
+2. detect the contrast sign (protein white or black) from phase-flipped, low-passed images;
+3. stream every image in chunks: subtract its background mean, divide by the noise sigma,
+   apply the sign, and keep only its oversampled Fourier block inside the largest cutoff.
+An epoch then never touches the full images again, and memory is bounded by the chunk size
+plus the blocks (a few kB per image).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryostoch.errors import InputError
+from cryostoch.io.dataset import ParticleDataset
+from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.model.preprocess import (
+    NormalisationStatistics,
+    background_statistics,
+    contrast_score,
+    normalise_images,
+)
+from cryostoch.operators.ctf import CtfParameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedParticles:
+    """Normalised particle spectra kept in memory for the whole run."""
+
+    blocks: Tensor  # (n, 2h+1, h+1) complex, the model's image layout
+    ctf: CtfParameters  # (n,)
+    dataset_indices: np.ndarray  # row of each particle in the source data set
+    statistics: NormalisationStatistics
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def subset(self, rows: np.ndarray | Tensor) -> PreparedParticles:
+        rows_t = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return PreparedParticles(
+            self.blocks[rows_t],
+            self.ctf.index(rows_t),
+            self.dataset_indices[np.asarray(rows)],
+            self.statistics,
+        )
+
+
+def estimate_normalisation(
+    dataset: ParticleDataset,
+    particle_radius_px: float,
+    *,
+    sample_size: int = 2000,
+    generator: torch.Generator,
+    invert: bool | None = None,
+    chunk_size: int = 500,
+) -> NormalisationStatistics:
+    """Noise sigma (median background std) and contrast sign from a random sample of images.
+
+    `invert` forces the sign (True: multiply the data by -1); None detects it.
+    """
+    n = len(dataset)
+    count = min(n, sample_size)
+    sample = torch.randperm(n, generator=generator)[:count].sort().values.numpy()
+    stds, scores = [], []
+    for start in range(0, count, chunk_size):
+        rows = sample[start : start + chunk_size]
+        images = dataset.read_images(rows).to(torch.float64)
+        _, std = background_statistics(images, particle_radius_px)
+        stds.append(std)
+        ctf = dataset.ctf.index(torch.as_tensor(rows)) if dataset.ctf is not None else None
+        scores.append(
+            contrast_score(images, ctf, dataset.pixel_size_a, particle_radius_px)
+        )
+    std_all = torch.cat(stds)
+    if not torch.isfinite(std_all).all():
+        raise InputError(dataset.source_path, "images contain NaN or infinite values")
+    noise_sigma = float(std_all.median())
+    if not noise_sigma > 0:
+        raise InputError(dataset.source_path, "images have zero background variance (blank?)")
+    score = float(torch.cat(scores).mean() / noise_sigma)
+    if invert is None:
+        sign = 1 if score >= 0 else -1
+    else:
+        sign = -1 if invert else 1
+    return NormalisationStatistics(noise_sigma, sign, score, count)
+
+
+def prepare_particles(
+    dataset: ParticleDataset,
+    model: MarginalLikelihood,
+    statistics: NormalisationStatistics,
+    particle_radius_px: float,
+    *,
+    chunk_size: int = 500,
+    progress=None,
+) -> PreparedParticles:
+    """Normalise every image and keep its Fourier block (bounded memory, chunked reads)."""
+    if dataset.ctf is None:
+        raise InputError(dataset.source_path, "no CTF parameters: reconstruction needs them")
+    if dataset.box_size != model.config.box_size:
+        raise InputError(
+            dataset.source_path,
+            f"box {dataset.box_size} does not match the model box {model.config.box_size}",
+        )
+    n = len(dataset)
+    layout = model.image_layout
+    blocks = torch.empty(
+        n, layout.centred_length, layout.half_length, dtype=model._complex, device="cpu"
+    )
+    done = 0
+    for rows, images in dataset.iter_chunks(chunk_size):
+        images = images.to(torch.float64)
+        if not torch.isfinite(images).all():
+            bad = rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])]
+            raise InputError(dataset.source_path, f"particle {bad} contains NaN or inf pixels")
+        normalised = normalise_images(
+            images, particle_radius_px, statistics.noise_sigma, statistics.contrast_sign
+        )
+        blocks[done : done + len(rows)] = model.image_blocks(normalised.to(model.dtype)).cpu()
+        done += len(rows)
+        if progress is not None:
+            progress(len(rows))
+    if done != n:
+        raise InputError(dataset.source_path, f"read {done} images but expected {n}")
+    return PreparedParticles(blocks, dataset.ctf, np.arange(n), statistics)
+
+
+class ResampledDataset:
+    """A read-only view of a data set Fourier-cropped to a smaller working box."""
+
+    def __init__(self, dataset: ParticleDataset, box_size: int) -> None:
+        from cryostoch.fourier.resample import resample_images
+
+        self._dataset = dataset
+        self._resample = resample_images
+        self.box_size = box_size
+        self.pixel_size_a = dataset.pixel_size_a * dataset.box_size / box_size
+        self.ctf = dataset.ctf
+        self.source_path = dataset.source_path
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def read_images(self, indices) -> Tensor:
+        images = self._dataset.read_images(indices)
+        return self._resample(images.to(torch.float64), self.box_size).to(images.dtype)
+
+    def iter_chunks(self, chunk_size: int, indices=None):
+        for rows, images in self._dataset.iter_chunks(chunk_size, indices):
+            yield rows, self._resample(images.to(torch.float64), self.box_size).to(images.dtype)

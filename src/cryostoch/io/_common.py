@@ -1,0 +1,88 @@
+"""Helpers shared by the readers: atomic writes, path resolution, value checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cryostoch.errors import InputError
+
+# How many folders (the file's own and its ancestors) are searched for a relative path.
+MAX_ANCESTORS = 6
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in the folder of `path`; on success rename it onto `path`.
+
+    On an exception the temporary file is removed and `path` is left untouched, so a crash
+    never leaves a file that looks complete.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def search_folders(anchor_file: Path, project_root: str | os.PathLike[str] | None) -> list[Path]:
+    """Folders against which relative paths in `anchor_file` are resolved, in order.
+
+    With an explicit `project_root` only that folder; otherwise the file's folder and its
+    ancestors (RELION and cryoSPARC write paths relative to the project directory, which is
+    usually an ancestor of the metadata file).
+    """
+    if project_root is not None:
+        return [Path(project_root).expanduser().resolve()]
+    folders = []
+    folder = anchor_file.resolve().parent
+    for _ in range(MAX_ANCESTORS):
+        folders.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return folders
+
+
+def check_finite(source: Path | str, name: str, values: np.ndarray) -> None:
+    """InputError naming the column if any value is NaN or infinite."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            source,
+            f"{name} is NaN or infinite for {int(bad.sum())} of {values.size} particles "
+            f"(first at particle {first + 1})",
+        )
+
+
+def check_positive(source: Path | str, name: str, values: np.ndarray) -> None:
+    """InputError naming the column if any value is not strictly positive (or not finite)."""
+    check_finite(source, name, values)
+    values = np.asarray(values, dtype=np.float64)
+    bad = values <= 0
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            source,
+            f"{name} must be positive but is {values[first]:g} for {int(bad.sum())} of "
+            f"{values.size} particles (first at particle {first + 1})",
+        )
+
+
+def format_folders(paths: Sequence[Path], limit: int = MAX_ANCESTORS) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
