@@ -13,6 +13,7 @@ from cryostoch.errors import InputError
 SUBCOMMANDS: dict[str, str] = {
     "info": "info",
     "reconstruct": "reconstruct",
+    "fsc": "fsc",
 }
 
 

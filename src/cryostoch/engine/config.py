@@ -55,6 +55,10 @@ class ReconstructionConfig:
     image_oversampling: int = 2
     memory_budget_mb: float = 256.0
     write_poses: bool = True
+    preconditioner: str = "auto"
+    start_freq_fraction: float = 0.4
+    marching_fraction: float = 0.5
+    marching_stages: int = 4
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,12 +99,28 @@ class ReconstructionConfig:
             problems.append("test-every must be >= 1")
         if self.checkpoint_interval_s < 0:
             problems.append("checkpoint interval must be >= 0")
+        if not 0 < self.start_freq_fraction <= 1:
+            problems.append("start-freq-fraction must be in (0, 1] (1 = no frequency marching)")
+        if not 0 <= self.marching_fraction < 1:
+            problems.append("marching-fraction must be in [0, 1)")
+        if self.marching_stages < 1:
+            problems.append("marching-stages must be >= 1")
+        if self.preconditioner not in ("auto", "fourier", "none"):
+            problems.append("preconditioner must be auto, fourier or none")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size or DEFAULT_BATCH_SIZE.get(self.optimizer, 100)
+
+    @property
+    def uses_fourier_preconditioner(self) -> bool:
+        """auto: on for the first-order methods; off for online L-BFGS and Hessian-free, which
+        build their own curvature model from gradient differences."""
+        if self.preconditioner == "auto":
+            return self.optimizer not in ("olbfgs", "hf")
+        return self.preconditioner == "fourier"
 
     @property
     def out_path(self) -> Path:

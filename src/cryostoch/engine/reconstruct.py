@@ -37,7 +37,7 @@ from cryostoch.geometry.quadrature import max_radius_px
 from cryostoch.io.dataset import ParticleDataset, open_particles
 from cryostoch.io.mrc import read_map, write_map
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
-from cryostoch.model.objective import minibatch_objective
+from cryostoch.model.objective import fourier_preconditioner, minibatch_objective
 from cryostoch.model.prior import PriorConfig
 from cryostoch.optim.factory import make_optimizer
 from cryostoch.simulate.init import random_spheres_volume
@@ -142,28 +142,36 @@ def model_signal_power(model: MarginalLikelihood, volume: Tensor, particles) -> 
 
 
 def initial_volume(config, model, particles, particle_radius_px, generator) -> Tensor:
+    """The starting density, band-limited to the cutoff and scaled to the data's signal power.
+
+    The likelihood sees nothing beyond the cutoff, so content above it (sharp sphere edges)
+    would never change: the start is low-passed to the cutoff with a soft two-pixel edge. Maps
+    come in arbitrary units, so the start is scaled so that its CTF-modulated projections
+    carry the signal power measured in the (noise-normalised) images.
+    """
     box = model.config.box_size
     if config.init == "random":
         volume = random_spheres_volume(
             box, particle_radius_px, generator, dtype=torch.float64, device=model.device
         )
-        # The likelihood sees nothing beyond the cutoff, so sharp sphere edges above it would
-        # never change: start band-limited to the cutoff (soft edge of two Fourier pixels).
-        volume = soft_low_pass(volume, model.config.max_radius_px, 2.0, ndim=3).to(model.dtype)
-        target = data_signal_power(model, particles)
-        predicted = model_signal_power(model, volume, particles)
-        if target <= 0:
-            log.warning("no signal power detected above the noise; using a unit-scale start")
-            target = 0.01 * model.coefficients.degrees_of_freedom
-        scale = math.sqrt(target / predicted)
-        log.info("random initial density scaled by %.4g to match the data's signal power", scale)
-        return volume * scale
-    volume, _ = read_map(config.init)
-    if volume.shape[-1] != box:
-        from cryostoch.fourier.resample import resample_volume
+    else:
+        volume, _ = read_map(config.init)
+        if volume.shape[-1] != box:
+            from cryostoch.fourier.resample import resample_volume
 
-        volume = resample_volume(volume.to(torch.float64), box)
-    return volume.to(device=model.device, dtype=model.dtype)
+            volume = resample_volume(volume.to(torch.float64), box)
+        volume = volume.to(device=model.device, dtype=torch.float64)
+    volume = soft_low_pass(volume, model.config.max_radius_px, 2.0, ndim=3).to(model.dtype)
+    target = data_signal_power(model, particles)
+    predicted = model_signal_power(model, volume, particles)
+    if target <= 0:
+        log.warning("no signal power detected above the noise; using a unit-scale start")
+        target = 0.01 * model.coefficients.degrees_of_freedom
+    if not predicted > 0:
+        raise InputError(config.init, "the initial map has no density inside the cutoff")
+    scale = math.sqrt(target / predicted)
+    log.info("initial density scaled by %.4g to match the data's signal power", scale)
+    return volume * scale
 
 
 def epoch_order(n_train: int, seed: int, epoch: int) -> Tensor:
@@ -209,22 +217,21 @@ class Reconstruction:
         self.particle_radius_px = min(0.5 * diameter_a / pixel, box / 2 - 2)
         shift_radius_px = config.shift_range_a / pixel
         sigma_a = config.shift_sigma_a or max(config.shift_range_a / 2, pixel)
-        self.model = MarginalLikelihood(
-            LikelihoodConfig(
-                box_size=box,
-                pixel_size_a=pixel,
-                max_radius_px=radius,
-                volume_oversampling=config.volume_oversampling,
-                image_oversampling=config.image_oversampling,
-                shift_radius_px=shift_radius_px,
-                shift_sigma_px=sigma_a / pixel,
-                memory_budget_mb=config.memory_budget_mb,
-            ),
-            dtype=self.dtype,
-            device=self.device,
+        self.likelihood_options = dict(
+            box_size=box,
+            pixel_size_a=pixel,
+            volume_oversampling=config.volume_oversampling,
+            image_oversampling=config.image_oversampling,
+            shift_radius_px=shift_radius_px,
+            shift_sigma_px=sigma_a / pixel,
+            memory_budget_mb=config.memory_budget_mb,
         )
+        # The final-cutoff model: it lays out the preprocessed blocks, scores the held-out
+        # set at every point of the run (so curves stay comparable) and gives the poses.
+        self.model = self._make_model(radius)
         self.prior = PriorConfig(config.lambda_plus, config.lambda_minus, config.prior_beta)
         self._prepare()
+        self._stage: tuple[float, MarginalLikelihood, Tensor | None] | None = None
         self.state = RunState()
         self.volume: Tensor
         self.optimizer: torch.optim.Optimizer
@@ -277,6 +284,43 @@ class Reconstruction:
             if self.test is not None:
                 self.test.blocks = self.test.blocks.to(self.device)
 
+    def _make_model(self, radius: float) -> MarginalLikelihood:
+        return MarginalLikelihood(
+            LikelihoodConfig(max_radius_px=radius, **self.likelihood_options),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def stage_radius(self, images_seen: int) -> float:
+        """Cutoff radius for the next minibatch: frequency marching.
+
+        The objective is well behaved while the low frequencies are right (paper, section
+        3.1), so the cutoff starts at `start_freq_fraction` of the final one and rises
+        geometrically over `marching_stages` equal stages spanning the first
+        `marching_fraction` of the run; the rest runs at the final cutoff.
+        """
+        cfg = self.config
+        final = self.radius
+        start = max(min(final, 3.0), final * cfg.start_freq_fraction)
+        span = cfg.marching_fraction * self.total_images
+        if start >= final or span <= 0 or images_seen >= span or cfg.marching_stages == 1:
+            return final
+        stage = int(images_seen / span * cfg.marching_stages)
+        return start * (final / start) ** (stage / cfg.marching_stages)
+
+    def _stage_model(self) -> tuple[MarginalLikelihood, Tensor | None]:
+        radius = self.stage_radius(self.state.images_seen)
+        if self._stage is None or self._stage[0] != radius:
+            model = self.model if radius == self.radius else self._make_model(radius)
+            preconditioner = None
+            if self.config.uses_fourier_preconditioner:
+                sample = self.train.ctf.index(torch.arange(min(len(self.train), 1000)))
+                preconditioner = fourier_preconditioner(model.expected_curvature(sample))
+            self._stage = (radius, model, preconditioner)
+            log.debug("cutoff radius %.2f px (%.1f A)", radius, self.box * self.pixel_size_a
+                      / radius)
+        return self._stage[1], self._stage[2]
+
     def _make_optimizer(self) -> None:
         self.volume = self.volume.detach().clone().requires_grad_(True)
         options = dict(self.config.optimizer_options)
@@ -308,12 +352,15 @@ class Reconstruction:
         return int(round(self.config.epochs * self.n_train))
 
     def _closure_for(self, rows: np.ndarray, record: dict):
-        blocks = self.train.blocks[torch.as_tensor(rows)].to(self.device, non_blocking=True)
+        model, preconditioner = self._stage_model()
+        blocks = model.crop_blocks(self.train.blocks[torch.as_tensor(rows)]).to(
+            self.device, non_blocking=True
+        )
         ctf = self.train.ctf.index(torch.as_tensor(rows))
 
         def closure() -> Tensor:
-            out = minibatch_objective(self.volume.detach(), blocks, ctf, self.model, self.prior,
-                                      self.n_train)
+            out = minibatch_objective(self.volume.detach(), blocks, ctf, model, self.prior,
+                                      self.n_train, preconditioner=preconditioner)
             self.volume.grad = out.gradient
             record.setdefault("first", out)
             return out.value

@@ -203,14 +203,28 @@ class MarginalLikelihood:
             raise ValueError(f"images must be {self.config.box_size} x {self.config.box_size}")
         return self.image_dft.images(images.to(device=self.device, dtype=self.dtype))
 
+    def crop_blocks(self, blocks: Tensor) -> Tensor:
+        """Blocks made for a larger cutoff (same image oversampling) cut down to this model's."""
+        h = self.image_layout.half_width
+        big = (blocks.shape[-2] - 1) // 2
+        if big < h:
+            raise ValueError("image blocks are smaller than this model's cutoff needs")
+        if big == h:
+            return blocks
+        return blocks[..., big - h : big + h + 1, : h + 1]
+
     def image_coefficients(self, blocks: Tensor) -> Tensor:
         """Unrotated, unshifted coefficients (B, M) of images on the exact DFT grid."""
+        blocks = self.crop_blocks(blocks)
         return blocks[:, self._grid_rows, self._grid_cols]
 
     # --------------------------------------------------------------------- model side
     def slices(self, volume: Tensor) -> Tensor:
         """The psi = 0 projection spectra S_d (D, M) of a real volume; differentiable."""
-        block = self.volume_dft.volume(volume)
+        return self.slices_from_block(self.volume_dft.volume(volume))
+
+    def slices_from_block(self, block: Tensor) -> Tensor:
+        """Slices from the volume's oversampled spectrum block (see `volume_dft`)."""
         values = extract_slices(
             block,
             self.direction_matrices,
@@ -219,6 +233,33 @@ class MarginalLikelihood:
             self.config.volume_oversampling,
         )
         return values * math.sqrt(self.config.box_size)
+
+    def expected_curvature(self, ctf: CtfParameters) -> Tensor:
+        """Diagonal of the data term's expected Hessian on the volume's spectrum block.
+
+        With the posterior spread evenly over the quadrature (the start of a run, and the
+        average over poses later), the Hessian of the mean image term with respect to the
+        block is the CTF^2-weighted coverage of the block by central slices: the EM
+        "denominator". Computed by back-projecting N * w_d * w_k * mean C^2 with the same
+        trilinear kernel as the extraction; shape (Kz, Ky, Kx), real.
+        """
+        from cryostoch.operators.slicing import insert_slice_weights
+
+        c2 = evaluate_ctf(
+            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
+        ).pow(2).mean((0, 1))  # (M,)
+        weights = self.orientations.direction_weights.to(self.device, torch.float64)
+        per_point = weights[:, None] * (self.coefficients.weights * c2)[None, :]
+        block_shape = (self.volume_layout.centred_length,) * 2 + (self.volume_layout.half_length,)
+        coverage = insert_slice_weights(
+            per_point * self.config.box_size / self.config.noise_sigma**2,
+            self.direction_matrices,
+            self.coefficients.kx,
+            self.coefficients.ky,
+            block_shape,
+            self.config.volume_oversampling,
+        )
+        return coverage.to(self.dtype)
 
     # ------------------------------------------------------------------------ evaluate
     def _chunk_sizes(self, n_images: int) -> tuple[int, int]:
@@ -258,6 +299,7 @@ class MarginalLikelihood:
         statistics: also return the posterior-weighted sums EM needs.
         """
         s = slices.detach().to(self._complex)
+        blocks = self.crop_blocks(blocks)
         n_images = blocks.shape[0]
         n_dir, p_count, t_count, m = self.n_directions, self.n_inplane, self.n_shifts, self.n_points
         inv_var = 1.0 / self.config.noise_sigma**2
