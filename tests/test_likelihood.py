@@ -242,3 +242,27 @@ def test_prior_matches_definition():
     assert negative_log_prior(v, p).item() == pytest.approx(expected)
     with pytest.raises(ValueError):
         PriorConfig(lambda_plus=-1)
+
+
+def test_best_poses_and_hard_statistics_recover_true_poses():
+    n, radius = 24, 6.0
+    cfg = LikelihoodConfig(box_size=n, pixel_size_a=4.0, max_radius_px=radius,
+                           volume_oversampling=3, image_oversampling=3,
+                           shift_radius_px=2.0, shift_step_px=1.0)
+    model = MarginalLikelihood(cfg, dtype=F64)
+    truth = blob_volume(n, 31) * 3
+    g = torch.Generator().manual_seed(32)
+    true_index = torch.randint(0, model.quadrature_size, (10,), generator=g)
+    euler, shifts = model.pose_parameters(true_index)
+    ctf = ctf_batch(10, 33)
+    images = simulate(truth, euler_to_matrix(euler), shifts, ctf, 4.0, noise=0.02, seed=34)
+    blocks = model.image_blocks(images)
+    slices = model.slices(truth)
+    found, _ = model.best_poses(slices, blocks, ctf, score="correlation")
+    assert (found == true_index).float().mean() >= 0.9
+    # one-hot statistics equal the soft ones when the posterior is a point mass
+    num, den = model.hard_statistics(blocks, ctf, found)
+    soft = model.evaluate(slices, blocks, ctf, statistics=True)
+    assert soft.best_pose_probability.min() > 0.999
+    assert (num - soft.statistics[0]).norm() <= 1e-4 * soft.statistics[0].norm()
+    assert (den - soft.statistics[1]).norm() <= 1e-4 * soft.statistics[1].norm()

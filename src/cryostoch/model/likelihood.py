@@ -372,6 +372,90 @@ class MarginalLikelihood:
             )
         return result
 
+    # ------------------------------------------------------------- hard assignments
+    def _image_terms(self, blocks: Tensor, ctf_values: Tensor, start: int, stop: int):
+        """(X rotated, w C, C^2 w) of images start:stop: (b, P, M) complex, (b, P, M) x2."""
+        p_count, m = self.n_inplane, self.n_points
+        full = hermitian_extend(blocks[start:stop].to(self._complex))
+        x = sample_blocks(full, self.interpolation, (p_count, m))
+        c = ctf_values[start:stop]
+        wc = c * self.weights_k
+        return x, wc, wc * c
+
+    def best_poses(
+        self, slices: Tensor, blocks: Tensor, ctf: CtfParameters, *, score: str = "correlation"
+    ) -> tuple[Tensor, Tensor]:
+        """The single best quadrature point of every image and its score.
+
+        score="correlation": normalised cross-correlation Re<X, C S> / ||C S|| (the image norm
+        is the same for every pose), as iterative projection matching uses; "likelihood":
+        the maximum of log w - E (the MAP pose). Returns (flat pose index, score).
+        """
+        if score not in ("correlation", "likelihood"):
+            raise ValueError("score must be 'correlation' or 'likelihood'")
+        if score == "likelihood":
+            result = self.evaluate(slices, blocks, ctf)
+            return result.best_pose_index, torch.log(result.best_pose_probability)
+        s = slices.detach().to(self._complex)
+        blocks = self.crop_blocks(blocks)
+        n_images = blocks.shape[0]
+        p_count, t_count, m = self.n_inplane, self.n_shifts, self.n_points
+        s_stacked = torch.cat([s.real, s.imag], dim=1)
+        s_power = s.real**2 + s.imag**2
+        ctf_values = evaluate_ctf(
+            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
+        ).to(self.dtype)
+        image_chunk, dir_chunk = self._chunk_sizes(n_images)
+        best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
+        best_score = torch.empty(n_images, dtype=self.dtype, device=self.device)
+        for start in range(0, n_images, image_chunk):
+            stop = min(n_images, start + image_chunk)
+            b = stop - start
+            x, wc, wc2 = self._image_terms(blocks, ctf_values, start, stop)
+            y = (x.unsqueeze(2) * self.unshift.unsqueeze(0)) * wc.unsqueeze(2)
+            y_stacked = torch.cat([y.real, y.imag], dim=-1).reshape(b * p_count * t_count, 2 * m)
+            top = torch.full((b,), -math.inf, dtype=self.dtype, device=self.device)
+            arg = torch.zeros(b, dtype=torch.long, device=self.device)
+            for d0 in range(0, self.n_directions, dir_chunk):
+                d1 = min(self.n_directions, d0 + dir_chunk)
+                cross = (y_stacked @ s_stacked[d0:d1].T).view(b, p_count, t_count, -1)
+                norm = (wc2.reshape(b * p_count, m) @ s_power[d0:d1].T).clamp(min=1e-30).sqrt()
+                cc = (cross / norm.view(b, p_count, 1, -1)).reshape(b, -1)
+                chunk_top, chunk_arg = cc.max(dim=1)
+                better = chunk_top > top
+                arg = torch.where(better, self._flat_pose(chunk_arg, d0, d1 - d0), arg)
+                top = torch.maximum(top, chunk_top)
+            best_index[start:stop] = arg
+            best_score[start:stop] = top
+        return best_index, best_score
+
+    def hard_statistics(
+        self, blocks: Tensor, ctf: CtfParameters, pose_index: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Back-projection sums with every image at one pose: (sum w C X, sum w C^2), (D, M).
+
+        The same quantities as `evaluate(..., statistics=True)` with one-hot responsibilities.
+        """
+        blocks = self.crop_blocks(blocks)
+        n_images = blocks.shape[0]
+        m = self.n_points
+        ctf_values = evaluate_ctf(
+            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
+        ).to(self.dtype)
+        d, p, t = self.decode_pose(pose_index.to(self.device))
+        numerator = torch.zeros(self.n_directions, m, dtype=self._complex, device=self.device)
+        denominator = torch.zeros(self.n_directions, m, dtype=self.dtype, device=self.device)
+        image_chunk = max(1, self._chunk_sizes(n_images)[0])
+        for start in range(0, n_images, image_chunk):
+            stop = min(n_images, start + image_chunk)
+            x, wc, wc2 = self._image_terms(blocks, ctf_values, start, stop)
+            rows = torch.arange(stop - start, device=self.device)
+            p_i, t_i, d_i = p[start:stop], t[start:stop], d[start:stop]
+            x_best = x[rows, p_i] * self.unshift[p_i, t_i]  # (b, M)
+            numerator.index_add_(0, d_i, x_best * wc[rows, p_i])
+            denominator.index_add_(0, d_i, wc2[rows, p_i])
+        return numerator, denominator
+
     def _logits(self, y_aug, quad_lhs, s_aug, s_power, d0, d1, b, out=None) -> Tensor:
         """log w_dpt - E_idpt for directions d0:d1 as a (b * P * T, d1 - d0) matrix."""
         out = torch.mm(y_aug, s_aug[d0:d1].T, out=out)
