@@ -266,3 +266,17 @@ def test_best_poses_and_hard_statistics_recover_true_poses():
     assert soft.best_pose_probability.min() > 0.999
     assert (num - soft.statistics[0]).norm() <= 1e-4 * soft.statistics[0].norm()
     assert (den - soft.statistics[1]).norm() <= 1e-4 * soft.statistics[1].norm()
+
+
+def test_prior_value_and_gradient_together():
+    from cryostoch.model.prior import negative_log_prior_and_gradient
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(6, 6, 6, generator=g, dtype=F64)
+    for beta in (1.0, 2.0):
+        p = PriorConfig(lambda_plus=0.3, lambda_minus=1.7, beta=beta)
+        value, grad = negative_log_prior_and_gradient(v, p)
+        vv = v.clone().requires_grad_(True)
+        (auto,) = torch.autograd.grad(negative_log_prior(vv, p), vv)
+        assert value.item() == pytest.approx(negative_log_prior(v, p).item())
+        assert torch.allclose(grad, auto)

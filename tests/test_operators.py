@@ -295,3 +295,24 @@ def test_cubic_inplane_sampling_against_exact_dtft(oversampling, tolerance):
     assert torch.allclose(values[0], exact[0], atol=1e-12)  # angle 0 reads grid points
     error = (values - exact).abs().norm(dim=-1) / exact.abs().norm(dim=-1)
     assert error.max() < tolerance
+
+
+def test_ctf_grid_matches_pointwise_formula():
+    from cryostoch.operators.ctf import CtfGrid
+
+    fx = (torch.rand(3, 40, generator=gen, dtype=torch.float64) - 0.5) * 0.3
+    fy = (torch.rand(3, 40, generator=gen, dtype=torch.float64) - 0.5) * 0.3
+    n = 6
+    ctf = CtfParameters.from_values(
+        n,
+        defocus_u_a=torch.linspace(8000, 30000, n, dtype=torch.float64),
+        defocus_v_a=torch.linspace(7000, 29000, n, dtype=torch.float64),
+        defocus_angle_deg=torch.linspace(-80, 170, n, dtype=torch.float64),
+        voltage_kv=torch.tensor([300.0, 200, 300, 120, 300, 300], dtype=torch.float64),
+        spherical_aberration_mm=2.7,
+        amplitude_contrast=0.07,
+        phase_shift_deg=torch.linspace(0, 90, n, dtype=torch.float64),
+        bfactor_a2=torch.linspace(0, 150, n, dtype=torch.float64),
+    )
+    reference = evaluate_ctf(ctf, fx[None], fy[None])
+    assert torch.allclose(CtfGrid(fx, fy)(ctf), reference, atol=1e-10)

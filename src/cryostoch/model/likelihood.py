@@ -34,7 +34,7 @@ from cryostoch.geometry.quadrature import (
     orientation_quadrature,
     shift_quadrature,
 )
-from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
+from cryostoch.operators.ctf import CtfGrid, CtfParameters, evaluate_ctf
 from cryostoch.operators.inplane import (
     cubic_interpolation_matrix,
     hermitian_extend,
@@ -42,7 +42,7 @@ from cryostoch.operators.inplane import (
     sample_blocks,
 )
 from cryostoch.operators.shift import shift_phases
-from cryostoch.operators.slicing import extract_slices
+from cryostoch.operators.slicing import slice_points_3d, trilinear_stencil
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class MarginalLikelihood:
         scale = 1.0 / (n * config.pixel_size_a)
         self.rotated_freq_x_per_a = (qx * scale).unsqueeze(0)  # (1, P, M) float64 for the CTF
         self.rotated_freq_y_per_a = (qy * scale).unsqueeze(0)
+        self.ctf_grid = CtfGrid(qx * scale, qy * scale)  # CTF of any particle at (P, M)
         # un-shift phases exp(+2 pi i q.t / N), laid out (P, T, M)
         phases = shift_phases(qx, qy, self.shifts.shifts_px.to(**f64), n).conj()
         self.unshift = phases.permute(1, 0, 2).contiguous().to(self._complex)
@@ -159,6 +160,7 @@ class MarginalLikelihood:
         self.log_weights_pd = log_w_d.expand(self.n_inplane, -1).contiguous().to(dtype)  # (P, D)
         self.log_weights_t = self.shifts.log_weights.to(**f64).to(dtype)  # (T,)
         self._workspace: dict[tuple, Tensor] = {}
+        self._stencil: tuple[Tensor, Tensor, Tensor] | None = None
         self.log_normaliser = (
             0.5
             * self.coefficients.degrees_of_freedom
@@ -196,6 +198,13 @@ class MarginalLikelihood:
         forward = 2 * (p * t * 2 * m * d + p * m * d)
         return float(forward * (2 if with_gradient else 1))
 
+    def dft_gemm_flops(self, with_gradient: bool = True) -> float:
+        """FLOPs of the pruned volume DFT's GEMMs per evaluation (independent of batch size)."""
+        n = self.config.box_size
+        k, kx = self.volume_layout.centred_length, self.volume_layout.half_length
+        forward = 2 * n**3 * 2 * kx + 8 * k * n * n * kx + 8 * k * n * k * kx
+        return float(forward * (2 if with_gradient else 1))
+
     # ----------------------------------------------------------------------- data prep
     def image_blocks(self, images: Tensor) -> Tensor:
         """Real images (B, N, N) -> oversampled half spectrum blocks (B, 2h+1, h+1)."""
@@ -224,15 +233,23 @@ class MarginalLikelihood:
         return self.slices_from_block(self.volume_dft.volume(volume))
 
     def slices_from_block(self, block: Tensor) -> Tensor:
-        """Slices from the volume's oversampled spectrum block (see `volume_dft`)."""
-        values = extract_slices(
-            block,
-            self.direction_matrices,
-            self.coefficients.kx,
-            self.coefficients.ky,
-            self.config.volume_oversampling,
-        )
-        return values * math.sqrt(self.config.box_size)
+        """Slices from the volume's oversampled spectrum block (see `volume_dft`).
+
+        Trilinear reads as `extract_slices` does, with the stencil (which depends only on the
+        quadrature) computed once; autograd's backward is the matching insertion.
+        """
+        if self._stencil is None:
+            points = slice_points_3d(
+                self.direction_matrices, self.coefficients.kx, self.coefficients.ky
+            )
+            idx, w, flip = trilinear_stencil(
+                points, tuple(block.shape), self.config.volume_oversampling
+            )
+            scale = math.sqrt(self.config.box_size)
+            self._stencil = (idx.reshape(-1), (w * scale).to(self.dtype), flip)
+        idx, w, flip = self._stencil
+        values = (block.reshape(-1)[idx].reshape(w.shape) * w).sum(-1)
+        return torch.where(flip, values.conj(), values)
 
     def expected_curvature(self, ctf: CtfParameters) -> Tensor:
         """Diagonal of the data term's expected Hessian on the volume's spectrum block.
@@ -320,9 +337,7 @@ class MarginalLikelihood:
         best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
         best_prob = torch.empty(n_images, dtype=self.dtype, device=self.device)
         image_chunk, dir_chunk = self._chunk_sizes(n_images)
-        ctf_values = evaluate_ctf(
-            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
-        ).to(self.dtype)  # (B, P, M)
+        ctf_values = self.ctf_grid(ctf, self.dtype)  # (B, P, M)
         log_w_t = self.log_weights_t.repeat(p_count)  # rows are ordered (p, t)
 
         for start in range(0, n_images, image_chunk):
@@ -334,12 +349,16 @@ class MarginalLikelihood:
             c = ctf_values[start:stop]
             wc = c * self.weights_k
             quad_lhs = (wc * c).reshape(b * p_count, m) * (0.5 * inv_var)
-            y = (x.unsqueeze(2) * self.unshift.unsqueeze(0)) * (wc * inv_var).unsqueeze(2)
+            wc_scaled = (wc * inv_var).unsqueeze(2)
+            if t_count == 1:  # no shift grid: the un-shift phases are all 1
+                y = x.unsqueeze(2)
+            else:
+                y = x.unsqueeze(2) * self.unshift.unsqueeze(0)
             # data operand: [Re y, Im y, 1, log w_t (, -quad)]  (rows, K)
             y_aug = self._buffer("data", rows, s_aug.shape[1])
             y4 = y_aug.view(b, p_count, t_count, -1)
-            y4[..., :m] = y.real
-            y4[..., m : 2 * m] = y.imag
+            torch.mul(y.real, wc_scaled, out=y4[..., :m])
+            torch.mul(y.imag, wc_scaled, out=y4[..., m : 2 * m])
             y4[..., 2 * m] = 1.0
             y4[..., 2 * m + 1] = log_w_t.view(p_count, t_count)
             if fold_quad:
@@ -402,9 +421,7 @@ class MarginalLikelihood:
         p_count, t_count, m = self.n_inplane, self.n_shifts, self.n_points
         s_stacked = torch.cat([s.real, s.imag], dim=1)
         s_power = s.real**2 + s.imag**2
-        ctf_values = evaluate_ctf(
-            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
-        ).to(self.dtype)
+        ctf_values = self.ctf_grid(ctf, self.dtype)
         image_chunk, dir_chunk = self._chunk_sizes(n_images)
         best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
         best_score = torch.empty(n_images, dtype=self.dtype, device=self.device)
@@ -439,9 +456,7 @@ class MarginalLikelihood:
         blocks = self.crop_blocks(blocks)
         n_images = blocks.shape[0]
         m = self.n_points
-        ctf_values = evaluate_ctf(
-            ctf.to(device=self.device), self.rotated_freq_x_per_a, self.rotated_freq_y_per_a
-        ).to(self.dtype)
+        ctf_values = self.ctf_grid(ctf, self.dtype)
         d, p, t = self.decode_pose(pose_index.to(self.device))
         numerator = torch.zeros(self.n_directions, m, dtype=self._complex, device=self.device)
         denominator = torch.zeros(self.n_directions, m, dtype=self.dtype, device=self.device)

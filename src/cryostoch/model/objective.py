@@ -15,7 +15,7 @@ from cryostoch.model.likelihood import LikelihoodResult, MarginalLikelihood
 from cryostoch.model.prior import (
     PriorConfig,
     negative_log_prior,
-    negative_log_prior_gradient,
+    negative_log_prior_and_gradient,
 )
 from cryostoch.operators.ctf import CtfParameters
 
@@ -50,8 +50,8 @@ def minibatch_objective(
     if n_training_images < 1:
         raise ValueError("n_training_images must be >= 1")
     batch = blocks.shape[0]
-    prior_value = negative_log_prior(volume.detach(), prior)
     if compute_gradient:
+        prior_value, prior_gradient = negative_log_prior_and_gradient(volume.detach(), prior)
         block = model.volume_dft.volume(volume.detach()).requires_grad_(True)
         with torch.enable_grad():
             slices = model.slices_from_block(block)
@@ -64,8 +64,9 @@ def minibatch_objective(
         if preconditioner is not None:
             block_gradient = block_gradient * preconditioner
         gradient = model.volume_dft.volume_adjoint(block_gradient)
-        gradient = gradient + negative_log_prior_gradient(volume, prior) / n_training_images
+        gradient = gradient + prior_gradient / n_training_images
     else:
+        prior_value = negative_log_prior(volume.detach(), prior)
         with torch.no_grad():
             result = model.evaluate(model.slices(volume), blocks, ctf)
         gradient = None

@@ -41,8 +41,18 @@ def negative_log_prior_gradient(volume: Tensor, prior: PriorConfig) -> Tensor:
 
     At V_i = 0 the subgradient of the positive branch (lambda_plus) is used.
     """
-    negative = volume < 0
-    if prior.beta == 1.0:
+    if prior.beta == 1.0:  # lambda_plus - (lambda_plus + lambda_minus) [V < 0], in two passes
+        negative = volume < 0
         return torch.where(negative, -prior.lambda_minus, prior.lambda_plus).to(volume.dtype)
+    negative = volume < 0
     magnitude = volume.abs().pow(prior.beta - 1) * (prior.lambda_minus * prior.beta)
     return torch.where(negative, -magnitude, torch.full_like(volume, prior.lambda_plus))
+
+
+def negative_log_prior_and_gradient(volume: Tensor, prior: PriorConfig) -> tuple[Tensor, Tensor]:
+    """(-log p(V), its gradient) together; for beta = 1 the value is <V, gradient>, so one
+    pass over the voxels builds the gradient and a dot product gives the value."""
+    gradient = negative_log_prior_gradient(volume, prior)
+    if prior.beta == 1.0:
+        return torch.dot(volume.reshape(-1), gradient.reshape(-1)), gradient
+    return negative_log_prior(volume, prior), gradient
