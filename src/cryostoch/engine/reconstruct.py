@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 METRIC_FIELDS = (
     "iteration", "epoch", "gradient_evaluations", "minibatch_objective", "test_nll",
-    "learning_rate", "seconds",
+    "learning_rate", "seconds", "cutoff_resolution_a",
 )
 
 
@@ -141,7 +141,8 @@ def model_signal_power(model: MarginalLikelihood, volume: Tensor, particles) -> 
     return float((model.weights_k * c2 * mean_slice_power).sum())
 
 
-def initial_volume(config, model, particles, particle_radius_px, generator) -> Tensor:
+def initial_volume(config, model, particles, particle_radius_px, generator,
+                   band_limit_px: float | None = None) -> Tensor:
     """The starting density, band-limited to the cutoff and scaled to the data's signal power.
 
     The likelihood sees nothing beyond the cutoff, so content above it (sharp sphere edges)
@@ -161,7 +162,10 @@ def initial_volume(config, model, particles, particle_radius_px, generator) -> T
 
             volume = resample_volume(volume.to(torch.float64), box)
         volume = volume.to(device=model.device, dtype=torch.float64)
-    volume = soft_low_pass(volume, model.config.max_radius_px, 2.0, ndim=3).to(model.dtype)
+    # Band-limit to the first stage's cutoff: detail above it would sit unconstrained while
+    # the cutoff is low and bias the poses once it rises (model bias from the start).
+    radius = band_limit_px or model.config.max_radius_px
+    volume = soft_low_pass(volume, radius, 2.0, ndim=3).to(model.dtype)
     target = data_signal_power(model, particles)
     predicted = model_signal_power(model, volume, particles)
     if target <= 0:
@@ -242,7 +246,7 @@ class Reconstruction:
                 log.warning("no checkpoint in %s: starting from the beginning", self.out)
             g = torch.Generator().manual_seed(config.seed)
             self.volume = initial_volume(config, self.model, self.train, self.particle_radius_px,
-                                         g)
+                                         g, band_limit_px=self.stage_radius(0))
             self._make_optimizer()
 
     # ------------------------------------------------------------------------ set-up
@@ -429,6 +433,7 @@ class Reconstruction:
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state
         lrs = self.optimizer.current_lrs() if hasattr(self.optimizer, "current_lrs") else [None]
+        radius = self.stage_radius(max(s.images_seen - 1, 0))
         s.metrics.append({
             "iteration": s.iteration,
             "epoch": s.images_seen / self.n_train,
@@ -437,6 +442,8 @@ class Reconstruction:
             "test_nll": test,
             "learning_rate": lrs[0] if lrs else None,
             "seconds": time.perf_counter() - start_time,
+            # the minibatch objective is measured at this (stage) cutoff; test NLL at the final
+            "cutoff_resolution_a": self.box * self.pixel_size_a / radius,
         })
 
     def _snapshots(self) -> None:
@@ -484,7 +491,7 @@ class Reconstruction:
         path = self.out / "metrics.csv"
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()
             for row in self.state.metrics:
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})

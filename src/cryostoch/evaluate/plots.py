@@ -56,8 +56,14 @@ def reconstruction_report(
         x, y = zip(*objective, strict=True)
         ax2.plot(np.maximum(np.asarray(x, dtype=float), 1), y, lw=0.6, color="tab:gray")
         ax2.set_xscale("log")
+    stages = [(m["gradient_evaluations"], m.get("cutoff_resolution_a")) for m in metrics]
+    for (_, before), (x, after) in zip(stages, stages[1:], strict=False):
+        if before is not None and after is not None and before != after:
+            ax2.axvline(max(x, 1), color="tab:orange", lw=0.8, ls="--")
+            ax2.annotate(f"{after:.0f} A", (max(x, 1), 1), xycoords=("data", "axes fraction"),
+                         fontsize=7, color="tab:orange", va="top")
     ax2.set_xlabel("gradient evaluations")
-    ax2.set_ylabel("minibatch objective")
+    ax2.set_ylabel("minibatch objective (at the stage's cutoff)")
     ax2.grid(alpha=0.3)
     slices, projections = map_views(volume)
     names = ["z", "y", "x"]

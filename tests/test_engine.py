@@ -1,0 +1,167 @@
+"""End-to-end reconstruction: outputs, exact resume (also after a kill), optimisers, errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryostoch.cli.main import main
+from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
+from cryostoch.engine.reconstruct import Reconstruction, reconstruct
+
+from conftest import SHARED_DATA
+
+CTF_TABLE = SHARED_DATA / "ctf" / "empiar10049_ctf.star"
+
+
+def simulate(out: Path, n: int, box: int, pixel: float, seed: int = 1, snr: float = 0.05):
+    args = ["simulate", "--volume", "phantom", "--n-particles", str(n), "--box", str(box),
+            "--pixel-size-a", str(pixel), "--snr", str(snr), "--seed", str(seed), "--out", str(out)]
+    if CTF_TABLE.exists():
+        args += ["--ctf-table", str(CTF_TABLE)]
+    assert main(args) == 0
+    return out / "particles.star"
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    return simulate(tmp_path_factory.mktemp("tiny"), 400, 32, 8.0)
+
+
+def tiny_config(particles: Path, out: Path, **kw) -> ReconstructionConfig:
+    base = dict(particles=str(particles), out_dir=str(out), max_freq=0.5, test_size=50,
+                epochs=1.0, batch_size=50, seed=3)
+    base.update(kw)
+    return ReconstructionConfig(**base)
+
+
+def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["reconstruct", str(tiny_set), "--out", str(out), "--epochs", "1",
+                 "--max-freq", "0.5", "--test-size", "50", "--batch-size", "50",
+                 "--snapshots", "100,300", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "map.mrc" in printed
+    with mrcfile.open(out / "map.mrc") as m:
+        assert m.data.shape == (32, 32, 32)
+        assert float(m.voxel_size.x) == pytest.approx(8.0)
+        assert np.isfinite(m.data).all()
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
+        "map_000000100.mrc", "map_000000300.mrc"]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert list(rows[0]) == ["iteration", "epoch", "gradient_evaluations", "minibatch_objective",
+                             "test_nll", "learning_rate", "seconds"]
+    tests = [float(r["test_nll"]) for r in rows if r["test_nll"]]
+    assert tests[-1] < tests[0]
+    assert int(rows[-1]["gradient_evaluations"]) >= 350
+    poses = starfile.read(out / "poses.star", always_dict=True)
+    particles = poses["particles"]
+    assert len(particles) == 400
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                   "rlnImageName", "rlnDefocusU", "rlnMaxValueProbDistribution"):
+        assert column in particles.columns
+    info = json.loads((out / "config.json").read_text())
+    assert info["particles"]["test"] == 50 and info["versions"]["torch"] == torch.__version__
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_resume_continues_exactly(tiny_set, tmp_path, monkeypatch):
+    full = reconstruct(tiny_config(tiny_set, tmp_path / "full"), progress=False)
+
+    # interrupt after the third checkpointed iteration, then resume
+    config = tiny_config(tiny_set, tmp_path / "cut", checkpoint_interval_s=0.0)
+    run = Reconstruction(config, progress=False)
+    original = run._checkpoint
+    calls = {"n": 0}
+
+    def checkpoint_then_die():
+        original()
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert not (tmp_path / "cut" / "map.mrc").exists()  # nothing that looks finished
+    resumed = reconstruct(config, resume=True, progress=False)
+    assert torch.equal(resumed.volume, full.volume)
+    assert [m["test_nll"] for m in resumed.metrics] == [m["test_nll"] for m in full.metrics]
+
+
+@pytest.mark.slow
+def test_resume_after_the_process_was_killed(tiny_set, tmp_path):
+    ref = tmp_path / "ref"
+    assert main(["reconstruct", str(tiny_set), "--out", str(ref), "--max-freq", "0.5",
+                 "--test-size", "50", "--batch-size", "50", "--epochs", "2", "--quiet"]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cryostoch.cli.main", "reconstruct", str(tiny_set), "--out",
+           str(out), "--max-freq", "0.5", "--test-size", "50", "--batch-size", "50",
+           "--epochs", "2", "--checkpoint-interval-s", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.pt").exists()
+    assert main(["reconstruct", str(tiny_set), "--out", str(out), "--max-freq", "0.5",
+                 "--test-size", "50", "--batch-size", "50", "--epochs", "2", "--quiet",
+                 "--resume"]) == 0
+    assert np.array_equal(mrcfile.read(out / "map.mrc"), mrcfile.read(ref / "map.mrc"))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
+def test_every_optimizer_lowers_the_held_out_nll(tiny_set, tmp_path, optimizer):
+    config = tiny_config(tiny_set, tmp_path / optimizer, optimizer=optimizer, epochs=0.6,
+                         batch_size=60 if optimizer == "hf" else 30, write_poses=False)
+    result = reconstruct(config, progress=False)
+    tests = [m["test_nll"] for m in result.metrics if m["test_nll"] is not None]
+    assert np.isfinite(tests).all()
+    assert tests[-1] < tests[0] - 1.0, (optimizer, tests)
+
+
+def test_resume_with_other_settings_is_refused(tiny_set, tmp_path, capsys):
+    out = tmp_path / "a"
+    args = ["reconstruct", str(tiny_set), "--out", str(out), "--max-freq", "0.5",
+            "--test-size", "50", "--epochs", "0.2", "--quiet"]
+    assert main(args) == 0
+    assert main(args[:-1] + ["--lr", "0.5", "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt" in err[0] and "lr" in err[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--epochs", "-1"], "epochs"),
+        (["--max-freq", "1.5"], "max-freq"),
+        (["--resolution-a", "1.0"], "resolution"),
+        (["--test-size", "100000"], "leave none for training"),
+        (["--box", "64"], "larger than the data"),
+    ],
+)
+def test_bad_options_give_one_line(tiny_set, tmp_path, capsys, extra, message):
+    code = main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--quiet"] + extra)
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_missing_particles_file(tmp_path, capsys):
+    assert main(["reconstruct", str(tmp_path / "nope.star"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.star" in err[0]
