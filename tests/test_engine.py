@@ -15,11 +15,10 @@ import pytest
 import starfile
 import torch
 
+from conftest import SHARED_DATA
 from cryostoch.cli.main import main
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
 from cryostoch.engine.reconstruct import Reconstruction, reconstruct
-
-from conftest import SHARED_DATA
 
 CTF_TABLE = SHARED_DATA / "ctf" / "empiar10049_ctf.star"
 
