@@ -59,6 +59,7 @@ class ReconstructionConfig:
     start_freq_fraction: float = 0.4
     marching_fraction: float = 0.5
     marching_stages: int = 4
+    start_temperature: float = 8.0
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +104,8 @@ class ReconstructionConfig:
             problems.append("start-freq-fraction must be in (0, 1] (1 = no frequency marching)")
         if not 0 <= self.marching_fraction < 1:
             problems.append("marching-fraction must be in [0, 1)")
+        if not self.start_temperature >= 1:
+            problems.append("start-temperature must be >= 1")
         if self.marching_stages < 1:
             problems.append("marching-stages must be >= 1")
         if self.preconditioner not in ("auto", "fourier", "none"):

@@ -60,6 +60,7 @@ class RunState:
     seconds: float = 0.0
     metrics: list[dict] = field(default_factory=list)
     snapshots_done: list[int] = field(default_factory=list)
+    stage: list[float] | None = None  # (cutoff radius, temperature) of the last step
 
 
 @dataclass
@@ -288,9 +289,10 @@ class Reconstruction:
             if self.test is not None:
                 self.test.blocks = self.test.blocks.to(self.device)
 
-    def _make_model(self, radius: float) -> MarginalLikelihood:
+    def _make_model(self, radius: float, temperature: float = 1.0) -> MarginalLikelihood:
         return MarginalLikelihood(
-            LikelihoodConfig(max_radius_px=radius, **self.likelihood_options),
+            LikelihoodConfig(max_radius_px=radius, noise_sigma=math.sqrt(temperature),
+                             **self.likelihood_options),
             dtype=self.dtype,
             device=self.device,
         )
@@ -312,15 +314,38 @@ class Reconstruction:
         stage = int(images_seen / span * cfg.marching_stages)
         return start * (final / start) ** (stage / cfg.marching_stages)
 
+    def stage_temperature(self, images_seen: int) -> float:
+        """Posterior temperature: from `start_temperature` down to 1 over the marching span,
+        in the same stages as the cutoff."""
+        cfg = self.config
+        span = cfg.marching_fraction * self.total_images
+        if cfg.start_temperature == 1 or span <= 0 or images_seen >= span:
+            return 1.0
+        stage = int(images_seen / span * cfg.marching_stages)
+        return cfg.start_temperature ** (1 - stage / cfg.marching_stages)
+
     def _stage_model(self) -> tuple[MarginalLikelihood, Tensor | None]:
         radius = self.stage_radius(self.state.images_seen)
-        if self._stage is None or self._stage[0] != radius:
-            model = self.model if radius == self.radius else self._make_model(radius)
+        temperature = self.stage_temperature(self.state.images_seen)
+        if self._stage is None or self._stage[0] != (radius, temperature):
+            if radius == self.radius and temperature == 1.0:
+                model = self.model
+            else:
+                model = self._make_model(radius, temperature)
             preconditioner = None
             if self.config.uses_fourier_preconditioner:
                 sample = self.train.ctf.index(torch.arange(min(len(self.train), 1000)))
                 preconditioner = fourier_preconditioner(model.expected_curvature(sample))
-            self._stage = (radius, model, preconditioner)
+            self._stage = ((radius, temperature), model, preconditioner)
+            key = [radius, temperature]
+            if self.state.stage is not None and self.state.stage != key:
+                # A new stage has another curvature: measure the step size again (costs one
+                # gradient evaluation) unless the user fixed --lr.
+                if self.config.lr is None:
+                    for group in self.optimizer.param_groups:
+                        if "lr" in group and group.get("recalibrate", True):
+                            group["lr"] = None
+            self.state.stage = key
             log.debug("cutoff radius %.2f px (%.1f A)", radius, self.box * self.pixel_size_a
                       / radius)
         return self._stage[1], self._stage[2]
@@ -364,7 +389,8 @@ class Reconstruction:
 
         def closure() -> Tensor:
             out = minibatch_objective(self.volume.detach(), blocks, ctf, model, self.prior,
-                                      self.n_train, preconditioner=preconditioner)
+                                      self.n_train, preconditioner=preconditioner,
+                                      likelihood_weight=model.config.noise_sigma**2)
             self.volume.grad = out.gradient
             record.setdefault("first", out)
             return out.value

@@ -39,8 +39,13 @@ def minibatch_objective(
     *,
     compute_gradient: bool = True,
     preconditioner: Tensor | None = None,
+    likelihood_weight: float = 1.0,
 ) -> ObjectiveValue:
     """Objective and (optionally) its gradient with respect to the real volume.
+
+    `likelihood_weight` multiplies the data term (value and gradient): with a model whose noise
+    sigma is inflated by sqrt(T) (a posterior temperature T), weight T keeps the data term's
+    curvature that of T = 1 while the pose posteriors stay broad (annealing).
 
     With `preconditioner` (a real, non-negative array on the volume's spectrum block, see
     `fourier_preconditioner`), the likelihood part of the returned gradient is
@@ -55,7 +60,7 @@ def minibatch_objective(
         block = model.volume_dft.volume(volume.detach()).requires_grad_(True)
         with torch.enable_grad():
             slices = model.slices_from_block(block)
-        result = model.evaluate(slices, blocks, ctf, gradient_scale=1.0 / batch)
+        result = model.evaluate(slices, blocks, ctf, gradient_scale=likelihood_weight / batch)
         # d(mean nll)/dS from the GEMMs, pushed back through the slice extraction (autograd:
         # its backward is the insertion) and the pruned DFT (its explicit adjoint).
         (block_gradient,) = torch.autograd.grad(
@@ -71,7 +76,7 @@ def minibatch_objective(
             result = model.evaluate(model.slices(volume), blocks, ctf)
         gradient = None
     mean_nll = result.nll.mean()
-    value = mean_nll + prior_value.detach() / n_training_images
+    value = likelihood_weight * mean_nll + prior_value.detach() / n_training_images
     return ObjectiveValue(value.detach(), mean_nll.detach(), prior_value.detach(), gradient, result)
 
 
