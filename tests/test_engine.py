@@ -60,7 +60,7 @@ def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
         "map_000000100.mrc", "map_000000300.mrc"]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert list(rows[0]) == ["iteration", "epoch", "gradient_evaluations", "minibatch_objective",
-                             "test_nll", "learning_rate", "seconds"]
+                             "test_nll", "learning_rate", "seconds", "cutoff_resolution_a"]
     tests = [float(r["test_nll"]) for r in rows if r["test_nll"]]
     assert tests[-1] < tests[0]
     assert int(rows[-1]["gradient_evaluations"]) >= 350
@@ -154,7 +154,8 @@ def test_resume_with_other_settings_is_refused(tiny_set, tmp_path, capsys):
     ],
 )
 def test_bad_options_give_one_line(tiny_set, tmp_path, capsys, extra, message):
-    code = main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--quiet"] + extra)
+    code = main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--quiet",
+                 "--max-freq", "0.5"] + extra)
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

@@ -574,7 +574,7 @@ def test_default_lrs_follow_documented_constants():
     big_l = float((a @ g).norm() / g.norm())
     rms = float(x0.norm()) / math.sqrt(n)
     expected = {"sgd": 1.0 / big_l, "momentum": 0.1 / big_l, "nesterov": 0.1 / big_l,
-                "tonga": 1.0 / big_l, "adagrad": 0.1 * rms, "adam": 0.01 * rms,
+                "tonga": 1.0 / big_l, "adagrad": 0.1 * rms, "adam": 0.05 * rms,
                 "olbfgs": 0.1, "hf": 1.0}
     for name, lr in expected.items():
         with torch.no_grad():

@@ -14,6 +14,10 @@ SUBCOMMANDS: dict[str, str] = {
     "info": "info",
     "reconstruct": "reconstruct",
     "fsc": "fsc",
+    "simulate": "simulate",
+    "random-init": "random_init",
+    "baseline": "baseline",
+    "demo": "demo",
 }
 
 

@@ -30,6 +30,7 @@ from cryostoch.baselines import METHODS, Regulariser, em_iteration, projection_m
 from cryostoch.baselines.projection_matching import IterationResult
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.reconstruct import (
+    METRIC_FIELDS,
     Reconstruction,
     ReconstructionResult,
     _progress_bar,
@@ -45,7 +46,7 @@ METHOD_LABELS = {"projmatch": "projection matching", "em": "batch EM"}
 _UNUSED_FIELDS = (
     "optimizer", "epochs", "batch_size", "lr", "lambda_plus", "lambda_minus", "prior_beta",
     "snapshots", "test_every", "checkpoint_interval_s", "preconditioner", "start_freq_fraction",
-    "marching_fraction", "marching_stages", "optimizer_options",
+    "marching_fraction", "marching_stages", "start_temperature", "optimizer_options",
 )
 
 
@@ -153,7 +154,7 @@ class BaselineRun(Reconstruction):
 
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state
-        s.metrics.append({
+        values = {
             "iteration": s.iteration,
             "epoch": s.images_seen / self.n_train,
             "gradient_evaluations": s.gradient_evaluations,
@@ -161,7 +162,10 @@ class BaselineRun(Reconstruction):
             "test_nll": test,
             "learning_rate": None,
             "seconds": time.perf_counter() - start_time,
-        })
+            # no frequency marching: every iteration works at the final cutoff
+            "cutoff_resolution_a": self.box * self.pixel_size_a / self.radius,
+        }
+        s.metrics.append({name: values.get(name) for name in METRIC_FIELDS})
 
     # ------------------------------------------------------------------------ outputs
     def _finish(self) -> ReconstructionResult:

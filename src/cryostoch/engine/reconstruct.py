@@ -542,6 +542,7 @@ class Reconstruction:
 
     def _write_poses(self) -> None:
         """Most probable pose of every particle under the final map, as a RELION STAR."""
+        from cryostoch.io.records import Poses
         from cryostoch.io.star import write_particles_star
 
         n = len(self.prepared)
@@ -558,19 +559,15 @@ class Reconstruction:
                 prob[start:stop] = res.best_pose_probability.double().cpu()
                 nll[start:stop] = res.nll.double().cpu()
         euler, shifts_px = self.model.pose_parameters(best)
-        table = self.dataset.metadata.copy().reset_index(drop=True)
-        table["rlnAngleRot"] = euler[:, 0].numpy()
-        table["rlnAngleTilt"] = euler[:, 1].numpy()
-        table["rlnAnglePsi"] = euler[:, 2].numpy()
-        # the model's shift t moves the particle; RELION's origin recentres it: origin = -t
-        table["rlnOriginXAngst"] = (-shifts_px[:, 0] * self.pixel_size_a).numpy()
-        table["rlnOriginYAngst"] = (-shifts_px[:, 1] * self.pixel_size_a).numpy()
+        # shifts in the data's pixels (the working box may be Fourier-cropped)
+        shifts_data_px = shifts_px * (self.pixel_size_a / self.dataset.pixel_size_a)
+        optics, table = self.dataset.relion_tables(
+            poses=Poses(euler.cpu(), shifts_data_px.cpu()), absolute_paths=True
+        )
+        table = table.reset_index(drop=True)
         table["rlnMaxValueProbDistribution"] = prob.numpy()
         table["rlnLogLikeliContribution"] = (-nll).numpy()
-        for old in ("rlnOriginX", "rlnOriginY"):
-            if old in table.columns:
-                table = table.drop(columns=old)
-        write_particles_star(self.out / "poses.star", self.dataset.optics_table, table)
+        write_particles_star(self.out / "poses.star", optics, table)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0, unit: str = "img"):

@@ -19,7 +19,7 @@ olbfgs        OnlineLBFGS           gain eta_0 = 0.1, annealed; m = 30, H^0 = 1 
 hf            HessianFree           step 1 (full CG step), 5 CG iterations, damping
   (hessian_free)                    lambda_0 = 1.0 L adapted by Levenberg-Marquardt, CG warm
                                     start x 0.95; the paper's minibatch is 300
-adam          Adam                  eta = 0.01 RMS(x) (RMS(g) / L from x = 0),
+adam          Adam                  eta = 0.05 RMS(x) (RMS(g) / L from x = 0),
                                     betas (0.9, 0.999), eps 1e-8, not annealed
 ============  ====================  ===========================================================
 

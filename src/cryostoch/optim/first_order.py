@@ -247,12 +247,12 @@ class Adam(CountingOptimizer):
     """Adam (Kingma & Ba 2015), a modern reference; mirrors ``torch.optim.Adam``
     (single-tensor path, no weight decay, no amsgrad) operation for operation.
 
-    Not annealed by default. ``lr=None``: eta = 0.01 * RMS(x) (``lr_constant``; Adam moves each
+    Not annealed by default. ``lr=None``: eta = 0.05 * RMS(x) (``lr_constant``; Adam moves each
     coordinate by about eta per step while gradients agree), or RMS(g) / L from an all-zero
     start.
     """
 
-    lr_constant = 0.01
+    lr_constant = 0.05
 
     def __init__(self, params: Params, lr: float | None = None, *,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
