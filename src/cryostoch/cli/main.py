@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "random-init": "random_init",
     "baseline": "baseline",
     "demo": "demo",
+    "experiment": "experiment",
 }
 
 

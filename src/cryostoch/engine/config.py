@@ -60,6 +60,7 @@ class ReconstructionConfig:
     marching_fraction: float = 0.5
     marching_stages: int = 4
     start_temperature: float = 8.0
+    gradient_budget: int | None = None
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class ReconstructionConfig:
             problems.append("start-freq-fraction must be in (0, 1] (1 = no frequency marching)")
         if not 0 <= self.marching_fraction < 1:
             problems.append("marching-fraction must be in [0, 1)")
+        if self.gradient_budget is not None and self.gradient_budget < 1:
+            problems.append("gradient budget must be >= 1")
         if not self.start_temperature >= 1:
             problems.append("start-temperature must be >= 1")
         if self.marching_stages < 1:
@@ -142,10 +145,15 @@ class ReconstructionConfig:
         d["keep_classes"] = tuple(d.get("keep_classes", ()))
         return ReconstructionConfig(**d)
 
+    def paper_faithful(self) -> ReconstructionConfig:
+        """The paper's plain method: no preconditioner, no frequency marching, no tempering."""
+        return dataclasses.replace(self, preconditioner="none", start_freq_fraction=1.0,
+                                   start_temperature=1.0)
+
     def trajectory_fields(self) -> dict:
         """The fields that must match for a checkpoint to resume this run exactly."""
         d = self.to_dict()
-        for free in ("epochs", "out_dir", "device", "checkpoint_interval_s", "write_poses",
+        for free in ("epochs", "gradient_budget", "out_dir", "device", "checkpoint_interval_s", "write_poses",
                      "snapshots", "test_every"):
             d.pop(free)
         return d

@@ -426,7 +426,9 @@ class Reconstruction:
                             initial=min(state.images_seen, total), unit="img")
         if state.iteration == 0 and not state.metrics:
             self._log_metrics(None, self.test_nll(), start_time)
-        while state.images_seen < total:
+        budget = cfg.gradient_budget
+        while state.images_seen < total and (budget is None
+                                             or state.gradient_evaluations < budget):
             rows = minibatch_rows(state.images_seen, batch, self.n_train, cfg.seed)
             record: dict = {}
             closure = self._closure_for(rows, record)
@@ -435,7 +437,8 @@ class Reconstruction:
             state.iteration += 1
             state.images_seen += batch
             state.gradient_evaluations += calls * batch
-            last = state.images_seen >= total
+            last = state.images_seen >= total or (
+                budget is not None and state.gradient_evaluations >= budget)
             objective = float(record["first"].value)
             test = self.test_nll() if self._should_test(state.iteration, last) else None
             self._log_metrics(objective, test, start_time)
