@@ -153,7 +153,7 @@ class ReconstructionConfig:
     def trajectory_fields(self) -> dict:
         """The fields that must match for a checkpoint to resume this run exactly."""
         d = self.to_dict()
-        for free in ("epochs", "gradient_budget", "out_dir", "device", "checkpoint_interval_s", "write_poses",
-                     "snapshots", "test_every"):
+        for free in ("epochs", "gradient_budget", "out_dir", "device", "checkpoint_interval_s",
+                     "write_poses", "snapshots", "test_every"):
             d.pop(free)
         return d
