@@ -50,6 +50,7 @@ class ExperimentConfig:
     synthetic_max_freq: float = 0.10
     real_max_freq: float = 0.16
     real_shift_range_a: float = 10.0
+    real_max_particles: int | None = None
     ctf_table: str | None = str(SHARED / "ctf" / "empiar10049_ctf.star")
     real_particles: str | None = str(
         SHARED / "betagal_empiar10204" / "Extract" / "job009" / "particles.star")
@@ -164,12 +165,6 @@ def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:
     return None
 
 
-def _aligned(volume, reference, pixel):
-    if reference is None or volume is None:
-        return volume
-    return apply_alignment(volume, align_maps(reference, volume, pixel_size_a=pixel))
-
-
 def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
            truth: torch.Tensor | None, pixel: float, max_freq: float, shift_range_a: float,
            n_train: int, progress: bool) -> dict:
@@ -177,25 +172,31 @@ def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
     runs = _run_methods(config, particles, out, max_freq=max_freq, shift_range_a=shift_range_a,
                         snapshot_counts=snapshot_counts, n_train=n_train, progress=progress)
     _nll_figure(out / "fig3_test_nll.png", runs, f"{name}: held-out NLL")
-    stochastic = [r for r in runs if r.name not in ("projmatch", "em")]
     reference = truth if truth is not None else next(r.volume for r in runs if r.name == "sgd")
+    # One alignment per run (its final map onto the reference), reused for its snapshots.
+    alignments = {r.name: align_maps(reference, r.volume, pixel_size_a=pixel) for r in runs}
+
+    def aligned(run: MethodRun, volume: torch.Tensor | None) -> torch.Tensor | None:
+        return None if volume is None else apply_alignment(volume, alignments[run.name])
+
+    stochastic = [r for r in runs if r.name not in ("projmatch", "em")]
     columns = [f"{c} grads" for c in snapshot_counts] + ["end"]
-    rows = [[_aligned(_snapshot(r, c), reference, pixel) for c in snapshot_counts]
-            + [_aligned(r.volume, reference, pixel)] for r in stochastic]
+    rows = [[aligned(r, _snapshot(r, c)) for c in snapshot_counts] + [aligned(r, r.volume)]
+            for r in stochastic]
     map_gallery(out / "fig4_maps.png", rows, [r.name for r in stochastic], columns)
     by_name = {r.name: r for r in runs}
-    fig6 = [[_aligned(by_name[m].volume, reference, pixel) for m in ("projmatch", "em")]
-            + [_aligned(_snapshot(by_name["sgd"], n_train), reference, pixel)]]
+    sgd = by_name.get("sgd", by_name["cryostoch"])
+    fig6 = [[aligned(by_name[m], by_name[m].volume) for m in ("projmatch", "em")]
+            + [aligned(sgd, _snapshot(sgd, n_train))]]
     map_gallery(out / "fig6_baselines.png", fig6, [""],
                 [f"projection matching, {config.baseline_iterations} it.",
-                 f"batch EM, {config.baseline_iterations} it.", "SGD, 1 epoch"])
+                 f"batch EM, {config.baseline_iterations} it.", f"{sgd.name}, 1 epoch"])
     table = []
     for r in runs:
         row = {"method": r.name, "final_test_nll": r.final_test_nll,
                "gradient_evaluations": r.gradient_evaluations, "seconds": round(r.seconds, 1)}
         if truth is not None:
-            aligned = _aligned(r.volume, truth, pixel)
-            fsc = compute_fsc(truth, aligned, pixel_size_a=pixel)
+            fsc = compute_fsc(truth, aligned(r, r.volume), pixel_size_a=pixel)
             row["fsc_0.5_a"] = round(fsc.resolution_at(0.5), 1)
         table.append(row)
     return {"name": name, "table": table, "figures": ["fig3_test_nll.png", "fig4_maps.png",
@@ -253,9 +254,20 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         from cryostoch.io.dataset import open_particles
 
         real = open_particles(config.real_particles)
+        real_path = Path(config.real_particles)
+        if config.real_max_particles and len(real) > config.real_max_particles:
+            # a seeded random subset, written with absolute stack paths (for quick runs)
+            from cryostoch.io.star import write_particles_star
+
+            g = torch.Generator().manual_seed(config.seed)
+            rows = torch.randperm(len(real), generator=g)[: config.real_max_particles]
+            real = real.subset(rows.sort().values.numpy())
+            real_path = out / "real" / "subset.star"
+            real_path.parent.mkdir(parents=True, exist_ok=True)
+            write_particles_star(real_path, *real.relion_tables())
         n_real, real_pixel = len(real), real.pixel_size_a
         section = _study(config, "real: beta-galactosidase (EMPIAR-10204)",
-                         Path(config.real_particles), out / "real", truth=None, pixel=real_pixel,
+                         real_path, out / "real", truth=None, pixel=real_pixel,
                          max_freq=config.real_max_freq, shift_range_a=config.real_shift_range_a,
                          n_train=n_real - 100, progress=progress)
         section["folder"] = "real"
