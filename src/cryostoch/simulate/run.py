@@ -1,0 +1,394 @@
+"""A simulated particle data set on disk: configuration in, files out (no argparse).
+
+`simulate_dataset(config)` writes into `config.out_dir`:
+
+- `particles.mrcs`: the images (float32 or float16), generated and written chunk by chunk;
+- `particles.star`: RELION 3.1 (`data_optics` + `data_particles`) with each particle's CTF
+  and its ground-truth pose (rlnAngleRot/Tilt/Psi, rlnOriginXAngst/YAngst = -shift * pixel);
+- `ground_truth.mrc`: the density the images were made from (scaled to the images' units:
+  noise sigma 1), with its voxel size;
+- `montage.png`: a few particles next to their noise-free images and bare projections;
+- `simulation.json`: the configuration, the density scale and the realised SNR.
+
+See `cryostoch.simulate.particles` for the forward model, the SNR definition and the random
+streams. Every file appears atomically (temporary name, then rename) and `particles.star`, which
+names the others, comes last; if anything fails, every file this run wrote is removed, so
+nothing that looks complete is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryostoch.errors import InputError
+from cryostoch.simulate._stackio import StreamingStackWriter
+from cryostoch.simulate.ctf import CtfSampler, CtfTable, DefaultCtf
+from cryostoch.simulate.particles import (
+    SHIFT_TRUNCATION,
+    ParticleParameters,
+    ProjectionModel,
+    draw_particle_parameters,
+    mean_signal_variance,
+    noise_seeds,
+    particle_noise,
+)
+from cryostoch.simulate.volumes import load_source_volume
+
+log = logging.getLogger(__name__)
+
+STACK_NAME = "particles.mrcs"
+STAR_NAME = "particles.star"
+GROUND_TRUTH_NAME = "ground_truth.mrc"
+MONTAGE_NAME = "montage.png"
+SUMMARY_NAME = "simulation.json"
+OUTPUT_NAMES = (STAR_NAME, STACK_NAME, GROUND_TRUTH_NAME, MONTAGE_NAME, SUMMARY_NAME)
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that determines a simulated data set. Bad values raise InputError naming the
+    command-line option."""
+
+    source: str
+    n_particles: int
+    box_size: int
+    pixel_size_a: float
+    out_dir: str
+    ctf_table: str | None = None
+    snr: float = 0.05
+    shift_sigma_a: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    chunk_size: int = 64
+    pilot_size: int = 1000
+    volume_oversampling: int = 2
+    compute_dtype: str = "float32"
+    device: str = "cpu"
+    n_montage: int = 6
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        def positive_int(value, option):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise InputError(option, f"must be a positive integer, got {value!r}")
+
+        def positive(value, option):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InputError(option, f"must be a positive number, got {value!r}")
+
+        positive_int(self.n_particles, "--n-particles")
+        positive_int(self.box_size, "--box")
+        if self.box_size < 16 or self.box_size % 2:
+            raise InputError("--box", f"must be an even number >= 16, got {self.box_size}")
+        positive(self.pixel_size_a, "--pixel-size-a")
+        positive(self.snr, "--snr")
+        if not (math.isfinite(self.shift_sigma_a) and self.shift_sigma_a >= 0):
+            raise InputError("--shift-sigma-a", f"must be >= 0, got {self.shift_sigma_a!r}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
+            raise InputError("--seed", f"must be a non-negative integer, got {self.seed!r}")
+        if self.dtype not in DTYPES:
+            raise InputError("--dtype", f"must be float32 or float16, got {self.dtype!r}")
+        positive_int(self.chunk_size, "--chunk-size")
+        positive_int(self.pilot_size, "--pilot-size")
+        positive_int(self.volume_oversampling, "--volume-oversampling")
+        if self.compute_dtype not in ("float32", "float64"):
+            raise InputError("--compute-dtype",
+                             f"must be float32 or float64, got {self.compute_dtype!r}")
+        if self.n_montage < 0:
+            raise InputError("--montage", f"must be >= 0, got {self.n_montage!r}")
+
+    @property
+    def shift_sigma_px(self) -> float:
+        return self.shift_sigma_a / self.pixel_size_a
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    out_dir: Path
+    star_path: Path
+    stack_path: Path
+    ground_truth_path: Path
+    montage_path: Path | None
+    n_particles: int
+    density_scale: float  # ground truth = scale * source density
+    pilot_signal_variance: float  # mean image variance of the unscaled density (pilot)
+    realised_snr: float  # mean Var(noise-free) / mean Var(noise), over all images
+    seconds: float
+
+
+def ctf_sampler_for(config: SimulationConfig) -> CtfSampler:
+    return DefaultCtf() if config.ctf_table is None else CtfTable.read(config.ctf_table)
+
+
+def _check_out_dir(config: SimulationConfig) -> list[str]:
+    """The outputs of an earlier run in the folder; InputError unless overwriting."""
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise InputError(
+            out, f"already holds a simulation ({', '.join(existing)}): use --overwrite or "
+            "another --out",
+        )
+    return existing
+
+
+def _prepare_out_dir(config: SimulationConfig) -> Path:
+    out = Path(config.out_dir)
+    existing = _check_out_dir(config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(out, f"cannot create the folder ({err.strerror or err})") from None
+    # The STAR file names the rest: remove it first so a failed rerun leaves nothing that
+    # looks complete.
+    for name in existing:
+        (out / name).unlink()
+    return out
+
+
+def _default_permissions(path: Path) -> None:
+    """Give a file made by mkstemp (mode 0600) the permissions a plain open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def relion_tables(params: ParticleParameters, sampler: CtfSampler, box: int,
+                  pixel_size_a: float, stack_name: str = STACK_NAME
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(optics, particles) DataFrames of a RELION 3.1 particle file for these particles."""
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(sampler.optics))],
+        "rlnOpticsGroup": np.arange(1, len(sampler.optics) + 1),
+        "rlnVoltage": [o.voltage_kv for o in sampler.optics],
+        "rlnSphericalAberration": [o.spherical_aberration_mm for o in sampler.optics],
+        "rlnAmplitudeContrast": [o.amplitude_contrast for o in sampler.optics],
+        "rlnImagePixelSize": pixel_size_a,
+        "rlnImageSize": box,
+        "rlnImageDimensionality": 2,
+    })
+    n = len(params)
+    ctf = params.ctf
+    euler = params.euler_deg.numpy()
+    shifts = params.shifts_px.numpy()
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)],
+        "rlnOpticsGroup": params.optics_index + 1,
+        "rlnDefocusU": ctf.defocus_u_a.numpy(),
+        "rlnDefocusV": ctf.defocus_v_a.numpy(),
+        "rlnDefocusAngle": ctf.defocus_angle_deg.numpy(),
+        "rlnPhaseShift": ctf.phase_shift_deg.numpy(),
+        "rlnCtfBfactor": ctf.bfactor_a2.numpy(),
+        "rlnCtfScalefactor": ctf.scale.numpy(),
+        "rlnAngleRot": euler[:, 0],
+        "rlnAngleTilt": euler[:, 1],
+        "rlnAnglePsi": euler[:, 2],
+        # RELION's origin recentres the particle: origin = -t (docs/conventions.md)
+        "rlnOriginXAngst": -shifts[:, 0] * pixel_size_a,
+        "rlnOriginYAngst": -shifts[:, 1] * pixel_size_a,
+    })
+    return optics, particles
+
+
+def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
+                  projections: np.ndarray, title: str) -> None:
+    """A figure: one column per particle; rows = projection, noise-free image, particle."""
+    from cryostoch.evaluate.plots import _pyplot
+
+    plt = _pyplot()
+    k = particles.shape[0]
+    rows = (("projection", projections), ("noise-free (CTF)", clean), ("particle", particles))
+    fig, axes = plt.subplots(3, k, figsize=(1.9 * k, 6.2), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(k):
+            a = axes[r][c]
+            a.imshow(images[c], cmap="gray", origin="lower")
+            a.set_xticks([])
+            a.set_yticks([])
+            if r == 0:
+                a.set_title(f"#{c + 1}", fontsize=9)
+            if c == 0:
+                a.set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def simulate_dataset(
+    config: SimulationConfig,
+    *,
+    volume: torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> SimulationResult:
+    """Simulate and write a data set (see the module docstring).
+
+    `volume` (optional) replaces `config.source` as the density (on the requested grid).
+    `progress`: a tqdm bar on stderr (None: only when stderr is a terminal).
+    """
+    from tqdm import tqdm
+
+    from cryostoch.io.mrc import write_map
+    from cryostoch.io.star import write_particles_star
+
+    start_time = time.perf_counter()
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise InputError("--device", f"unknown device {config.device!r}: use cpu, cuda or "
+                         "cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was requested but torch sees no GPU")
+    compute = getattr(torch, config.compute_dtype)
+    n, box, pixel = config.n_particles, config.box_size, config.pixel_size_a
+    _check_out_dir(config)
+    sampler = ctf_sampler_for(config)
+    shift_margin_a = SHIFT_TRUNCATION * config.shift_sigma_a
+    if volume is None:
+        source = load_source_volume(config.source, box, pixel, margin_a=shift_margin_a)
+        density, description = source.volume, source.description
+    else:
+        if tuple(volume.shape) != (box, box, box):
+            raise ValueError(f"volume must be ({box},)*3, got {tuple(volume.shape)}")
+        density, description = volume.detach().to(torch.float64), "given volume"
+    out = _prepare_out_dir(config)
+
+    params = draw_particle_parameters(n, sampler, seed=config.seed,
+                                      shift_sigma_px=config.shift_sigma_px)
+    seeds = noise_seeds(config.seed, n)
+    model = ProjectionModel(density.to(device=device, dtype=compute), pixel,
+                            oversampling=config.volume_oversampling)
+    pilot = params.index(slice(0, min(n, config.pilot_size)))
+    pilot_variance = mean_signal_variance(model, pilot, config.chunk_size)
+    if not (math.isfinite(pilot_variance) and pilot_variance > 0):
+        raise InputError(config.source, "the density projects to blank images (is it empty?)")
+    scale = math.sqrt(config.snr / pilot_variance)  # noise sigma = 1
+    model.scale_(scale)
+
+    created: list[Path] = []
+    stack_path, star_path = out / STACK_NAME, out / STAR_NAME
+    gt_path, montage_path, summary_path = out / GROUND_TRUTH_NAME, out / MONTAGE_NAME, \
+        out / SUMMARY_NAME
+    signal_sum = noise_sum = 0.0
+    montage_k = min(config.n_montage, n)
+    montage: dict[str, list[np.ndarray]] = {}
+    try:
+        writer = StreamingStackWriter(stack_path, n, box, np.dtype(config.dtype), pixel)
+        bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
+                   else not progress, dynamic_ncols=True)
+        with writer, bar:
+            for start in range(0, n, config.chunk_size):
+                stop = min(n, start + config.chunk_size)
+                chunk = params.index(slice(start, stop))
+                with torch.no_grad():
+                    clean = model.particle_images(chunk)
+                    noise = particle_noise(seeds[start:stop], box, dtype=compute, device=device)
+                    images = clean + noise
+                signal_sum += float(clean.to(torch.float64).var(dim=(-2, -1),
+                                                                unbiased=False).sum())
+                noise_sum += float(noise.to(torch.float64).var(dim=(-2, -1),
+                                                               unbiased=False).sum())
+                if start < montage_k:
+                    k = min(montage_k, stop) - start
+                    montage.setdefault("clean", []).append(clean[:k].float().cpu().numpy())
+                    montage.setdefault("particles", []).append(images[:k].float().cpu().numpy())
+                writer.write(start, images.cpu())
+                del clean, noise, images
+                bar.update(stop - start)
+        created.append(stack_path)
+        realised_snr = signal_sum / noise_sum
+
+        write_map(gt_path, (density * scale).to(torch.float32), pixel)
+        created.append(gt_path)
+
+        if montage_k:
+            with torch.no_grad():
+                first = params.index(slice(0, montage_k))
+                projections = model.images(first.rotations, None, first.shifts_px)
+            write_montage(
+                montage_path, np.concatenate(montage["particles"]),
+                np.concatenate(montage["clean"]),
+                projections.float().cpu().numpy(),
+                f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A",
+            )
+            created.append(montage_path)
+
+        seconds = time.perf_counter() - start_time
+        summary = {
+            "config": asdict(config),
+            "source": description,
+            "ctf": sampler.description,
+            "noise_sigma": 1.0,
+            "density_scale": scale,
+            "pilot_particles": len(pilot),
+            "pilot_signal_variance": pilot_variance,
+            "requested_snr": config.snr,
+            "realised_snr": realised_snr,
+            "snr_definition": "mean over images of Var(noise-free image over the whole box) "
+                              "/ noise variance",
+            "seconds": seconds,
+        }
+        with _atomic(summary_path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        created.append(summary_path)
+
+        optics, particles = relion_tables(params, sampler, box, pixel)
+        write_particles_star(star_path, optics, particles)
+        created.append(star_path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    log.info("simulated %d particles in %.1f s; realised SNR %.4g", n, seconds, realised_snr)
+    return SimulationResult(
+        out_dir=out, star_path=star_path, stack_path=stack_path, ground_truth_path=gt_path,
+        montage_path=montage_path if montage_k else None, n_particles=n, density_scale=scale,
+        pilot_signal_variance=pilot_variance, realised_snr=realised_snr, seconds=seconds,
+    )
+
+
+__all__ = [
+    "DTYPES",
+    "GROUND_TRUTH_NAME",
+    "MONTAGE_NAME",
+    "OUTPUT_NAMES",
+    "STACK_NAME",
+    "STAR_NAME",
+    "SUMMARY_NAME",
+    "SimulationConfig",
+    "SimulationResult",
+    "ctf_sampler_for",
+    "relion_tables",
+    "simulate_dataset",
+    "write_montage",
+]
