@@ -715,3 +715,13 @@ def test_dataset_pickles(shared_data):
     np.testing.assert_array_equal(clone.read_images([1]).numpy(), first.numpy())
     ds.close()
     np.testing.assert_array_equal(ds.read_images([1]).numpy(), first.numpy())  # reopens
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from cryostoch.io._common import default_file_mode
+    from cryostoch.io.mrc import write_map
+
+    write_map(tmp_path / "m.mrc", torch.zeros(4, 4, 4), 1.0)
+    assert (os.stat(tmp_path / "m.mrc").st_mode & 0o777) == default_file_mode()

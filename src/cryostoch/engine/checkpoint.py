@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from cryostoch.io._common import default_file_mode
+
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +20,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

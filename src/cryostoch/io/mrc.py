@@ -20,7 +20,7 @@ from mrcfile.dtypes import HEADER_DTYPE
 from torch import Tensor
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import atomic_path
+from cryostoch.io._common import atomic_path, default_file_mode
 
 # MRC modes read here (MRC2014): 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
 MODE_DTYPES: dict[int, np.dtype] = {
@@ -392,6 +392,7 @@ class StackWriter:
             mrc.header.dmean, mrc.header.rms = mean, std
             mrc.close()
             self._mrc = None
+            os.chmod(self._tmp, default_file_mode())  # mkstemp made it 0600
             os.replace(self._tmp, self.path)
             self._tmp = None
         except BaseException:

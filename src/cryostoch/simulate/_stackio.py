@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryostoch.io._common import default_file_mode
+
 _MODES = {np.dtype(np.float32): 2, np.dtype(np.float16): 12}
 
 
@@ -127,9 +129,7 @@ class StreamingStackWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            mask = os.umask(0)  # mkstemp made the file 0600: give it the usual permissions
-            os.umask(mask)
-            os.chmod(self._tmp, 0o666 & ~mask)
+            os.chmod(self._tmp, default_file_mode())  # mkstemp made it 0600
             os.replace(self._tmp, self.path)
             self._tmp = None
         except BaseException:

@@ -18,12 +18,10 @@ nothing that looks complete is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import pandas as pd
 import torch
 
 from cryostoch.errors import InputError
+from cryostoch.io._common import atomic_path, default_file_mode
 from cryostoch.simulate._stackio import StreamingStackWriter
 from cryostoch.simulate.ctf import CtfSampler, CtfTable, DefaultCtf
 from cryostoch.simulate.particles import (
@@ -163,23 +162,11 @@ def _prepare_out_dir(config: SimulationConfig) -> Path:
 
 def _default_permissions(path: Path) -> None:
     """Give a file made by mkstemp (mode 0600) the permissions a plain open() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, default_file_mode())
 
 
-@contextlib.contextmanager
 def _atomic(path: Path):
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return atomic_path(path)
 
 
 def relion_tables(params: ParticleParameters, sampler: CtfSampler, box: int,
