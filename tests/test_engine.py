@@ -156,6 +156,7 @@ def test_resume_with_other_settings_is_refused(tiny_set, tmp_path, capsys):
         (["--resolution-a", "1.0"], "resolution"),
         (["--test-size", "100000"], "leave none for training"),
         (["--box", "64"], "larger than the data"),
+        (["--threads", "0"], "threads"),
     ],
 )
 def test_bad_options_give_one_line(tiny_set, tmp_path, capsys, extra, message):

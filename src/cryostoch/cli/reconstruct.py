@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-every", type=int, default=20,
                         help="iterations between held-out NLL evaluations")
     parser.add_argument("--checkpoint-interval-s", type=float, default=300.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 can be faster "
+                             "on a machine busy with other jobs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -100,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("--threads", "must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = reconstruct(config, resume=args.resume, progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"
     print(f"map: {result.map_path}")
