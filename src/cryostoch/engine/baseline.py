@@ -36,7 +36,6 @@ from cryostoch.engine.reconstruct import (
     _progress_bar,
 )
 from cryostoch.errors import InputError
-from cryostoch.io.mrc import write_map
 
 log = logging.getLogger(__name__)
 
@@ -168,29 +167,8 @@ class BaselineRun(Reconstruction):
         s.metrics.append({name: values.get(name) for name in METRIC_FIELDS})
 
     # ------------------------------------------------------------------------ outputs
-    def _finish(self) -> ReconstructionResult:
-        volume = self.volume.detach().float().cpu()
-        map_path = self.out / "map.mrc"
-        write_map(map_path, volume, self.pixel_size_a)
-        if self.box != self.dataset.box_size:
-            from cryostoch.fourier.resample import resample_volume
-
-            write_map(self.out / "map_fullbox.mrc",
-                      resample_volume(volume.double(), self.dataset.box_size).float(),
-                      self.dataset.pixel_size_a)
-        self._write_metrics()
-        self._write_config()
-        if self.config.write_poses:
-            self._write_poses()
-        final = next((m["test_nll"] for m in reversed(self.state.metrics)
-                      if m["test_nll"] is not None), None)
-        from cryostoch.evaluate.plots import reconstruction_report
-
-        reconstruction_report(self.out / "report.png", volume, self.state.metrics,
-                              title=f"{self.baseline.label}: {Path(self.config.particles).name}")
-        return ReconstructionResult(self.out, map_path, volume, final,
-                                    self.state.gradient_evaluations, self.state.seconds,
-                                    self.state.metrics)
+    def _report_title(self) -> str:
+        return f"{self.baseline.label}: {Path(self.config.particles).name}"
 
     def _write_config(self) -> None:
         super()._write_config()

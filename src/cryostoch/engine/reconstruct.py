@@ -511,10 +511,13 @@ class Reconstruction:
         from cryostoch.evaluate.plots import reconstruction_report
 
         reconstruction_report(self.out / "report.png", volume, self.state.metrics,
-                              title=f"{self.config.optimizer}: {Path(self.config.particles).name}")
+                              title=self._report_title())
         return ReconstructionResult(self.out, map_path, volume, final,
                                     self.state.gradient_evaluations, self.state.seconds,
                                     self.state.metrics)
+
+    def _report_title(self) -> str:
+        return f"{self.config.optimizer}: {Path(self.config.particles).name}"
 
     def _write_metrics(self) -> None:
         path = self.out / "metrics.csv"
