@@ -8,7 +8,6 @@ dimensions and, above all, that the file holds as many bytes as its header promi
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from mrcfile.dtypes import HEADER_DTYPE
 from torch import Tensor
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import atomic_path, default_file_mode
+from cryostoch.io._common import atomic_path
+from cryostoch.io.stack_writer import StackWriter as StackWriter  # public home: io.mrc
 
 # MRC modes read here (MRC2014): 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
 MODE_DTYPES: dict[int, np.dtype] = {
@@ -290,137 +290,6 @@ def data_statistics(header: MrcHeader) -> tuple[float, float, float, float]:
         del data
 
 
-def _stack_mode(dtype: object) -> int:
-    if dtype in (np.float16, "float16", torch.float16) or (
-        isinstance(dtype, np.dtype) and dtype == np.float16
-    ):
-        return 12
-    if dtype in (np.float32, "float32", torch.float32) or (
-        isinstance(dtype, np.dtype) and dtype == np.float32
-    ):
-        return 2
-    raise ValueError(f"StackWriter writes float16 or float32, not {dtype!r}")
-
-
-class StackWriter:
-    """Write an image stack in chunks, appearing at `path` only when complete.
-
-    ```
-    with StackWriter(path, n_images, box, np.float16, pixel_size_a) as writer:
-        writer.write(0, images[:100])
-        writer.write(100, images[100:])
-    ```
-    The stack is pre-allocated (memory-mapped) in a temporary file in the same folder and
-    renamed onto `path` on a successful close, after every image has been written; on an
-    exception (or `abort()`) the temporary file is deleted and `path` is left untouched.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        n_images: int,
-        box: int,
-        dtype: object = np.float16,
-        pixel_size_a: float = 1.0,
-    ):
-        if n_images <= 0 or box <= 0:
-            raise ValueError(f"need n_images > 0 and box > 0, got {n_images}, {box}")
-        if not (np.isfinite(pixel_size_a) and pixel_size_a > 0):
-            raise ValueError(f"pixel size must be positive, got {pixel_size_a}")
-        self.path = Path(path)
-        self.n_images = int(n_images)
-        self.box = int(box)
-        self.mode = _stack_mode(dtype)
-        self.pixel_size_a = float(pixel_size_a)
-        self._mrc = None
-        self._tmp: Path | None = None
-        self._written: np.ndarray | None = None
-
-    def open(self) -> StackWriter:
-        if self._mrc is not None:
-            raise ValueError(f"{self.path}: writer already open")
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=folder)
-        os.close(fd)
-        self._tmp = Path(name)
-        try:
-            self._mrc = mrcfile.new_mmap(
-                self._tmp, (self.n_images, self.box, self.box), mrc_mode=self.mode, overwrite=True
-            )
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-            raise
-        self._written = np.zeros(self.n_images, dtype=bool)
-        return self
-
-    def write(self, start_index: int, images: Tensor | np.ndarray) -> None:
-        """Store `images` (k, box, box) at 0-based positions start_index .. start_index + k - 1."""
-        if self._mrc is None:
-            raise ValueError(f"{self.path}: writer is not open")
-        data = _as_numpy(images)
-        if data.ndim == 2:
-            data = data[None]
-        k = data.shape[0]
-        if data.shape[1:] != (self.box, self.box):
-            raise ValueError(f"images must be (k, {self.box}, {self.box}), got {data.shape}")
-        if start_index < 0 or start_index + k > self.n_images:
-            raise ValueError(
-                f"images {start_index}..{start_index + k - 1} outside the stack of {self.n_images}"
-            )
-        self._mrc.data[start_index : start_index + k] = data
-        self._written[start_index : start_index + k] = True
-
-    def close(self) -> None:
-        """Finish the file and rename it into place; ValueError if images are missing."""
-        if self._mrc is None:
-            return
-        missing = np.flatnonzero(~self._written)
-        if missing.size:
-            self.abort()
-            raise ValueError(
-                f"{self.path}: {missing.size} of {self.n_images} images were never written "
-                f"(first: {int(missing[0])}); the stack was discarded"
-            )
-        try:
-            mrc = self._mrc
-            mrc.set_image_stack()
-            mrc.voxel_size = (self.pixel_size_a, self.pixel_size_a, 1.0)
-            mrc.flush()
-            lo, hi, mean, std = _chunk_stats(mrc.data)
-            mrc.header.dmin, mrc.header.dmax = lo, hi
-            mrc.header.dmean, mrc.header.rms = mean, std
-            mrc.close()
-            self._mrc = None
-            os.chmod(self._tmp, default_file_mode())  # mkstemp made it 0600
-            os.replace(self._tmp, self.path)
-            self._tmp = None
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        """Discard the partial stack."""
-        if self._mrc is not None:
-            try:
-                self._mrc.close()
-            except Exception:  # noqa: BLE001 - the file is deleted anyway
-                pass
-            self._mrc = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-
-    def __enter__(self) -> StackWriter:
-        return self.open()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
 def _chunk_stats(data: np.ndarray) -> tuple[float, float, float, float]:
     n = data.shape[0]
     per_image = max(1, int(np.prod(data.shape[1:])) * 8)
@@ -435,3 +304,4 @@ def _chunk_stats(data: np.ndarray) -> tuple[float, float, float, float]:
     count = float(data.size)
     mean = total / count
     return lo, hi, mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+

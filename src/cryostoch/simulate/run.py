@@ -32,7 +32,7 @@ import torch
 
 from cryostoch.errors import InputError
 from cryostoch.io._common import atomic_path, default_file_mode
-from cryostoch.simulate._stackio import StreamingStackWriter
+from cryostoch.io.stack_writer import StackWriter
 from cryostoch.simulate.ctf import CtfSampler, CtfTable, DefaultCtf
 from cryostoch.simulate.particles import (
     SHIFT_TRUNCATION,
@@ -290,7 +290,7 @@ def simulate_dataset(
     montage_k = min(config.n_montage, n)
     montage: dict[str, list[np.ndarray]] = {}
     try:
-        writer = StreamingStackWriter(stack_path, n, box, np.dtype(config.dtype), pixel)
+        writer = StackWriter(stack_path, n, box, np.dtype(config.dtype), pixel)
         bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
                    else not progress, dynamic_ncols=True)
         with writer, bar:

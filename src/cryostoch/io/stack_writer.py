@@ -1,13 +1,11 @@
 """A streaming MRC stack writer whose memory does not grow with the stack.
 
-`cryostoch.io.mrc.StackWriter` writes through a memory map, so every page written stays
-resident in the process (file-backed RSS) and its closing statistics pass reads the whole
-stack back through the map: writing 50,000 x 128 x 128 float32 images reaches a peak RSS of
-the stack's size (3.3 GB). This writer has the same interface and the same guarantees (a
-temporary file in the target folder, renamed onto the target only when every image has been
-written; deleted on error) but uses plain file writes and running statistics, so the process
-holds one chunk at a time. The header is made by `mrcfile` (image stack, voxel size, mode 2
-or 12).
+Writing through a memory map would keep every written page resident (file-backed RSS) and a
+closing statistics pass would read the whole stack back: 3.3 GB of RSS for 50,000 x 128 x 128
+float32 images. This writer uses plain file writes and running statistics, so the process holds
+one chunk at a time. The file appears at its path only when every image has been written (a
+temporary file in the target folder, renamed on success, deleted on error). The header is
+made by `mrcfile` (image stack, voxel size, mode 2 or 12).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from cryostoch.io._common import default_file_mode
 _MODES = {np.dtype(np.float32): 2, np.dtype(np.float16): 12}
 
 
-class StreamingStackWriter:
+class StackWriter:
     """Write an image stack (n, box, box) in chunks; appears at `path` only when complete."""
 
     def __init__(self, path: str | os.PathLike[str], n_images: int, box: int,
@@ -51,7 +49,7 @@ class StreamingStackWriter:
         self._written: np.ndarray | None = None
         self._stats = [np.inf, -np.inf, 0.0, 0.0]  # min, max, sum, sum of squares
 
-    def open(self) -> StreamingStackWriter:
+    def open(self) -> StackWriter:
         if self._file is not None:
             raise ValueError(f"{self.path}: writer already open")
         folder = self.path.parent if str(self.path.parent) else Path(".")
@@ -148,7 +146,7 @@ class StreamingStackWriter:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
 
-    def __enter__(self) -> StreamingStackWriter:
+    def __enter__(self) -> StackWriter:
         return self.open()
 
     def __exit__(self, exc_type, exc, tb) -> None:
