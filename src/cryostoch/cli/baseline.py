@@ -17,6 +17,12 @@ import logging
 import math
 import sys
 
+from cryostoch.cli._options import (
+    add_particle_options,
+    add_run_options,
+    apply_threads,
+    particle_config_fields,
+)
 from cryostoch.errors import InputError
 
 METHOD_CHOICES = ("projmatch", "em")
@@ -25,17 +31,9 @@ METHOD_CHOICES = ("projmatch", "em")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", metavar="METHOD",
                         help="projmatch (iterative projection matching) or em (batch EM)")
-    parser.add_argument("particles", help="RELION STAR or cryoSPARC .cs file of particles")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_particle_options(parser)
     parser.add_argument("--iterations", type=int, default=5,
                         help="passes over the training images (default 5, as in the paper)")
-    parser.add_argument("--init", default="random", help="'random' (sum of spheres) or a map")
-    parser.add_argument("--max-freq", type=float, default=0.10,
-                        help="likelihood cutoff as a fraction of Nyquist (default 0.10)")
-    parser.add_argument("--resolution-a", type=float, default=None,
-                        help="likelihood cutoff in Angstrom (overrides --max-freq)")
-    parser.add_argument("--box", type=int, default=None,
-                        help="Fourier-crop the images to this working box first")
     parser.add_argument("--tau2", default="map",
                         help="Wiener prior variance of the M-step: 'map' (per-shell power of "
                              "the current map, as RELION), a positive number (constant) or "
@@ -44,26 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiplies the per-shell tau^2 (RELION's --tau2_fudge; default 1)")
     parser.add_argument("--refine-iterations", type=int, default=10,
                         help="conjugate-gradient steps of the exact M-step (0: gridding only)")
-    parser.add_argument("--test-size", type=int, default=100, help="held-out test images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32 or float64")
-    parser.add_argument("--shift-range-a", type=float, default=0.0,
-                        help="radius of the shift search in Angstrom (0: no shifts)")
-    parser.add_argument("--shift-sigma-a", type=float, default=None,
-                        help="sigma of the normal shift prior (default: half the range)")
-    parser.add_argument("--particle-diameter-a", type=float, default=None,
-                        help="particle diameter (default 80%% of the box)")
-    sign = parser.add_mutually_exclusive_group()
-    sign.add_argument("--invert", dest="invert", action="store_true", default=None,
-                      help="multiply the data by -1 (default: detect the contrast sign)")
-    sign.add_argument("--no-invert", dest="invert", action="store_false",
-                      help="use the data's sign as given")
-    parser.add_argument("--project-root", default=None,
-                        help="folder that relative image paths start from")
-    parser.add_argument("--half-set", type=int, default=None,
-                        help="use only the odd (1) or even (2) particles, for half-map FSC")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -86,14 +65,8 @@ def config_from_args(args: argparse.Namespace):
     except ValueError as err:
         raise InputError("--tau2", str(err)) from None
     try:
-        recon = ReconstructionConfig(
-            particles=args.particles, out_dir=args.out, epochs=float(args.iterations),
-            max_freq=args.max_freq, resolution_a=args.resolution_a, box_size=args.box,
-            init=args.init, test_size=args.test_size, seed=args.seed, device=args.device,
-            dtype=args.dtype, shift_range_a=args.shift_range_a, shift_sigma_a=args.shift_sigma_a,
-            particle_diameter_a=args.particle_diameter_a, invert=args.invert,
-            project_root=args.project_root, half_set=args.half_set,
-        )
+        recon = ReconstructionConfig(**particle_config_fields(args),
+                                     epochs=float(args.iterations))
         return BaselineConfig(method=method, reconstruction=recon, iterations=args.iterations,
                               regulariser=regulariser,
                               refine_iterations=args.refine_iterations)
@@ -106,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = config_from_args(args)
+    apply_threads(args)
     result = run_baseline(config, progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"
     print(f"map: {result.map_path}")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from cryostoch.cli._options import add_run_options, apply_threads
 from cryostoch.engine.config import OPTIMIZER_NAMES
 from cryostoch.errors import InputError
 
@@ -20,25 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
                         help="comma-separated subset of the optimisers")
     parser.add_argument("--box", type=int, default=128)
-    parser.add_argument("--ctf-table", default=None, help="STAR/.cs of real CTFs to draw from")
+    parser.add_argument("--ctf-table", default=None,
+                        help="STAR/.cs of real CTFs to draw from (default: ../shared/data's "
+                             "EMPIAR-10049 table if present, else built-in defaults)")
     parser.add_argument("--real-particles", default=None,
                         help="real data STAR (default: the EMPIAR-10204 particles in "
                              "../shared/data); 'none' to skip")
     parser.add_argument("--baseline-iterations", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the simulated set and the method runs that finished, and "
+                             "continue an interrupted run from its checkpoint")
+    add_run_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from cryostoch.engine.experiment import ExperimentConfig, run_experiment
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    options = {}
-    if args.ctf_table:
-        options["ctf_table"] = args.ctf_table
-    if args.real_particles:
-        options["real_particles"] = None if args.real_particles == "none" else args.real_particles
     try:
         config = ExperimentConfig(
             out_dir=args.out, scale=args.scale, epochs=args.epochs, box_size=args.box,
@@ -46,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
             pixel_size_a=2.8 * 128 / args.box,
             optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
             baseline_iterations=args.baseline_iterations, seed=args.seed, device=args.device,
-            **options,
+            ctf_table=args.ctf_table, real_particles=args.real_particles,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None
-    report = run_experiment(config, progress=not args.quiet)
+    apply_threads(args)
+    report = run_experiment(config, progress=not args.quiet, resume=args.resume)
     print(f"report: {report}")
     return 0

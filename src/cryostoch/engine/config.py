@@ -95,6 +95,9 @@ class ReconstructionConfig:
             problems.append("shift-sigma-a must be positive")
         if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:
             problems.append("particle-diameter-a must be positive")
+        if bool(self.class_file) != bool(self.keep_classes):
+            problems.append("class-file and keep-classes go together (the classification "
+                            "STAR and the class numbers to keep)")
         if self.half_set not in (None, 1, 2):
             problems.append("half-set must be 1 or 2")
         if self.test_every < 1:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.reconstruct import ReconstructionResult, reconstruct
+from cryostoch.engine.reference_data import CTF_TABLE, reference_file
 from cryostoch.evaluate.fsc import FscReport, fsc_report
 from cryostoch.io.mrc import read_map
 from cryostoch.simulate.run import SimulationConfig, SimulationResult, simulate_dataset
-
-# The real CTF table beside a checkout of this project (see ../shared/data/README.md).
-SHARED_CTF_TABLE = Path("..") / "shared" / "data" / "ctf" / "empiar10049_ctf.star"
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,9 @@ class DemoResult:
 def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     out = Path(config.out_dir)
     table = config.ctf_table
-    if table is None and SHARED_CTF_TABLE.exists():
-        table = str(SHARED_CTF_TABLE)
+    if table is None:
+        found = reference_file(*CTF_TABLE)
+        table = None if found is None else str(found)
     simulation = simulate_dataset(
         SimulationConfig(
             source="phantom",

@@ -24,18 +24,26 @@ from pathlib import Path
 
 import torch
 
-from cryostoch.engine.baseline import BaselineConfig, run_baseline
+from cryostoch.engine.baseline import BaselineConfig, BaselineRun
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
-from cryostoch.engine.reconstruct import reconstruct
+from cryostoch.engine.reconstruct import Reconstruction
+from cryostoch.engine.reference_data import BETAGAL_PARTICLES, CTF_TABLE, reference_file
+from cryostoch.errors import InputError
 from cryostoch.evaluate.align import align_maps, apply_alignment
 from cryostoch.evaluate.fsc import compute_fsc
 from cryostoch.evaluate.plots import map_gallery
+from cryostoch.io._common import atomic_path
 from cryostoch.io.mrc import read_map
-from cryostoch.simulate.run import SimulationConfig, simulate_dataset
+from cryostoch.simulate.run import (
+    GROUND_TRUTH_NAME,
+    STAR_NAME,
+    SUMMARY_NAME,
+    SimulationConfig,
+    simulate_dataset,
+)
 
 log = logging.getLogger(__name__)
 
-SHARED = Path("..") / "shared" / "data"
 PAPER_PARTICLES = 50_000
 
 
@@ -51,9 +59,10 @@ class ExperimentConfig:
     real_max_freq: float = 0.16
     real_shift_range_a: float = 10.0
     real_max_particles: int | None = None
-    ctf_table: str | None = str(SHARED / "ctf" / "empiar10049_ctf.star")
-    real_particles: str | None = str(
-        SHARED / "betagal_empiar10204" / "Extract" / "job009" / "particles.star")
+    # None: the reference data's (real EMPIAR-10049 CTFs; real EMPIAR-10204 particles) when
+    # found, else built-in CTF defaults and no real study; "none" skips the real study.
+    ctf_table: str | None = None
+    real_particles: str | None = None
     optimizers: tuple[str, ...] = OPTIMIZER_NAMES
     baseline_iterations: int = 5
     seed: int = 0
@@ -64,9 +73,34 @@ class ExperimentConfig:
             raise ValueError("scale must be in (0, 1]")
         if not self.epochs > 0:
             raise ValueError("epochs must be positive")
+        if self.box_size < 16 or self.box_size % 2:
+            raise ValueError(f"box must be an even number >= 16, got {self.box_size}")
+        if self.baseline_iterations < 1:
+            raise ValueError("baseline-iterations must be >= 1")
+        if not self.optimizers:
+            raise ValueError("give at least one optimizer")
         unknown = set(self.optimizers) - set(OPTIMIZER_NAMES)
         if unknown:
             raise ValueError(f"unknown optimizers: {', '.join(sorted(unknown))}")
+        for name, path in (("ctf-table", self.ctf_table), ("real-particles", self.real_particles)):
+            if path not in (None, "none") and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} does not exist")
+
+    def resolved_ctf_table(self) -> str | None:
+        if self.ctf_table is None:
+            found = reference_file(*CTF_TABLE)
+            if found is None:
+                log.warning("no real CTF table given or found: built-in CTF defaults")
+            return None if found is None else str(found)
+        return None if self.ctf_table == "none" else self.ctf_table
+
+    def resolved_real_particles(self) -> str | None:
+        if self.real_particles is None:
+            found = reference_file(*BETAGAL_PARTICLES)
+            if found is None:
+                log.warning("real particles not given or found: synthetic study only")
+            return None if found is None else str(found)
+        return None if self.real_particles == "none" else self.real_particles
 
     @property
     def n_synthetic(self) -> int:
@@ -84,11 +118,43 @@ class MethodRun:
     final_test_nll: float | None
 
 
+RUN_RECORD = "experiment_run.json"
+
+
+def _settings(value: dict) -> dict:
+    """A JSON round trip, so that saved and current settings compare equal (tuples: lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
+    """The recorded result of a method run that finished with these settings, else None."""
+    path = out_dir / RUN_RECORD
+    if not (path.exists() and (out_dir / "map.mrc").exists()):
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("settings") != settings:
+        return None
+    volume, _ = read_map(out_dir / "map.mrc")
+    return MethodRun(name, out_dir, saved["metrics"], volume, saved["seconds"],
+                     saved["gradient_evaluations"], saved["final_test_nll"])
+
+
+def _record_run(run: MethodRun, settings: dict) -> None:
+    """Written last, atomically: its presence means the run's outputs are complete."""
+    record = {"settings": settings, "metrics": run.metrics, "seconds": run.seconds,
+              "gradient_evaluations": run.gradient_evaluations,
+              "final_test_nll": run.final_test_nll}
+    with atomic_path(run.out_dir / RUN_RECORD) as tmp:
+        tmp.write_text(json.dumps(record, default=str))
+
+
 def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_freq: float,
                  shift_range_a: float, snapshot_counts: tuple[int, ...], n_train: int,
-                 progress: bool) -> list[MethodRun]:
+                 progress: bool, resume: bool) -> list[MethodRun]:
     budget = int(config.epochs * n_train)
-    runs: list[MethodRun] = []
     base = ReconstructionConfig(
         particles=str(particles), out_dir="", epochs=config.epochs, max_freq=max_freq,
         seed=config.seed, device=config.device, shift_range_a=shift_range_a,
@@ -97,26 +163,42 @@ def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_fr
     plan = [(name, dataclasses.replace(base, optimizer=name).paper_faithful())
             for name in config.optimizers]
     plan.append(("cryostoch", dataclasses.replace(base, optimizer="sgd")))
+    # the paper-faithful settings give the baselines exactly the paper runs' start
+    baseline_base = dataclasses.replace(base.paper_faithful(), snapshots=(),
+                                        gradient_budget=None)
+    plan += [(method, BaselineConfig(method=method, iterations=config.baseline_iterations,
+                                     reconstruction=baseline_base))
+             for method in ("projmatch", "em")]
+    runs: list[MethodRun] = []
     for name, cfg in plan:
-        cfg = dataclasses.replace(cfg, out_dir=str(out / name))
+        run_dir = out / name
+        if isinstance(cfg, BaselineConfig):
+            cfg = dataclasses.replace(cfg, reconstruction=dataclasses.replace(
+                cfg.reconstruction, out_dir=str(run_dir)))
+            settings = _settings({"baseline": cfg.to_dict(),
+                                  "reconstruction": cfg.reconstruction.to_dict()})
+        else:
+            cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+            settings = _settings(cfg.to_dict())
+        done = _finished_run(name, run_dir, settings) if resume else None
+        if done is not None:
+            log.info("%s: %s finished earlier (%s): reused", out.name, name, run_dir / RUN_RECORD)
+            runs.append(done)
+            continue
         log.info("%s: %s", out.name, name)
         start = time.perf_counter()
-        result = reconstruct(cfg, progress=progress)
-        runs.append(MethodRun(name, Path(cfg.out_dir), result.metrics, result.volume,
-                              time.perf_counter() - start, result.gradient_evaluations,
-                              result.final_test_nll))
-    for method in ("projmatch", "em"):
-        # the paper-faithful settings give the baselines exactly the paper runs' start
-        cfg = dataclasses.replace(base.paper_faithful(), out_dir=str(out / method),
-                                  snapshots=(), gradient_budget=None)
-        log.info("%s: %s", out.name, method)
-        start = time.perf_counter()
-        result = run_baseline(BaselineConfig(method=method, reconstruction=cfg,
-                                             iterations=config.baseline_iterations),
-                              progress=progress)
-        runs.append(MethodRun(method, Path(cfg.out_dir), result.metrics, result.volume,
-                              time.perf_counter() - start, result.gradient_evaluations,
-                              result.final_test_nll))
+        if isinstance(cfg, BaselineConfig):
+            job = BaselineRun(cfg, progress=progress)
+        else:
+            job = Reconstruction(cfg, resume=resume, progress=progress)
+        earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
+        result = job.run()
+        # wall time, data preparation included, plus any time spent before a resume
+        seconds = time.perf_counter() - start + earlier
+        run = MethodRun(name, run_dir, result.metrics, result.volume, seconds,
+                        result.gradient_evaluations, result.final_test_nll)
+        _record_run(run, settings)
+        runs.append(run)
     return runs
 
 
@@ -167,10 +249,11 @@ def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:
 
 def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
            truth: torch.Tensor | None, pixel: float, max_freq: float, shift_range_a: float,
-           n_train: int, progress: bool) -> dict:
+           n_train: int, progress: bool, resume: bool) -> dict:
     snapshot_counts = tuple(max(1, int(round(c * config.scale))) for c in (5_000, 50_000))
     runs = _run_methods(config, particles, out, max_freq=max_freq, shift_range_a=shift_range_a,
-                        snapshot_counts=snapshot_counts, n_train=n_train, progress=progress)
+                        snapshot_counts=snapshot_counts, n_train=n_train, progress=progress,
+                        resume=resume)
     _nll_figure(out / "fig3_test_nll.png", runs, f"{name}: held-out NLL")
     reference = truth if truth is not None else next(r.volume for r in runs if r.name == "sgd")
     # One alignment per run (its final map onto the reference), reused for its snapshots.
@@ -203,11 +286,15 @@ def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
                                                       "fig6_baselines.png"]}
 
 
-def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float) -> str:
+def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
+              compute_seconds: float, resumed: bool) -> str:
+    timing = (f"this invocation took {seconds / 60:.1f} min (resumed); the simulation and the "
+              f"method runs took {compute_seconds / 60:.1f} min in all" if resumed
+              else f"total wall time {seconds / 60:.1f} min")
     lines = ["# The paper's study, reproduced by cryostoch", "",
              f"Scale {config.scale} ({config.n_synthetic} synthetic particles), "
              f"{config.epochs:g} epochs of gradient evaluations per method, seed {config.seed}; "
-             f"total wall time {seconds / 60:.1f} min on {torch.get_num_threads()} threads.", "",
+             f"{timing} on {torch.get_num_threads()} threads.", "",
              "Paper methods: plain updates (no preconditioner, marching or tempering), step sizes "
              "from the measured curvature. `cryostoch`: SGD with this package's defaults. "
              "`projmatch`, `em`: the baselines, one iteration = one epoch of gradient "
@@ -230,31 +317,75 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float) ->
     return "\n".join(lines)
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
+SETTINGS_NAME = "experiment.json"
+
+
+def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
+    """Record the study's settings; on --resume, refuse a folder made with other settings.
+
+    A fresh start forgets the records of earlier method runs, so that a later --resume never
+    mixes them in."""
+    path = out / SETTINGS_NAME
+    current = _settings(dataclasses.asdict(config))
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise InputError(path, f"was written with different settings ({', '.join(changed)})"
+                                   "; use another --out or the same options to resume")
+    if not resume:
+        for record in out.glob(f"*/*/{RUN_RECORD}"):
+            record.unlink()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(current, indent=2))
+
+
+def _simulated_set(config: ExperimentConfig, out: Path, resume: bool,
+                   progress: bool) -> tuple[Path, Path, float]:
+    """(particles.star, ground_truth.mrc, seconds): simulated now, or on --resume reused when
+    the folder holds a finished simulation with the same settings."""
+    table = config.resolved_ctf_table()
+    sim_config = SimulationConfig(
+        source="phantom", n_particles=config.n_synthetic, box_size=config.box_size,
+        pixel_size_a=config.pixel_size_a, out_dir=str(out / "synthetic" / "data"),
+        ctf_table=table, snr=config.snr, seed=config.seed, overwrite=True)
+    data = Path(sim_config.out_dir)
+    summary = data / SUMMARY_NAME
+    if resume and summary.exists() and (data / STAR_NAME).exists():
+        saved = json.loads(summary.read_text())
+        if saved.get("config") == _settings(dataclasses.asdict(sim_config)):
+            log.info("synthetic data set in %s reused", data)
+            return data / STAR_NAME, data / GROUND_TRUTH_NAME, 0.0
+    result = simulate_dataset(sim_config, progress=progress)
+    return result.star_path, result.ground_truth_path, result.seconds
+
+
+def run_experiment(config: ExperimentConfig, *, progress: bool = True,
+                   resume: bool = False) -> Path:
+    """Run the study into `config.out_dir` and return the report's path.
+
+    `resume`: reuse the simulated set and every method run that finished with the same
+    settings, and continue an interrupted method run from its checkpoint.
+    """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_settings(config, out, resume)
     start = time.perf_counter()
     sections = []
-    table = config.ctf_table if config.ctf_table and Path(config.ctf_table).exists() else None
-    simulation = simulate_dataset(
-        SimulationConfig(source="phantom", n_particles=config.n_synthetic,
-                         box_size=config.box_size, pixel_size_a=config.pixel_size_a,
-                         out_dir=str(out / "synthetic" / "data"), ctf_table=table,
-                         snr=config.snr, seed=config.seed, overwrite=True),
-        progress=progress,
-    )
-    truth, pixel = read_map(simulation.ground_truth_path)
+    star_path, truth_path, simulation_seconds = _simulated_set(config, out, resume, progress)
+    truth, pixel = read_map(truth_path)
     n_train = config.n_synthetic - 100
-    section = _study(config, "synthetic", simulation.star_path, out / "synthetic", truth=truth,
+    section = _study(config, "synthetic", star_path, out / "synthetic", truth=truth,
                      pixel=pixel, max_freq=config.synthetic_max_freq, shift_range_a=0.0,
-                     n_train=n_train, progress=progress)
+                     n_train=n_train, progress=progress, resume=resume)
     section["folder"] = "synthetic"
     sections.append(section)
-    if config.real_particles and Path(config.real_particles).exists():
+    real_particles = config.resolved_real_particles()
+    if real_particles is not None:
         from cryostoch.io.dataset import open_particles
 
-        real = open_particles(config.real_particles)
-        real_path = Path(config.real_particles)
+        real = open_particles(real_particles)
+        real_path = Path(real_particles)
         if config.real_max_particles and len(real) > config.real_max_particles:
             # a seeded random subset, written with absolute stack paths (for quick runs)
             from cryostoch.io.star import write_particles_star
@@ -269,18 +400,24 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         section = _study(config, "real: beta-galactosidase (EMPIAR-10204)",
                          real_path, out / "real", truth=None, pixel=real_pixel,
                          max_freq=config.real_max_freq, shift_range_a=config.real_shift_range_a,
-                         n_train=n_real - 100, progress=progress)
+                         n_train=n_real - 100, progress=progress, resume=resume)
         section["folder"] = "real"
         sections.append(section)
-    else:
-        log.warning("real particles not found (%s): synthetic study only", config.real_particles)
     seconds = time.perf_counter() - start
+    # with --resume, this invocation's wall time misses the earlier work: report both
+    compute_seconds = simulation_seconds + sum(
+        row["seconds"] for section in sections for row in section["table"])
     report = out / "report.md"
-    report.write_text(_markdown(sections, config, seconds))
-    (out / "summary.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "seconds": seconds, "sections": sections},
-        indent=2, default=str))
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(
+            {"config": dataclasses.asdict(config), "seconds": seconds,
+             "method_and_simulation_seconds": compute_seconds, "resumed": resume,
+             "sections": sections}, indent=2, default=str))
+    with atomic_path(report) as tmp:
+        tmp.write_text(_markdown(sections, config, seconds, compute_seconds, resume))
     return report
+
+
 
 
 __all__ = ["ExperimentConfig", "run_experiment"]

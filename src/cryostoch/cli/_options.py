@@ -1,0 +1,88 @@
+"""Command-line options shared by the commands that read particles and build a map.
+
+`reconstruct` and `baseline` take the same data, geometry and selection options, so that a
+baseline and a stochastic run on the same files use the same particles, working box, cutoff,
+held-out set and random start. Values are checked by the configs (one-line InputError), not
+by argparse, so every bad value reads the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cryostoch.errors import InputError
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(float(v)) for v in text.split(",") if v.strip())
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def add_particle_options(parser: argparse.ArgumentParser) -> None:
+    """Input, output, working box, cutoff, start, held-out set, selection and device."""
+    parser.add_argument("particles", help="RELION STAR or cryoSPARC .cs file of particles")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--max-freq", type=float, default=0.10,
+                        help="likelihood cutoff as a fraction of Nyquist (default 0.10)")
+    parser.add_argument("--resolution-a", type=float, default=None,
+                        help="likelihood cutoff in Angstrom (overrides --max-freq)")
+    parser.add_argument("--box", type=int, default=None,
+                        help="Fourier-crop the images to this working box first")
+    parser.add_argument("--init", default="random", help="'random' (sum of spheres) or a map")
+    parser.add_argument("--test-size", type=int, default=100, help="held-out test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    parser.add_argument("--shift-range-a", type=float, default=0.0,
+                        help="radius of the shift search in Angstrom (0: no shifts)")
+    parser.add_argument("--shift-sigma-a", type=float, default=None,
+                        help="sigma of the normal shift prior (default: half the range)")
+    parser.add_argument("--particle-diameter-a", type=float, default=None,
+                        help="particle diameter (default 80%% of the box)")
+    sign = parser.add_mutually_exclusive_group()
+    sign.add_argument("--invert", dest="invert", action="store_true", default=None,
+                      help="multiply the data by -1 (default: detect the contrast sign)")
+    sign.add_argument("--no-invert", dest="invert", action="store_false",
+                      help="use the data's sign as given")
+    parser.add_argument("--project-root", default=None,
+                        help="folder that relative image paths start from")
+    parser.add_argument("--class-file", default=None,
+                        help="RELION 2-D classification _data.star to select particles by class")
+    parser.add_argument("--keep-classes", type=int_list, default=(),
+                        help="class numbers to keep from --class-file, e.g. 1,4,7")
+    parser.add_argument("--half-set", type=int, default=None,
+                        help="use only the odd (1) or even (2) particles, for half-map FSC")
+
+
+def particle_config_fields(args: argparse.Namespace) -> dict:
+    """The `ReconstructionConfig` fields set by `add_particle_options`."""
+    return dict(
+        particles=args.particles, out_dir=args.out, max_freq=args.max_freq,
+        resolution_a=args.resolution_a, box_size=args.box, init=args.init,
+        test_size=args.test_size, seed=args.seed, device=args.device, dtype=args.dtype,
+        shift_range_a=args.shift_range_a, shift_sigma_a=args.shift_sigma_a,
+        particle_diameter_a=args.particle_diameter_a, invert=args.invert,
+        project_root=args.project_root, class_file=args.class_file,
+        keep_classes=tuple(args.keep_classes), half_set=args.half_set,
+    )
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 can be faster "
+                             "on a machine busy with other jobs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU thread count from --threads (checked first: one-line error)."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise InputError("--threads", f"must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)

@@ -1,0 +1,158 @@
+"""The paper's study: resuming an interrupted study, its settings check and option errors; the
+command-line options that `reconstruct` and `baseline` share (class selection included)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import starfile
+import torch
+
+from conftest import SHARED_DATA
+from cryostoch.cli.main import main
+from cryostoch.engine import experiment as experiment_module
+from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.experiment import RUN_RECORD, ExperimentConfig, run_experiment
+from cryostoch.engine.reconstruct import select_particles
+from cryostoch.io.mrc import read_map
+
+BETAGAL = SHARED_DATA / "betagal_empiar10204"
+BETAGAL_STAR = BETAGAL / "Extract" / "job009" / "particles.star"
+CLASS_FILE = BETAGAL / "Class2D" / "job010" / "run_it025_data.star"
+CTF_TABLE = SHARED_DATA / "ctf" / "empiar10049_ctf.star"
+
+
+def tiny_study(out: Path) -> ExperimentConfig:
+    """One optimiser, the cryostoch run and both baselines on 400 images of 48 x 48."""
+    return ExperimentConfig(out_dir=str(out), scale=0.008, epochs=0.5, box_size=48,
+                            pixel_size_a=2.8 * 128 / 48, optimizers=("sgd",),
+                            real_particles="none", baseline_iterations=1,
+                            ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else "none")
+
+
+def table_rows(report: Path) -> dict[str, str]:
+    rows = {}
+    for line in report.read_text().splitlines():
+        match = re.match(r"\| (\w+) \| (.*)", line)
+        if match and match.group(1) != "method":
+            rows[match.group(1)] = match.group(2)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "exp"
+    report = run_experiment(tiny_study(out), progress=False)
+    return out, report.read_text()
+
+
+def test_study_writes_records_and_settings(finished_study):
+    out, text = finished_study
+    for method in ("sgd", "cryostoch", "projmatch", "em"):
+        record = json.loads((out / "synthetic" / method / RUN_RECORD).read_text())
+        assert record["gradient_evaluations"] > 0 and record["metrics"], method
+        assert f"| {method} |" in text
+    assert json.loads((out / "experiment.json").read_text())["optimizers"] == ["sgd"]
+
+
+def test_resume_reuses_finished_runs_and_continues_the_rest(finished_study, monkeypatch,
+                                                             tmp_path):
+    out, text = finished_study
+    before_map = read_map(out / "synthetic" / "cryostoch" / "map.mrc")[0]
+    before_rows = table_rows(out / "report.md")
+    # As if the study was killed after the cryostoch run's last checkpoint but before its
+    # record: on resume it continues from the checkpoint; nothing else may run again.
+    (out / "synthetic" / "cryostoch" / RUN_RECORD).unlink()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished part of the study ran again")
+
+    monkeypatch.setattr(experiment_module, "simulate_dataset", must_not_run)
+    monkeypatch.setattr(experiment_module.BaselineRun, "run", must_not_run)
+    original_init = experiment_module.Reconstruction.__init__
+    started = []
+
+    def tracked_init(self, config, *, resume=False, progress=True):
+        started.append((Path(config.out_dir).name, resume))
+        original_init(self, config, resume=resume, progress=progress)
+
+    monkeypatch.setattr(experiment_module.Reconstruction, "__init__", tracked_init)
+    report = run_experiment(tiny_study(out), progress=False, resume=True)
+    assert started == [("cryostoch", True)]
+    after_rows = table_rows(report)
+    assert set(after_rows) == set(before_rows)
+    for method in ("sgd", "projmatch", "em"):
+        assert after_rows[method] == before_rows[method]
+    # the resumed run reproduces the final map and test NLL exactly
+    assert torch.equal(read_map(out / "synthetic" / "cryostoch" / "map.mrc")[0], before_map)
+    nll = lambda row: row.split(" | ")[0]  # noqa: E731
+    assert nll(after_rows["cryostoch"]) == nll(before_rows["cryostoch"])
+    assert "(resumed)" in report.read_text()
+
+
+def test_resume_with_other_settings_is_refused(finished_study, capsys):
+    out, _ = finished_study
+    code = main(["experiment", "paper", "--out", str(out), "--scale", "0.008", "--epochs", "2",
+                 "--box", "48", "--optimizers", "sgd", "--real-particles", "none", "--resume",
+                 "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experiment.json" in err[0] and "epochs" in err[0], err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--ctf-table", "{missing}"], "absent.star"),
+    (["--real-particles", "{missing}"], "absent.star"),
+    (["--threads", "0"], "--threads"),
+    (["--box", "15"], "box"),
+    (["--optimizers", "sgd,rmsprop"], "rmsprop"),
+    (["--baseline-iterations", "0"], "baseline-iterations"),
+])
+def test_experiment_bad_options_give_one_line(tmp_path, capsys, extra, needle):
+    extra = [e.format(missing=tmp_path / "absent.star") for e in extra]
+    code = main(["experiment", "paper", "--out", str(tmp_path / "exp"), "--quiet", *extra])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "exp" / "report.md").exists()
+
+
+@pytest.mark.skipif(not CLASS_FILE.exists(), reason="reference data not found")
+def test_class_selection_keeps_exactly_the_particles_of_the_chosen_classes():
+    from cryostoch.io.dataset import open_particles
+
+    dataset = open_particles(BETAGAL_STAR)
+    classes = starfile.read(CLASS_FILE, always_dict=True)["particles"]
+    keep = tuple(int(c) for c in classes["rlnClassNumber"].value_counts().index[:3])
+    config = ReconstructionConfig(particles=str(BETAGAL_STAR), out_dir="unused",
+                                  class_file=str(CLASS_FILE), keep_classes=keep)
+    selected = select_particles(config, dataset)
+    expected = set(classes.loc[classes["rlnClassNumber"].isin(keep), "rlnImageName"])
+    names = list(selected.metadata["rlnImageName"])
+    assert len(names) == len(expected) and set(names) == expected
+    halves = [select_particles(ReconstructionConfig(
+        particles=str(BETAGAL_STAR), out_dir="unused", class_file=str(CLASS_FILE),
+        keep_classes=keep, half_set=h), dataset) for h in (1, 2)]
+    first, second = (set(h.metadata["rlnImageName"]) for h in halves)
+    assert not first & second and first | second == expected
+    assert abs(len(first) - len(second)) <= 1
+
+
+@pytest.mark.parametrize("command", [["reconstruct"], ["baseline", "em"]])
+@pytest.mark.parametrize("extra, needle", [
+    (["--half-set", "3"], "half-set"),
+    (["--dtype", "float16"], "dtype"),
+    (["--keep-classes", "1,2"], "class-file"),
+    (["--threads", "0"], "--threads"),
+])
+def test_shared_options_give_the_same_one_line_error(tmp_path, capsys, command, extra, needle):
+    star = tmp_path / "particles.star"
+    star.write_text("")
+    code = main([*command, str(star), "--out", str(tmp_path / "o"), "--quiet", *extra])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o" / "map.mrc").exists()
