@@ -87,24 +87,25 @@ class ExperimentConfig:
                 raise ValueError(f"{name}: {path} does not exist")
 
     def resolved_ctf_table(self) -> str | None:
-        if self.ctf_table is None:
-            found = reference_file(*CTF_TABLE)
-            if found is None:
-                log.warning("no real CTF table given or found: built-in CTF defaults")
-            return None if found is None else str(found)
-        return None if self.ctf_table == "none" else self.ctf_table
+        return _resolve(self.ctf_table, CTF_TABLE, "no real CTF table: built-in CTF defaults")
 
     def resolved_real_particles(self) -> str | None:
-        if self.real_particles is None:
-            found = reference_file(*BETAGAL_PARTICLES)
-            if found is None:
-                log.warning("real particles not given or found: synthetic study only")
-            return None if found is None else str(found)
-        return None if self.real_particles == "none" else self.real_particles
+        return _resolve(self.real_particles, BETAGAL_PARTICLES,
+                        "no real particles: synthetic study only")
 
     @property
     def n_synthetic(self) -> int:
         return max(400, int(round(PAPER_PARTICLES * self.scale)))
+
+
+def _resolve(given: str | None, reference: tuple[str, ...], missing: str) -> str | None:
+    """A given path as it is, "none" as None, None as the reference data's file if found."""
+    if given is None:
+        found = reference_file(*reference)
+        if found is None:
+            log.warning(missing)
+        return None if found is None else str(found)
+    return None if given == "none" else given
 
 
 @dataclass
