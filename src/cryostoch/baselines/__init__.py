@@ -5,8 +5,8 @@ that runs them on a particle set is `cryostoch.engine.baseline`.
 """
 
 from cryostoch.baselines.batch_em import batch_em, em_iteration
+from cryostoch.baselines.iteration import IterationResult
 from cryostoch.baselines.projection_matching import (
-    IterationResult,
     projection_matching,
     projection_matching_iteration,
 )

@@ -18,16 +18,29 @@ map *before* the update (the E-step's map), which EM never increases when the M-
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
-import torch
 from torch import Tensor
 
-from cryostoch.baselines.projection_matching import IterationResult, image_chunks
-from cryostoch.baselines.reconstruct_map import Regulariser, closed_form_map
+from cryostoch.baselines.iteration import (
+    ChunkAssignment,
+    IterationResult,
+    accumulate_and_solve,
+    iterate,
+)
+from cryostoch.baselines.reconstruct_map import Regulariser
 from cryostoch.model.likelihood import MarginalLikelihood
 from cryostoch.operators.ctf import CtfParameters
 
 __all__ = ["batch_em", "em_iteration"]
+
+
+def _posterior_weights(model: MarginalLikelihood, slices: Tensor, chunk: Tensor,
+                       chunk_ctf: CtfParameters) -> ChunkAssignment:
+    result = model.evaluate(slices, chunk, chunk_ctf, statistics=True)
+    numerator, denominator = result.statistics
+    return ChunkAssignment(numerator, denominator, result.best_pose_index,
+                           result.best_pose_probability, float(result.nll.double().sum()))
 
 
 def em_iteration(
@@ -47,32 +60,9 @@ def em_iteration(
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
     `progress(n)` is called after each chunk of n images.
     """
-    n = blocks.shape[0]
-    if n == 0:
-        raise ValueError("EM needs at least one image")
-    with torch.no_grad():
-        volume = volume.detach().to(device=model.device, dtype=model.dtype)
-        slices = model.slices(volume)
-        numerator = torch.zeros(model.n_directions, model.n_points, dtype=torch.complex128,
-                                device=model.device)
-        denominator = torch.zeros(model.n_directions, model.n_points, dtype=torch.float64,
-                                  device=model.device)
-        pose = torch.empty(n, dtype=torch.long)
-        probability = torch.empty(n, dtype=torch.float64)
-        nll_sum = 0.0
-        for start, stop, chunk, chunk_ctf in image_chunks(model, blocks, ctf, chunk_size):
-            result = model.evaluate(slices, chunk, chunk_ctf, statistics=True)
-            num, den = result.statistics
-            numerator += num
-            denominator += den
-            nll_sum += float(result.nll.double().sum())
-            pose[start:stop] = result.best_pose_index.cpu()
-            probability[start:stop] = result.best_pose_probability.double().cpu()
-            if progress is not None:
-                progress(stop - start)
-        new = closed_form_map(numerator, denominator, model, regulariser=regulariser,
-                              current=volume, refine_iterations=refine_iterations)
-    return IterationResult(new, pose, probability, nll_sum / n)
+    return accumulate_and_solve(partial(_posterior_weights, model), model, volume, blocks, ctf,
+                                regulariser=regulariser, chunk_size=chunk_size,
+                                refine_iterations=refine_iterations, progress=progress)
 
 
 def batch_em(
@@ -91,14 +81,6 @@ def batch_em(
 
     `callback(iteration, result)` (iteration counted from 1) runs after every iteration.
     """
-    if iterations < 0:
-        raise ValueError("iterations must be >= 0")
-    current = volume.detach().to(device=model.device, dtype=model.dtype)
-    for it in range(1, iterations + 1):
-        result = em_iteration(model, current, blocks, ctf, regulariser=regulariser,
-                              chunk_size=chunk_size,
-                              refine_iterations=refine_iterations)
-        current = result.volume
-        if callback is not None:
-            callback(it, result)
-    return current
+    return iterate(em_iteration, model, volume, blocks, ctf, iterations=iterations,
+                   callback=callback, regulariser=regulariser, chunk_size=chunk_size,
+                   refine_iterations=refine_iterations)

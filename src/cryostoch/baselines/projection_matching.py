@@ -13,51 +13,29 @@ stochastic runs. No likelihood is evaluated, so `mean_nll` is None.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 
-import torch
 from torch import Tensor
 
-from cryostoch.baselines.reconstruct_map import Regulariser, closed_form_map
+from cryostoch.baselines.iteration import (
+    ChunkAssignment,
+    IterationResult,
+    accumulate_and_solve,
+    iterate,
+)
+from cryostoch.baselines.reconstruct_map import Regulariser
 from cryostoch.model.likelihood import MarginalLikelihood
 from cryostoch.operators.ctf import CtfParameters
 
-__all__ = ["IterationResult", "image_chunks", "projection_matching",
-           "projection_matching_iteration"]
+__all__ = ["projection_matching", "projection_matching_iteration"]
 
 
-@dataclass
-class IterationResult:
-    """The outcome of one baseline iteration over every image.
-
-    volume: the updated map (N, N, N) on the model's device and dtype.
-    pose_index: (K,) flat quadrature index of each image's best pose under the *previous*
-    map (the assignment the update used), on the CPU.
-    score: (K,) its normalised cross-correlation (projection matching) or posterior
-    probability (EM), float64 on the CPU.
-    mean_nll: mean negative log marginal likelihood of the images under the previous map
-    (EM only; None for projection matching).
-    """
-
-    volume: Tensor
-    pose_index: Tensor
-    score: Tensor
-    mean_nll: float | None = None
-
-
-def image_chunks(
-    model: MarginalLikelihood, blocks: Tensor, ctf: CtfParameters, chunk_size: int
-) -> Iterator[tuple[int, int, Tensor, CtfParameters]]:
-    """(start, stop, blocks on the model's device, CTF) for consecutive chunks of images."""
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-    n = blocks.shape[0]
-    if len(ctf) != n:
-        raise ValueError(f"{n} image blocks but {len(ctf)} CTF parameter sets")
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        yield start, stop, blocks[start:stop].to(model.device), ctf.index(slice(start, stop))
+def _best_correlation(model: MarginalLikelihood, slices: Tensor, chunk: Tensor,
+                      chunk_ctf: CtfParameters) -> ChunkAssignment:
+    best, best_score = model.best_poses(slices, chunk, chunk_ctf, score="correlation")
+    numerator, denominator = model.hard_statistics(chunk, chunk_ctf, best)
+    return ChunkAssignment(numerator, denominator, best, best_score)
 
 
 def projection_matching_iteration(
@@ -77,30 +55,9 @@ def projection_matching_iteration(
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
     `progress(n)` is called after each chunk of n images.
     """
-    n = blocks.shape[0]
-    if n == 0:
-        raise ValueError("projection matching needs at least one image")
-    with torch.no_grad():
-        volume = volume.detach().to(device=model.device, dtype=model.dtype)
-        slices = model.slices(volume)
-        numerator = torch.zeros(model.n_directions, model.n_points, dtype=torch.complex128,
-                                device=model.device)
-        denominator = torch.zeros(model.n_directions, model.n_points, dtype=torch.float64,
-                                  device=model.device)
-        pose = torch.empty(n, dtype=torch.long)
-        score = torch.empty(n, dtype=torch.float64)
-        for start, stop, chunk, chunk_ctf in image_chunks(model, blocks, ctf, chunk_size):
-            best, best_score = model.best_poses(slices, chunk, chunk_ctf, score="correlation")
-            num, den = model.hard_statistics(chunk, chunk_ctf, best)
-            numerator += num
-            denominator += den
-            pose[start:stop] = best.cpu()
-            score[start:stop] = best_score.double().cpu()
-            if progress is not None:
-                progress(stop - start)
-        new = closed_form_map(numerator, denominator, model, regulariser=regulariser,
-                              current=volume, refine_iterations=refine_iterations)
-    return IterationResult(new, pose, score, None)
+    return accumulate_and_solve(partial(_best_correlation, model), model, volume, blocks, ctf,
+                                regulariser=regulariser, chunk_size=chunk_size,
+                                refine_iterations=refine_iterations, progress=progress)
 
 
 def projection_matching(
@@ -119,14 +76,6 @@ def projection_matching(
 
     `callback(iteration, result)` (iteration counted from 1) runs after every round.
     """
-    if iterations < 0:
-        raise ValueError("iterations must be >= 0")
-    current = volume.detach().to(device=model.device, dtype=model.dtype)
-    for it in range(1, iterations + 1):
-        result = projection_matching_iteration(model, current, blocks, ctf,
-                                               regulariser=regulariser, chunk_size=chunk_size,
-                              refine_iterations=refine_iterations)
-        current = result.volume
-        if callback is not None:
-            callback(it, result)
-    return current
+    return iterate(projection_matching_iteration, model, volume, blocks, ctf,
+                   iterations=iterations, callback=callback, regulariser=regulariser,
+                   chunk_size=chunk_size, refine_iterations=refine_iterations)

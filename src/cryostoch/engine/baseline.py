@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cryostoch.baselines import METHODS, Regulariser, em_iteration, projection_matching_iteration
-from cryostoch.baselines.projection_matching import IterationResult
+from cryostoch.baselines.iteration import IterationResult
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.reconstruct import (
     METRIC_FIELDS,
