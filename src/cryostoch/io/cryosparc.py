@@ -21,18 +21,16 @@ import numpy as np
 import pandas as pd
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import check_finite, check_positive, search_folders
+from cryostoch.io._common import check_finite, check_positive
 from cryostoch.io._euler import cryosparc_rotvec_to_relion_euler
 from cryostoch.io.records import (
     OpticsGroup,
     ParticleTable,
     as_tensor64,
     check_stack_boxes,
-    factorize_paths,
-    max_slot_per_stack,
+    locate_images,
     pixel_and_box_from_stacks,
     poses_from_arrays,
-    resolve_stacks,
 )
 from cryostoch.operators.ctf import CtfParameters
 
@@ -106,26 +104,14 @@ def read_particle_cs(
     notes: list[str] = []
 
     # Images.
+    references = None
     if "blob/path" in names and "blob/idx" in names:
         raw = np.char.decode(np.asarray(data["blob/path"]), "utf-8", errors="replace")
         # cryoSPARC marks paths inside the project (often symlinks to imports) with '>'.
-        stack_paths = pd.Series(np.char.lstrip(raw.astype(str), ">"), dtype=object)
-        slot = np.asarray(data["blob/idx"], dtype=np.int64)
-        stack_id, unique_paths = factorize_paths(stack_paths)
-        stacks = resolve_stacks(
-            path,
-            unique_paths,
-            max_slot_per_stack(stack_id, slot, len(unique_paths)),
-            search_folders(path, project_root),
-            check_images,
-            "blob/path",
-        )
-    else:
-        if check_images:
-            raise InputError(path, "no blob/path and blob/idx fields: the file names no images")
-        slot = np.full(n, -1, dtype=np.int64)
-        stack_id = np.full(n, -1, dtype=np.int64)
-        stacks = []
+        references = (np.asarray(data["blob/idx"], dtype=np.int64),
+                      pd.Series(np.char.lstrip(raw.astype(str), ">"), dtype=object))
+    slot, stack_id, stacks = locate_images(path, n, references, project_root, check_images,
+                                           "blob/path and blob/idx fields")
     header_pixel, header_box = pixel_and_box_from_stacks(stacks, stack_id)
 
     if "blob/psize_A" in names:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import format_folders
+from cryostoch.io._common import format_folders, search_folders
 from cryostoch.io.mrc import MrcHeader, read_header
 from cryostoch.operators.ctf import CtfParameters
 
@@ -180,6 +180,32 @@ def resolve_stacks(
             continue
         refs.append(StackRef(written, found, (found,), header, None))
     return refs
+
+
+def locate_images(
+    source: Path,
+    n: int,
+    references: tuple[np.ndarray, pd.Series] | None,
+    project_root,
+    check_images: bool,
+    column: str,
+) -> tuple[np.ndarray, np.ndarray, list[StackRef]]:
+    """(slot, stack_id, stacks) of `n` particles from their image references.
+
+    references: (0-based slot in its stack, stack path as written) per particle, or None
+    where the file names no images (allowed only without `check_images`: metadata only).
+    Relative paths are searched for from `source` and its ancestors, or `project_root`.
+    """
+    if references is None:
+        if check_images:
+            raise InputError(source, f"no {column}: the file names no particle images")
+        return np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64), []
+    slot, stack_paths = references
+    stack_id, unique_paths = factorize_paths(stack_paths)
+    stacks = resolve_stacks(source, unique_paths,
+                            max_slot_per_stack(stack_id, slot, len(unique_paths)),
+                            search_folders(source, project_root), check_images, column)
+    return slot, stack_id, stacks
 
 
 def factorize_paths(paths: pd.Series) -> tuple[np.ndarray, list[str]]:

@@ -18,17 +18,15 @@ import starfile
 import torch
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import atomic_path, check_finite, check_positive, search_folders
+from cryostoch.io._common import atomic_path, check_finite, check_positive
 from cryostoch.io.records import (
     OpticsGroup,
     ParticleTable,
     as_tensor64,
     check_stack_boxes,
-    factorize_paths,
-    max_slot_per_stack,
+    locate_images,
     pixel_and_box_from_stacks,
     poses_from_arrays,
-    resolve_stacks,
 )
 from cryostoch.operators.ctf import CtfParameters
 
@@ -187,23 +185,10 @@ def read_particle_star(
         )
 
     # Images.
-    if "rlnImageName" in particles.columns:
-        slot, stack_paths = _parse_image_names(path, particles["rlnImageName"])
-        stack_id, unique_paths = factorize_paths(stack_paths)
-        stacks = resolve_stacks(
-            path,
-            unique_paths,
-            max_slot_per_stack(stack_id, slot, len(unique_paths)),
-            search_folders(path, project_root),
-            check_images,
-            "rlnImageName",
-        )
-    else:
-        if check_images:
-            raise InputError(path, "no rlnImageName column: the file names no particle images")
-        slot = np.full(n, -1, dtype=np.int64)
-        stack_id = np.full(n, -1, dtype=np.int64)
-        stacks = []
+    references = (_parse_image_names(path, particles["rlnImageName"])
+                  if "rlnImageName" in particles.columns else None)
+    slot, stack_id, stacks = locate_images(path, n, references, project_root, check_images,
+                                           "rlnImageName column")
     header_pixel, header_box = pixel_and_box_from_stacks(stacks, stack_id)
 
     # Pixel size: optics/particle columns first, then the stack headers.
