@@ -103,6 +103,20 @@ def test_resume_with_other_settings_is_refused(finished_study, capsys):
     assert len(err) == 1 and "experiment.json" in err[0] and "epochs" in err[0], err
 
 
+def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier study's report")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(experiment_module, "simulate_dataset", fails)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run_experiment(tiny_study(out), progress=False)
+    assert not (out / "report.md").exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--ctf-table", "{missing}"], "absent.star"),
     (["--real-particles", "{missing}"], "absent.star"),

@@ -319,6 +319,8 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
 
 
 SETTINGS_NAME = "experiment.json"
+REPORT_NAME = "report.md"
+SUMMARY_JSON = "summary.json"
 
 
 def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
@@ -337,6 +339,9 @@ def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
     if not resume:
         for record in out.glob(f"*/*/{RUN_RECORD}"):
             record.unlink()
+    # an earlier report must not pass for this run's until this run writes its own
+    for name in (REPORT_NAME, SUMMARY_JSON):
+        (out / name).unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(current, indent=2))
 
@@ -408,8 +413,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     # with --resume, this invocation's wall time misses the earlier work: report both
     compute_seconds = simulation_seconds + sum(
         row["seconds"] for section in sections for row in section["table"])
-    report = out / "report.md"
-    with atomic_path(out / "summary.json") as tmp:
+    report = out / REPORT_NAME
+    with atomic_path(out / SUMMARY_JSON) as tmp:
         tmp.write_text(json.dumps(
             {"config": dataclasses.asdict(config), "seconds": seconds,
              "method_and_simulation_seconds": compute_seconds, "resumed": resume,
