@@ -111,7 +111,7 @@ def read_particle_cs(
         references = (np.asarray(data["blob/idx"], dtype=np.int64),
                       pd.Series(np.char.lstrip(raw.astype(str), ">"), dtype=object))
     slot, stack_id, stacks = locate_images(path, n, references, project_root, check_images,
-                                           "blob/path and blob/idx fields")
+                                           "blob/path", "no blob/path and blob/idx fields")
     header_pixel, header_box = pixel_and_box_from_stacks(stacks, stack_id)
 
     if "blob/psize_A" in names:

@@ -189,16 +189,19 @@ def locate_images(
     project_root,
     check_images: bool,
     column: str,
+    missing: str,
 ) -> tuple[np.ndarray, np.ndarray, list[StackRef]]:
     """(slot, stack_id, stacks) of `n` particles from their image references.
 
     references: (0-based slot in its stack, stack path as written) per particle, or None
-    where the file names no images (allowed only without `check_images`: metadata only).
-    Relative paths are searched for from `source` and its ancestors, or `project_root`.
+    where the file names no images (allowed only without `check_images`: metadata only;
+    otherwise InputError "`missing`: the file names no particle images"). `column` names
+    where the paths were written, for error messages. Relative paths are searched for from
+    `source` and its ancestors, or `project_root`.
     """
     if references is None:
         if check_images:
-            raise InputError(source, f"no {column}: the file names no particle images")
+            raise InputError(source, f"{missing}: the file names no particle images")
         return np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64), []
     slot, stack_paths = references
     stack_id, unique_paths = factorize_paths(stack_paths)

@@ -188,7 +188,7 @@ def read_particle_star(
     references = (_parse_image_names(path, particles["rlnImageName"])
                   if "rlnImageName" in particles.columns else None)
     slot, stack_id, stacks = locate_images(path, n, references, project_root, check_images,
-                                           "rlnImageName column")
+                                           "rlnImageName", "no rlnImageName column")
     header_pixel, header_box = pixel_and_box_from_stacks(stacks, stack_id)
 
     # Pixel size: optics/particle columns first, then the stack headers.
