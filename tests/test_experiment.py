@@ -103,6 +103,17 @@ def test_resume_with_other_settings_is_refused(finished_study, capsys):
     assert len(err) == 1 and "experiment.json" in err[0] and "epochs" in err[0], err
 
 
+def test_resume_with_an_unreadable_settings_file_gives_one_line(tmp_path, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "experiment.json").write_text("{not json")
+    code = main(["experiment", "paper", "--out", str(out), "--real-particles", "none",
+                 "--resume", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experiment.json" in err[0], err
+
+
 def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     out = tmp_path / "exp"
     out.mkdir()

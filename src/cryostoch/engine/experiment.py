@@ -127,16 +127,19 @@ def _settings(value: dict) -> dict:
     return json.loads(json.dumps(value, default=str))
 
 
-def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
-    """The recorded result of a method run that finished with these settings, else None."""
-    path = out_dir / RUN_RECORD
-    if not (path.exists() and (out_dir / "map.mrc").exists()):
-        return None
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where it is missing or unreadable."""
     try:
-        saved = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("settings") != settings:
+    return value if isinstance(value, dict) else None
+
+
+def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
+    """The recorded result of a method run that finished with these settings, else None."""
+    saved = _read_json(out_dir / RUN_RECORD)
+    if saved is None or saved.get("settings") != settings or not (out_dir / "map.mrc").exists():
         return None
     volume, _ = read_map(out_dir / "map.mrc")
     return MethodRun(name, out_dir, saved["metrics"], volume, saved["seconds"],
@@ -161,26 +164,24 @@ def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_fr
         seed=config.seed, device=config.device, shift_range_a=shift_range_a,
         snapshots=snapshot_counts + (n_train,), gradient_budget=budget, write_poses=False,
     )
-    plan = [(name, dataclasses.replace(base, optimizer=name).paper_faithful())
-            for name in config.optimizers]
-    plan.append(("cryostoch", dataclasses.replace(base, optimizer="sgd")))
+    plan = [(name, dataclasses.replace(base, optimizer=name, out_dir=str(out / name))
+             .paper_faithful()) for name in config.optimizers]
+    plan.append(("cryostoch", dataclasses.replace(base, optimizer="sgd",
+                                                  out_dir=str(out / "cryostoch"))))
     # the paper-faithful settings give the baselines exactly the paper runs' start
     baseline_base = dataclasses.replace(base.paper_faithful(), snapshots=(),
                                         gradient_budget=None)
     plan += [(method, BaselineConfig(method=method, iterations=config.baseline_iterations,
-                                     reconstruction=baseline_base))
+                                     reconstruction=dataclasses.replace(
+                                         baseline_base, out_dir=str(out / method))))
              for method in ("projmatch", "em")]
     runs: list[MethodRun] = []
     for name, cfg in plan:
         run_dir = out / name
-        if isinstance(cfg, BaselineConfig):
-            cfg = dataclasses.replace(cfg, reconstruction=dataclasses.replace(
-                cfg.reconstruction, out_dir=str(run_dir)))
-            settings = _settings({"baseline": cfg.to_dict(),
-                                  "reconstruction": cfg.reconstruction.to_dict()})
-        else:
-            cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
-            settings = _settings(cfg.to_dict())
+        is_baseline = isinstance(cfg, BaselineConfig)
+        settings = _settings({"baseline": cfg.to_dict(),
+                              "reconstruction": cfg.reconstruction.to_dict()}
+                             if is_baseline else cfg.to_dict())
         done = _finished_run(name, run_dir, settings) if resume else None
         if done is not None:
             log.info("%s: %s finished earlier (%s): reused", out.name, name, run_dir / RUN_RECORD)
@@ -188,10 +189,8 @@ def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_fr
             continue
         log.info("%s: %s", out.name, name)
         start = time.perf_counter()
-        if isinstance(cfg, BaselineConfig):
-            job = BaselineRun(cfg, progress=progress)
-        else:
-            job = Reconstruction(cfg, resume=resume, progress=progress)
+        job = (BaselineRun(cfg, progress=progress) if is_baseline
+               else Reconstruction(cfg, resume=resume, progress=progress))
         earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
         result = job.run()
         # wall time, data preparation included, plus any time spent before a resume
@@ -331,7 +330,10 @@ def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
     path = out / SETTINGS_NAME
     current = _settings(dataclasses.asdict(config))
     if resume and path.exists():
-        saved = json.loads(path.read_text())
+        saved = _read_json(path)
+        if saved is None:
+            raise InputError(path, "is not a readable settings file; use another --out or "
+                                   "start again without --resume")
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise InputError(path, f"was written with different settings ({', '.join(changed)})"
@@ -357,8 +359,8 @@ def _simulated_set(config: ExperimentConfig, out: Path, resume: bool,
         ctf_table=table, snr=config.snr, seed=config.seed, overwrite=True)
     data = Path(sim_config.out_dir)
     summary = data / SUMMARY_NAME
-    if resume and summary.exists() and (data / STAR_NAME).exists():
-        saved = json.loads(summary.read_text())
+    if resume and (data / STAR_NAME).exists():
+        saved = _read_json(summary) or {}
         if saved.get("config") == _settings(dataclasses.asdict(sim_config)):
             log.info("synthetic data set in %s reused", data)
             return data / STAR_NAME, data / GROUND_TRUTH_NAME, 0.0
