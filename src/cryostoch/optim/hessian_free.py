@@ -129,40 +129,7 @@ class HessianFree(CountingOptimizer):
             finally:
                 vec.copy_into(params, x0)
 
-        # ---- conjugate gradients on (H + lam I) d = -g
-        d_prev = [self.state[p].get("direction") for p in params]
-        if group["cg_decay"] > 0.0 and all(x is not None for x in d_prev):
-            d = [x.mul(group["cg_decay"]) for x in d_prev]
-            bd = hvp(d)
-            r = [-gi - bdi - lam * di for gi, bdi, di in zip(g, bd, d, strict=True)]
-        else:
-            d = vec.zeros_like(g)
-            r = [-gi for gi in g]
-        rr = vec.dot(r, r)
-        direction = vec.clone(r)
-        gnorm = vec.norm(g)
-        iters = 0
-        negative_curvature = False
-        for _ in range(group["cg_iters"]):
-            if rr == 0.0 or math.sqrt(rr) <= group["cg_tol"] * gnorm:
-                break
-            bp = hvp(direction)
-            ap = [bpi.add_(pi, alpha=lam) for bpi, pi in zip(bp, direction, strict=True)]
-            pap = vec.dot(direction, ap)
-            iters += 1
-            if not (math.isfinite(pap) and pap > 0.0):
-                negative_curvature = True
-                break
-            alpha = rr / pap
-            for di, pi in zip(d, direction, strict=True):
-                di.add_(pi, alpha=alpha)
-            for ri, api in zip(r, ap, strict=True):
-                ri.add_(api, alpha=-alpha)
-            rr_new = vec.dot(r, r)
-            beta = rr_new / rr
-            for pi, ri in zip(direction, r, strict=True):
-                pi.mul_(beta).add_(ri)
-            rr = rr_new
+        d, r, iters, negative_curvature = self._conjugate_gradients(group, params, g, hvp, lam)
 
         # ---- undamped model value q(lr d) from the CG residual r = -g - (H + lam) d
         gd = vec.dot(g, d)
@@ -202,3 +169,44 @@ class HessianFree(CountingOptimizer):
         glob["rejected_steps"] = int(glob.get("rejected_steps", 0)) + int(rejected)
         self._end()
         return loss0
+
+    def _conjugate_gradients(self, group, params, g, hvp, lam):
+        """Truncated CG on (H + lam I) d = -g, warm-started from the decayed last direction.
+
+        Returns (d, the residual r = -g - (H + lam) d, iterations, negative curvature met).
+        """
+        d_prev = [self.state[p].get("direction") for p in params]
+        if group["cg_decay"] > 0.0 and all(x is not None for x in d_prev):
+            d = [x.mul(group["cg_decay"]) for x in d_prev]
+            bd = hvp(d)
+            r = [-gi - bdi - lam * di for gi, bdi, di in zip(g, bd, d, strict=True)]
+        else:
+            d = vec.zeros_like(g)
+            r = [-gi for gi in g]
+        rr = vec.dot(r, r)
+        direction = vec.clone(r)
+        gnorm = vec.norm(g)
+        iters = 0
+        negative_curvature = False
+        for _ in range(group["cg_iters"]):
+            if rr == 0.0 or math.sqrt(rr) <= group["cg_tol"] * gnorm:
+                break
+            bp = hvp(direction)
+            ap = [bpi.add_(pi, alpha=lam) for bpi, pi in zip(bp, direction, strict=True)]
+            pap = vec.dot(direction, ap)
+            iters += 1
+            if not (math.isfinite(pap) and pap > 0.0):
+                negative_curvature = True
+                break
+            alpha = rr / pap
+            for di, pi in zip(d, direction, strict=True):
+                di.add_(pi, alpha=alpha)
+            for ri, api in zip(r, ap, strict=True):
+                ri.add_(api, alpha=-alpha)
+            rr_new = vec.dot(r, r)
+            beta = rr_new / rr
+            for pi, ri in zip(direction, r, strict=True):
+                pi.mul_(beta).add_(ri)
+            rr = rr_new
+
+        return d, r, iters, negative_curvature

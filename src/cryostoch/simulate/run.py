@@ -232,6 +232,94 @@ def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
     plt.close(fig)
 
 
+SNR_DEFINITION = "mean over images of Var(noise-free image over the whole box) / noise variance"
+
+
+def _device_for(config: SimulationConfig) -> torch.device:
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise InputError("--device", f"unknown device {config.device!r}: use cpu, cuda or "
+                         "cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was requested but torch sees no GPU")
+    return device
+
+
+def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParameters,
+                 config: SimulationConfig, montage_k: int, progress: bool | None
+                 ) -> tuple[float, dict[str, list[np.ndarray]]]:
+    """Stream the noisy particles into the stack in chunks.
+
+    Returns the realised SNR and the first `montage_k` clean and noisy images.
+    """
+    from tqdm import tqdm
+
+    n, box = config.n_particles, config.box_size
+    compute = getattr(torch, config.compute_dtype)
+    seeds = noise_seeds(config.seed, n)
+    signal_sum = noise_sum = 0.0
+    montage: dict[str, list[np.ndarray]] = {}
+    writer = StackWriter(stack_path, n, box, np.dtype(config.dtype), config.pixel_size_a)
+    bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
+               else not progress, dynamic_ncols=True)
+    with writer, bar:
+        for start in range(0, n, config.chunk_size):
+            stop = min(n, start + config.chunk_size)
+            chunk = params.index(slice(start, stop))
+            with torch.no_grad():
+                clean = model.particle_images(chunk)
+                noise = particle_noise(seeds[start:stop], box, dtype=compute,
+                                       device=model.device)
+                images = clean + noise
+            signal_sum += float(clean.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
+            noise_sum += float(noise.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
+            if start < montage_k:
+                k = min(montage_k, stop) - start
+                montage.setdefault("clean", []).append(clean[:k].float().cpu().numpy())
+                montage.setdefault("particles", []).append(images[:k].float().cpu().numpy())
+            writer.write(start, images.cpu())
+            del clean, noise, images
+            bar.update(stop - start)
+    return signal_sum / noise_sum, montage
+
+
+def _density(config: SimulationConfig, volume: torch.Tensor | None
+             ) -> tuple[torch.Tensor, str]:
+    """The (N, N, N) float64 density to simulate from and its description."""
+    box, pixel = config.box_size, config.pixel_size_a
+    if volume is None:
+        shift_margin_a = SHIFT_TRUNCATION * config.shift_sigma_a
+        source = load_source_volume(config.source, box, pixel, margin_a=shift_margin_a)
+        return source.volume, source.description
+    if tuple(volume.shape) != (box, box, box):
+        raise ValueError(f"volume must be ({box},)*3, got {tuple(volume.shape)}")
+    return volume.detach().to(torch.float64), "given volume"
+
+
+def _scale_to_snr(model: ProjectionModel, pilot: ParticleParameters, config: SimulationConfig
+                  ) -> tuple[float, float]:
+    """Scale the model so that the pilot images have the requested SNR at noise sigma 1.
+
+    Returns (the pilot's mean signal variance before scaling, the scale applied).
+    """
+    pilot_variance = mean_signal_variance(model, pilot, config.chunk_size)
+    if not (math.isfinite(pilot_variance) and pilot_variance > 0):
+        raise InputError(config.source, "the density projects to blank images (is it empty?)")
+    scale = math.sqrt(config.snr / pilot_variance)
+    model.scale_(scale)
+    return pilot_variance, scale
+
+
+def _montage(path: Path, model: ProjectionModel, first: ParticleParameters,
+             montage: dict[str, list[np.ndarray]], title: str) -> None:
+    """Particles beside their noise-free images and their CTF-free projections."""
+    with torch.no_grad():
+        projections = model.images(first.rotations, None, first.shifts_px)
+    write_montage(path, np.concatenate(montage["particles"]), np.concatenate(montage["clean"]),
+                  projections.float().cpu().numpy(), title)
+
+
 def simulate_dataset(
     config: SimulationConfig,
     *,
@@ -243,91 +331,41 @@ def simulate_dataset(
     `volume` (optional) replaces `config.source` as the density (on the requested grid).
     `progress`: a tqdm bar on stderr (None: only when stderr is a terminal).
     """
-    from tqdm import tqdm
-
     from cryostoch.io.mrc import write_map
     from cryostoch.io.star import write_particles_star
 
     start_time = time.perf_counter()
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise InputError("--device", f"unknown device {config.device!r}: use cpu, cuda or "
-                         "cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", "CUDA was requested but torch sees no GPU")
+    device = _device_for(config)
     compute = getattr(torch, config.compute_dtype)
     n, box, pixel = config.n_particles, config.box_size, config.pixel_size_a
     _check_out_dir(config)
     sampler = ctf_sampler_for(config)
-    shift_margin_a = SHIFT_TRUNCATION * config.shift_sigma_a
-    if volume is None:
-        source = load_source_volume(config.source, box, pixel, margin_a=shift_margin_a)
-        density, description = source.volume, source.description
-    else:
-        if tuple(volume.shape) != (box, box, box):
-            raise ValueError(f"volume must be ({box},)*3, got {tuple(volume.shape)}")
-        density, description = volume.detach().to(torch.float64), "given volume"
+    density, description = _density(config, volume)
     out = _prepare_out_dir(config)
 
     params = draw_particle_parameters(n, sampler, seed=config.seed,
                                       shift_sigma_px=config.shift_sigma_px)
-    seeds = noise_seeds(config.seed, n)
     model = ProjectionModel(density.to(device=device, dtype=compute), pixel,
                             oversampling=config.volume_oversampling)
     pilot = params.index(slice(0, min(n, config.pilot_size)))
-    pilot_variance = mean_signal_variance(model, pilot, config.chunk_size)
-    if not (math.isfinite(pilot_variance) and pilot_variance > 0):
-        raise InputError(config.source, "the density projects to blank images (is it empty?)")
-    scale = math.sqrt(config.snr / pilot_variance)  # noise sigma = 1
-    model.scale_(scale)
+    pilot_variance, scale = _scale_to_snr(model, pilot, config)
 
     created: list[Path] = []
     stack_path, star_path = out / STACK_NAME, out / STAR_NAME
     gt_path, montage_path, summary_path = out / GROUND_TRUTH_NAME, out / MONTAGE_NAME, \
         out / SUMMARY_NAME
-    signal_sum = noise_sum = 0.0
     montage_k = min(config.n_montage, n)
-    montage: dict[str, list[np.ndarray]] = {}
     try:
-        writer = StackWriter(stack_path, n, box, np.dtype(config.dtype), pixel)
-        bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
-                   else not progress, dynamic_ncols=True)
-        with writer, bar:
-            for start in range(0, n, config.chunk_size):
-                stop = min(n, start + config.chunk_size)
-                chunk = params.index(slice(start, stop))
-                with torch.no_grad():
-                    clean = model.particle_images(chunk)
-                    noise = particle_noise(seeds[start:stop], box, dtype=compute, device=device)
-                    images = clean + noise
-                signal_sum += float(clean.to(torch.float64).var(dim=(-2, -1),
-                                                                unbiased=False).sum())
-                noise_sum += float(noise.to(torch.float64).var(dim=(-2, -1),
-                                                               unbiased=False).sum())
-                if start < montage_k:
-                    k = min(montage_k, stop) - start
-                    montage.setdefault("clean", []).append(clean[:k].float().cpu().numpy())
-                    montage.setdefault("particles", []).append(images[:k].float().cpu().numpy())
-                writer.write(start, images.cpu())
-                del clean, noise, images
-                bar.update(stop - start)
+        realised_snr, montage = _write_stack(stack_path, model, params, config, montage_k,
+                                             progress)
         created.append(stack_path)
-        realised_snr = signal_sum / noise_sum
 
         write_map(gt_path, (density * scale).to(torch.float32), pixel)
         created.append(gt_path)
 
         if montage_k:
-            with torch.no_grad():
-                first = params.index(slice(0, montage_k))
-                projections = model.images(first.rotations, None, first.shifts_px)
-            write_montage(
-                montage_path, np.concatenate(montage["particles"]),
-                np.concatenate(montage["clean"]),
-                projections.float().cpu().numpy(),
-                f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A",
-            )
+            _montage(montage_path, model, params.index(slice(0, montage_k)), montage,
+                     f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A")
             created.append(montage_path)
 
         seconds = time.perf_counter() - start_time
@@ -341,8 +379,7 @@ def simulate_dataset(
             "pilot_signal_variance": pilot_variance,
             "requested_snr": config.snr,
             "realised_snr": realised_snr,
-            "snr_definition": "mean over images of Var(noise-free image over the whole box) "
-                              "/ noise variance",
+            "snr_definition": SNR_DEFINITION,
             "seconds": seconds,
         }
         with _atomic(summary_path) as tmp:
