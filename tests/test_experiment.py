@@ -16,7 +16,7 @@ from cryostoch.cli.main import main
 from cryostoch.engine import experiment as experiment_module
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.experiment import RUN_RECORD, ExperimentConfig, run_experiment
-from cryostoch.engine.reconstruct import select_particles
+from cryostoch.engine.prepare import select_particles
 from cryostoch.io.mrc import read_map
 
 BETAGAL = SHARED_DATA / "betagal_empiar10204"

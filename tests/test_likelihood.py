@@ -19,6 +19,7 @@ from cryostoch.geometry.quadrature import (
     orientation_quadrature,
 )
 from cryostoch.geometry.rotations import euler_to_matrix, random_rotations
+from cryostoch.model.hard_assignment import best_poses, hard_statistics
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.objective import minibatch_objective
 from cryostoch.model.prior import PriorConfig, negative_log_prior
@@ -104,9 +105,10 @@ def reference_nll(model: MarginalLikelihood, volume, blocks, ctf):
     """The same objective written directly with autograd-friendly tensor ops (no chunking)."""
     s = model.slices(volume)  # (D, M)
     full = hermitian_extend(blocks)
-    x = sample_blocks(full, model.interpolation, (model.n_inplane, model.n_points))
-    c = evaluate_ctf(ctf, model.rotated_freq_x_per_a, model.rotated_freq_y_per_a)
-    xt = x.unsqueeze(2) * model.unshift.unsqueeze(0)  # (B, P, T, M)
+    x = sample_blocks(full, model.images.interpolation, (model.n_inplane, model.n_points))
+    c = evaluate_ctf(ctf, model.images.rotated_freq_x_per_a,
+                     model.images.rotated_freq_y_per_a)
+    xt = x.unsqueeze(2) * model.images.unshift.unsqueeze(0)  # (B, P, T, M)
     model_pd = c.unsqueeze(2).unsqueeze(-1) * s.T[None, None, None]  # (B, P, 1, M, D)
     # residual over (B, P, T, M, D)
     resid = xt.unsqueeze(-1) - model_pd
@@ -161,7 +163,7 @@ def test_gradient_matches_finite_differences_with_prior():
 def test_chunking_does_not_change_results():
     model = make_model(n_dir=9, shift_radius=1.5)
     tiny = make_model(n_dir=9, shift_radius=1.5, memory_budget_mb=0.002)
-    assert tiny._chunk_sizes(5)[1] < model.n_directions
+    assert tiny.kernel.chunk_sizes(5)[1] < model.n_directions
     volume = blob_volume(16, 7)
     ctf = ctf_batch(5, 8)
     g = torch.Generator().manual_seed(9)
@@ -258,10 +260,10 @@ def test_best_poses_and_hard_statistics_recover_true_poses():
     images = simulate(truth, euler_to_matrix(euler), shifts, ctf, 4.0, noise=0.02, seed=34)
     blocks = model.image_blocks(images)
     slices = model.slices(truth)
-    found, _ = model.best_poses(slices, blocks, ctf, score="correlation")
+    found, _ = best_poses(model, slices, blocks, ctf, score="correlation")
     assert (found == true_index).float().mean() >= 0.9
     # one-hot statistics equal the soft ones when the posterior is a point mass
-    num, den = model.hard_statistics(blocks, ctf, found)
+    num, den = hard_statistics(model, blocks, ctf, found)
     soft = model.evaluate(slices, blocks, ctf, statistics=True)
     assert soft.best_pose_probability.min() > 0.999
     assert (num - soft.statistics[0]).norm() <= 1e-4 * soft.statistics[0].norm()

@@ -121,7 +121,7 @@ def test_phantom_is_defined_in_angstrom():
 # -- the forward model ------------------------------------------------------------------------
 def test_noise_free_images_are_the_likelihood_model(shared_data):
     """rfft2c of the noise-free images at the likelihood's coefficients equals
-    sqrt(N) * extract_slices(model.volume_dft.volume(V)) * CTF * shift phase, in float64."""
+    sqrt(N) * extract_slices(model.volume_side.block(V)) * CTF * shift phase, in float64."""
     volume = phantom_volume(BOX, PIXEL)
     params = draw_particle_parameters(
         6, CtfTable.read(shared_data / CTF_STAR), seed=11, shift_sigma_px=1.5
@@ -134,7 +134,7 @@ def test_noise_free_images_are_the_likelihood_model(shared_data):
                                dtype=torch.float64)
     c = model.coefficients
     expected = math.sqrt(BOX) * extract_slices(
-        model.volume_dft.volume(volume), params.rotations, c.kx, c.ky,
+        model.volume_side.block(volume), params.rotations, c.kx, c.ky,
         model.config.volume_oversampling,
     )
     scale = 1.0 / (BOX * PIXEL)

@@ -2,7 +2,7 @@
 
 One iteration: project the current density at every orientation of the quadrature, give each
 image the single orientation and shift whose CTF-modulated projection has the highest
-normalised cross-correlation with it (`MarginalLikelihood.best_poses(score="correlation")`, a
+normalised cross-correlation with it (`best_poses(score="correlation")`, a
 global search), then reconstruct the density from the images at those poses by CTF-weighted
 back-projection with a Wiener regulariser (`hard_statistics` and `closed_form_map`). Repeat.
 
@@ -25,6 +25,7 @@ from cryostoch.baselines.iteration import (
     iterate,
 )
 from cryostoch.baselines.reconstruct_map import Regulariser
+from cryostoch.model.hard_assignment import best_poses, hard_statistics
 from cryostoch.model.likelihood import MarginalLikelihood
 from cryostoch.operators.ctf import CtfParameters
 
@@ -33,8 +34,8 @@ __all__ = ["projection_matching", "projection_matching_iteration"]
 
 def _best_correlation(model: MarginalLikelihood, slices: Tensor, chunk: Tensor,
                       chunk_ctf: CtfParameters) -> ChunkAssignment:
-    best, best_score = model.best_poses(slices, chunk, chunk_ctf, score="correlation")
-    numerator, denominator = model.hard_statistics(chunk, chunk_ctf, best)
+    best, best_score = best_poses(model, slices, chunk, chunk_ctf, score="correlation")
+    numerator, denominator = hard_statistics(model, chunk, chunk_ctf, best)
     return ChunkAssignment(numerator, denominator, best, best_score)
 
 

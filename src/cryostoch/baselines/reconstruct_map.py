@@ -305,7 +305,7 @@ def refine_map(
     precision, free = _precision(back, tau2, model.config.noise_sigma, cutoff_px,
                                  relative_floor)
     prior = torch.where(free & ~torch.isinf(tau2), 1.0 / torch.where(tau2 > 0, tau2, 1.0), 0.0)
-    cdtype = model._complex
+    cdtype = model.complex_dtype
     num = numerator.to(device=model.device, dtype=cdtype)
     den = denominator.to(device=model.device, dtype=model.dtype)
 

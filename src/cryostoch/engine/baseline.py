@@ -1,11 +1,11 @@
 """Baseline runs (paper Fig. 6): iterative projection matching or batch EM on a particle set.
 
-`BaselineRun` is a `Reconstruction` with another loop: the same data preparation (working box,
-cutoff, normalisation, held-out test set), the same final-cutoff likelihood model (which scores
-the held-out set, so curves are comparable with the stochastic runs), the same random initial
-density for the same seed, and the same outputs (map.mrc, metrics.csv, poses.star, report.png,
-config.json). Each iteration uses every training image once and updates the map in closed form
-(`cryostoch.baselines`).
+`BaselineRun` starts from the same `PreparedRun` as a stochastic `Reconstruction`: the same data
+preparation (working box, cutoff, normalisation, held-out test set), the same final-cutoff
+likelihood model (which scores the held-out set, so curves are comparable with the stochastic
+runs), the same random initial density for the same seed, and the same outputs (map.mrc,
+metrics.csv, poses.star, report.png, config.json). Each iteration uses every training image
+once and updates the map in closed form (`cryostoch.baselines`).
 
 Accounting: one iteration reads each of the K training images once, so it is counted as K
 gradient-evaluation equivalents and one epoch; the paper compares five baseline iterations with
@@ -18,7 +18,6 @@ the map before the update; empty for projection matching, which evaluates no lik
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,12 +28,12 @@ import torch
 from cryostoch.baselines import METHODS, Regulariser, em_iteration, projection_matching_iteration
 from cryostoch.baselines.iteration import IterationResult
 from cryostoch.engine.config import ReconstructionConfig
-from cryostoch.engine.reconstruct import (
-    METRIC_FIELDS,
-    Reconstruction,
-    ReconstructionResult,
-    _progress_bar,
-)
+from cryostoch.engine.initial import initial_volume
+from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish, run_info
+from cryostoch.engine.prepare import prepare_run
+from cryostoch.engine.progress import progress_bar
+from cryostoch.engine.reconstruct import RunState
+from cryostoch.engine.schedule import Schedule
 from cryostoch.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -97,34 +96,37 @@ class BaselineConfig:
         }
 
 
-class BaselineRun(Reconstruction):
+class BaselineRun:
     """A prepared baseline run; `run()` does `config.iterations` iterations and writes outputs."""
 
     def __init__(self, config: BaselineConfig, *, progress: bool = True) -> None:
         self.baseline = config
+        self.progress = progress
         self.last_iteration: IterationResult | None = None
-        # one iteration = one epoch, so the inherited epoch bookkeeping reads naturally
-        recon = dataclasses.replace(config.reconstruction, epochs=float(config.iterations))
-        super().__init__(recon, resume=False, progress=progress)
-
-    def _make_optimizer(self) -> None:
-        """Baselines have no optimiser: the map is replaced in closed form each iteration."""
-        self.volume = self.volume.detach().clone()
-        self.optimizer = None
+        # one iteration = one epoch, so the epoch bookkeeping (and the start's band limit,
+        # from the schedule's first stage) read as for a stochastic run of that length
+        self.config = dataclasses.replace(config.reconstruction, epochs=float(config.iterations))
+        self.out = self.config.out_path
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prepared = prepare_run(self.config, progress=progress)
+        schedule = Schedule.from_config(self.config, self.prepared.geometry.cutoff_radius_px,
+                                        self.prepared.n_train)
+        self.volume = initial_volume(self.prepared, schedule.radius_px(0))
+        self.state = RunState()
 
     def run(self) -> ReconstructionResult:
-        cfg = self.baseline
+        cfg, prepared = self.baseline, self.prepared
+        model, train = prepared.model, prepared.train
         step = em_iteration if cfg.method == "em" else projection_matching_iteration
         state = self.state
         start_time = time.perf_counter()
         log.info("%s: %d iterations over %d training images (%d directions x %d angles x %d "
-                 "shifts); M-step regulariser: %s", cfg.label, cfg.iterations, self.n_train,
-                 self.model.n_directions, self.model.n_inplane, self.model.n_shifts,
-                 cfg.regulariser.describe())
-        bar = _progress_bar(cfg.iterations * self.n_train, cfg.label, self.progress)
-        self._log_metrics(None, self.test_nll(), start_time)
+                 "shifts); M-step regulariser: %s", cfg.label, cfg.iterations, prepared.n_train,
+                 model.n_directions, model.n_inplane, model.n_shifts, cfg.regulariser.describe())
+        bar = progress_bar(cfg.iterations * prepared.n_train, cfg.label, self.progress)
+        self._log_metrics(None, prepared.test_nll(self.volume), start_time)
         for _ in range(cfg.iterations):
-            result = step(self.model, self.volume, self.train.blocks, self.train.ctf,
+            result = step(model, self.volume, train.blocks, train.ctf,
                           regulariser=cfg.regulariser, chunk_size=cfg.chunk_size,
                           refine_iterations=cfg.refine_iterations,
                           progress=bar.update if bar else None)
@@ -135,9 +137,9 @@ class BaselineRun(Reconstruction):
             self.volume = result.volume.detach()
             self.last_iteration = result
             state.iteration += 1
-            state.images_seen += self.n_train
-            state.gradient_evaluations += self.n_train
-            test = self.test_nll()
+            state.images_seen += prepared.n_train
+            state.gradient_evaluations += prepared.n_train
+            test = prepared.test_nll(self.volume)
             self._log_metrics(result.mean_nll, test, start_time)
             row = self.state.metrics[-1]
             log.info("iteration %d: %s%s(%.1f s)", state.iteration,
@@ -149,37 +151,34 @@ class BaselineRun(Reconstruction):
         if bar:
             bar.close()
         state.seconds = time.perf_counter() - start_time
-        return self._finish()
+        return finish(self.out, prepared, self.volume, state.metrics,
+                      gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
+                      info=self._info(), title=f"{cfg.label}: {Path(self.config.particles).name}")
 
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state
         values = {
             "iteration": s.iteration,
-            "epoch": s.images_seen / self.n_train,
+            "epoch": s.images_seen / self.prepared.n_train,
             "gradient_evaluations": s.gradient_evaluations,
             "minibatch_objective": objective,
             "test_nll": test,
             "learning_rate": None,
             "seconds": time.perf_counter() - start_time,
             # no frequency marching: every iteration works at the final cutoff
-            "cutoff_resolution_a": self.box * self.pixel_size_a / self.radius,
+            "cutoff_resolution_a": self.prepared.geometry.cutoff_resolution_a,
         }
         s.metrics.append({name: values.get(name) for name in METRIC_FIELDS})
 
-    # ------------------------------------------------------------------------ outputs
-    def _report_title(self) -> str:
-        return f"{self.baseline.label}: {Path(self.config.particles).name}"
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        path = self.out / "config.json"
-        info = json.loads(path.read_text())
+    def _info(self) -> dict:
+        """config.json: the run's info without the optimiser fields, plus the baseline's."""
+        info = run_info(self.prepared)
         for name in _UNUSED_FIELDS:
             info["config"].pop(name, None)
         info["baseline"] = self.baseline.to_dict()
         info["accounting"] = ("one iteration reads every training image once: counted as "
-                              f"{self.n_train} gradient evaluations and one epoch")
-        path.write_text(json.dumps(info, indent=2, default=str))
+                              f"{self.prepared.n_train} gradient evaluations and one epoch")
+        return info
 
 
 def run_baseline(config: BaselineConfig, *, progress: bool = True) -> ReconstructionResult:

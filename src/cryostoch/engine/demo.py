@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryostoch.engine.config import ReconstructionConfig
-from cryostoch.engine.reconstruct import ReconstructionResult, reconstruct
+from cryostoch.engine.outputs import ReconstructionResult
+from cryostoch.engine.reconstruct import reconstruct
 from cryostoch.engine.reference_data import CTF_TABLE, reference_file
 from cryostoch.evaluate.fsc import FscReport, fsc_report
 from cryostoch.io.mrc import read_map

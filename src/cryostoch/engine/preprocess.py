@@ -112,9 +112,9 @@ def prepare_particles(
             f"box {dataset.box_size} does not match the model box {model.config.box_size}",
         )
     n = len(dataset)
-    layout = model.image_layout
+    layout = model.images.layout
     blocks = torch.empty(
-        n, layout.centred_length, layout.half_length, dtype=model._complex, device="cpu"
+        n, layout.centred_length, layout.half_length, dtype=model.complex_dtype, device="cpu"
     )
     done = 0
     for rows, images in dataset.iter_chunks(chunk_size):

@@ -48,27 +48,19 @@ def minibatch_objective(
     curvature that of T = 1 while the pose posteriors stay broad (annealing).
 
     With `preconditioner` (a real, non-negative array on the volume's spectrum block, see
-    `fourier_preconditioner`), the likelihood part of the returned gradient is
-    F^H diag(preconditioner) F-applied: a fixed change of metric that gives every frequency a
-    comparable curvature; the prior part is left as it is. Without it, the exact gradient.
+    `cryostoch.model.curvature.fourier_preconditioner`), the likelihood part of the returned
+    gradient is F^H diag(preconditioner) F-applied: a fixed change of metric that gives every
+    frequency a comparable curvature; the prior part is left as it is. Without it, the exact
+    gradient.
     """
     if n_training_images < 1:
         raise ValueError("n_training_images must be >= 1")
     batch = blocks.shape[0]
     if compute_gradient:
         prior_value, prior_gradient = negative_log_prior_and_gradient(volume.detach(), prior)
-        block = model.volume_dft.volume(volume.detach()).requires_grad_(True)
-        with torch.enable_grad():
-            slices = model.slices_from_block(block)
-        result = model.evaluate(slices, blocks, ctf, gradient_scale=likelihood_weight / batch)
-        # d(mean nll)/dS from the GEMMs, pushed back through the slice extraction (autograd:
-        # its backward is the insertion) and the pruned DFT (its explicit adjoint).
-        (block_gradient,) = torch.autograd.grad(
-            slices, block, grad_outputs=result.slice_gradient.to(slices.dtype)
-        )
-        if preconditioner is not None:
-            block_gradient = block_gradient * preconditioner
-        gradient = model.volume_dft.volume_adjoint(block_gradient)
+        result, gradient = model.nll_and_gradient(volume, blocks, ctf,
+                                                  gradient_scale=likelihood_weight / batch,
+                                                  preconditioner=preconditioner)
         gradient = gradient + prior_gradient / n_training_images
     else:
         prior_value = negative_log_prior(volume.detach(), prior)
@@ -78,16 +70,3 @@ def minibatch_objective(
     mean_nll = result.nll.mean()
     value = likelihood_weight * mean_nll + prior_value.detach() / n_training_images
     return ObjectiveValue(value.detach(), mean_nll.detach(), prior_value.detach(), gradient, result)
-
-
-def fourier_preconditioner(curvature: Tensor, relative_floor: float = 0.05) -> Tensor:
-    """P(k) = H(k) / (H(k)^2 + (floor * max H)^2), scaled so that P = 1/H where H is largest.
-
-    Approximately 1/H where the expected curvature H is well above the floor (so every
-    covered frequency moves at a comparable rate) and going to 0 where nothing is measured
-    (block entries beyond the cutoff), so the step stays bounded there.
-    """
-    h = curvature.clamp(min=0)
-    floor = relative_floor * h.max()
-    p = h / (h * h + floor * floor)
-    return p * h.max()

@@ -224,6 +224,15 @@ class CountingOptimizer(torch.optim.Optimizer):
     def _lr_constant(self, group: dict[str, Any]) -> float:
         return self.lr_constant
 
+    def recalibrate(self) -> None:
+        """Measure the learning rate again at the next step (one extra gradient evaluation).
+
+        For a change of objective (a new cutoff or posterior temperature has another
+        curvature). A rate the user fixed should not be recalibrated: the caller decides.
+        """
+        for group in self.param_groups:
+            group["lr"] = None
+
     def _ensure_lr(self, counted: Closure | None) -> None:
         """Resolve ``lr=None`` groups; the curvature is measured at most once."""
         if all(g["lr"] is not None for g in self.param_groups):

@@ -1,0 +1,73 @@
+"""The starting density: the paper's random spheres (or a given map), band-limited and scaled.
+
+The likelihood sees nothing beyond the cutoff, so content above it (sharp sphere edges) would
+never change: the start is low-passed to the first stage's cutoff with a soft two-pixel edge
+(detail above it would sit unconstrained while the cutoff is low and bias the poses once it
+rises). Maps come in arbitrary units, so the start is scaled so that its CTF-modulated
+projections carry the signal power measured in the (noise-normalised) images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from cryostoch.engine.prepare import PreparedRun
+from cryostoch.engine.preprocess import PreparedParticles
+from cryostoch.errors import InputError
+from cryostoch.fourier.resample import resample_volume, soft_low_pass
+from cryostoch.io.mrc import read_map
+from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.simulate.init import random_spheres_volume
+
+log = logging.getLogger(__name__)
+
+
+def data_signal_power(model: MarginalLikelihood, particles: PreparedParticles) -> float:
+    """Mean signal power per image inside the cutoff: E||I||^2 - (noise dof), noise sigma 1."""
+    coeffs = model.image_coefficients(particles.blocks[:2000].to(model.device))
+    power = (coeffs.real**2 + coeffs.imag**2).to(model.dtype) @ model.weights_k
+    return float(power.mean()) - model.coefficients.degrees_of_freedom
+
+
+def model_signal_power(model: MarginalLikelihood, volume: Tensor,
+                       particles: PreparedParticles) -> float:
+    """Mean power of C * projection over directions and images, inside the cutoff.
+
+    volume: (N, N, N) real.
+    """
+    with torch.no_grad():
+        slices = model.slices(volume)
+    mean_slice_power = (slices.abs() ** 2).mean(0)  # (M,), average over directions
+    ctf = particles.ctf.index(torch.arange(min(len(particles), 500)))
+    c2 = model.images.mean_ctf2(ctf).to(model.dtype)
+    return float((model.weights_k * c2 * mean_slice_power).sum())
+
+
+def initial_volume(run: PreparedRun, band_limit_px: float) -> Tensor:
+    """(N, N, N) start in the run's dtype, seeded by the run's seed."""
+    config, model = run.config, run.model
+    box = run.geometry.box_size
+    if config.init == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        volume = random_spheres_volume(box, run.geometry.particle_radius_px, generator,
+                                       dtype=torch.float64, device=model.device)
+    else:
+        volume, _ = read_map(config.init)
+        if volume.shape[-1] != box:
+            volume = resample_volume(volume.to(torch.float64), box)
+        volume = volume.to(device=model.device, dtype=torch.float64)
+    volume = soft_low_pass(volume, band_limit_px, 2.0, ndim=3).to(model.dtype)
+    target = data_signal_power(model, run.train)
+    predicted = model_signal_power(model, volume, run.train)
+    if target <= 0:
+        log.warning("no signal power detected above the noise; using a unit-scale start")
+        target = 0.01 * model.coefficients.degrees_of_freedom
+    if not predicted > 0:
+        raise InputError(config.init, "the initial map has no density inside the cutoff")
+    scale = math.sqrt(target / predicted)
+    log.info("initial density scaled by %.4g to match the data's signal power", scale)
+    return volume * scale

@@ -1,0 +1,132 @@
+"""What a finished run writes: maps, metrics.csv, config.json, poses.star and report.png.
+
+Plain functions of the prepared run and the final state, shared by the stochastic runs and the
+baselines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryostoch import __version__
+from cryostoch.engine.prepare import PreparedRun
+from cryostoch.fourier.resample import resample_volume
+from cryostoch.io.mrc import write_map
+
+METRIC_FIELDS = (
+    "iteration", "epoch", "gradient_evaluations", "minibatch_objective", "test_nll",
+    "learning_rate", "seconds", "cutoff_resolution_a",
+)
+
+
+@dataclass
+class ReconstructionResult:
+    out_dir: Path
+    map_path: Path
+    volume: Tensor
+    final_test_nll: float | None
+    gradient_evaluations: int
+    seconds: float
+    metrics: list[dict]
+
+
+def write_maps(out: Path, run: PreparedRun, volume: Tensor) -> Path:
+    """map.mrc at the working box, and map_fullbox.mrc at the data's box when they differ."""
+    map_path = out / "map.mrc"
+    geometry, dataset = run.geometry, run.dataset
+    write_map(map_path, volume, geometry.pixel_size_a)
+    if geometry.box_size != dataset.box_size:
+        write_map(out / "map_fullbox.mrc",
+                  resample_volume(volume.double(), dataset.box_size).float(),
+                  dataset.pixel_size_a)
+    return map_path
+
+
+def write_metrics(path: Path, metrics: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in metrics:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def run_info(run: PreparedRun) -> dict:
+    """The configuration and what was found and chosen from the data (config.json)."""
+    geometry, model = run.geometry, run.model
+    return {
+        "config": run.config.to_dict(),
+        "working_box": geometry.box_size,
+        "working_pixel_size_a": geometry.pixel_size_a,
+        "cutoff_radius_px": geometry.cutoff_radius_px,
+        "cutoff_resolution_a": geometry.cutoff_resolution_a,
+        "quadrature": {"directions": model.n_directions, "inplane": model.n_inplane,
+                       "shifts": model.n_shifts},
+        "particles": {"total": len(run.particles), "train": run.n_train,
+                      "test": len(run.test_rows)},
+        "normalisation": run.particles.statistics.__dict__,
+        "versions": {"cryostoch": __version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+
+
+def write_poses(path: Path, run: PreparedRun, volume: Tensor) -> None:
+    """Most probable pose of every particle under `volume` (N, N, N), as a RELION STAR."""
+    from cryostoch.io.records import Poses
+    from cryostoch.io.star import write_particles_star
+
+    model, particles = run.model, run.particles
+    n = len(particles)
+    best = torch.empty(n, dtype=torch.long)
+    prob = torch.empty(n, dtype=torch.float64)
+    nll = torch.empty(n, dtype=torch.float64)
+    with torch.no_grad():
+        slices = model.slices(volume.detach())
+        for start in range(0, n, 200):
+            stop = min(n, start + 200)
+            res = model.evaluate(slices, particles.blocks[start:stop].to(model.device),
+                                 particles.ctf.index(torch.arange(start, stop)))
+            best[start:stop] = res.best_pose_index.cpu()
+            prob[start:stop] = res.best_pose_probability.double().cpu()
+            nll[start:stop] = res.nll.double().cpu()
+    euler, shifts_px = model.pose_parameters(best)
+    # shifts in the data's pixels (the working box may be Fourier-cropped)
+    shifts_data_px = shifts_px * (run.geometry.pixel_size_a / run.dataset.pixel_size_a)
+    optics, table = run.dataset.relion_tables(
+        poses=Poses(euler.cpu(), shifts_data_px.cpu()), absolute_paths=True
+    )
+    table = table.reset_index(drop=True)
+    table["rlnMaxValueProbDistribution"] = prob.numpy()
+    table["rlnLogLikeliContribution"] = (-nll).numpy()
+    write_particles_star(path, optics, table)
+
+
+def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
+           gradient_evaluations: int, seconds: float, info: dict, title: str
+           ) -> ReconstructionResult:
+    """Write every output of a finished run and return its summary.
+
+    volume: (N, N, N) final map in the run's dtype and device; info: what config.json holds
+    (see `run_info`).
+    """
+    from cryostoch.evaluate.plots import reconstruction_report
+
+    map_volume = volume.detach().float().cpu()
+    map_path = write_maps(out, run, map_volume)
+    write_metrics(out / "metrics.csv", metrics)
+    (out / "config.json").write_text(json.dumps(info, indent=2, default=str))
+    if run.config.write_poses:
+        write_poses(out / "poses.star", run, volume)  # scored in the run's own dtype
+    final = next((m["test_nll"] for m in reversed(metrics) if m["test_nll"] is not None), None)
+    reconstruction_report(out / "report.png", map_volume, metrics, title=title)
+    return ReconstructionResult(out, map_path, map_volume, final, gradient_evaluations,
+                                seconds, metrics)

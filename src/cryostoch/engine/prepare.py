@@ -1,0 +1,226 @@
+"""Everything a run needs before its first step: `prepare_run(config) -> PreparedRun`.
+
+Open the particles (with the optional 2-D class selection and half-set split), choose the
+working box and cutoff, measure the normalisation and contrast sign, preprocess every image
+once into small Fourier blocks and hold out a seeded test set. Stochastic runs and baselines
+start from the same `PreparedRun`, so for one seed they see the same data and the same start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.preprocess import (
+    PreparedParticles,
+    ResampledDataset,
+    estimate_normalisation,
+    prepare_particles,
+)
+from cryostoch.engine.progress import progress_bar
+from cryostoch.errors import InputError
+from cryostoch.geometry.quadrature import max_radius_px
+from cryostoch.io.dataset import ParticleDataset, open_particles
+from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkingGeometry:
+    """The box the likelihood works in (the data's, or a Fourier crop of it)."""
+
+    box_size: int
+    pixel_size_a: float
+    cutoff_radius_px: float  # final likelihood cutoff, Fourier pixels of the working box
+    particle_radius_px: float
+
+    @property
+    def cutoff_resolution_a(self) -> float:
+        return self.resolution_a(self.cutoff_radius_px)
+
+    def resolution_a(self, radius_px: float) -> float:
+        return self.box_size * self.pixel_size_a / radius_px
+
+
+def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> WorkingGeometry:
+    """Working box, pixel size, cutoff radius and particle radius from the options."""
+    box = config.box_size or dataset.box_size
+    if box > dataset.box_size:
+        raise InputError("--box", f"{box} is larger than the data's box {dataset.box_size}")
+    pixel = dataset.pixel_size_a * dataset.box_size / box
+    if config.resolution_a is not None:
+        radius = box * pixel / config.resolution_a
+        if radius > box / 2 - 3:
+            raise InputError(
+                "--resolution-a",
+                f"{config.resolution_a} A is finer than the working box allows "
+                f"(Nyquist {2 * pixel:.2f} A at {pixel:.3f} A/px)",
+            )
+    else:
+        radius = max_radius_px(box, config.max_freq)
+    if radius < 2:
+        raise InputError("--max-freq", f"cutoff of {radius:.2f} Fourier pixels is too coarse")
+    diameter_a = config.particle_diameter_a or 0.8 * box * pixel
+    particle_radius_px = min(0.5 * diameter_a / pixel, box / 2 - 2)
+    return WorkingGeometry(box, pixel, radius, particle_radius_px)
+
+
+def read_class_assignments(path):  # TEMPORARY until the io helper lands
+    import starfile
+
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises many kinds of parse errors
+        raise InputError(path, f"cannot read STAR file ({err})") from None
+    table = blocks.get("particles", next(iter(blocks.values())))
+    if "rlnClassNumber" not in table.columns or "rlnImageName" not in table.columns:
+        raise InputError(path, "needs rlnImageName and rlnClassNumber columns")
+    return table["rlnImageName"].to_numpy(), table["rlnClassNumber"].to_numpy()
+
+
+def select_particles(config: ReconstructionConfig, dataset: ParticleDataset) -> ParticleDataset:
+    """Optional 2-D class selection and half-set split."""
+    rows = np.arange(len(dataset))
+    if config.class_file:
+        names, classes = read_class_assignments(config.class_file)
+        if "rlnImageName" not in dataset.metadata.columns:
+            raise InputError(config.particles, "class selection needs rlnImageName")
+        keep = set(config.keep_classes)
+        if not keep:
+            raise InputError("--keep-classes", "give the class numbers to keep")
+        kept_names = set(names[np.isin(classes, sorted(keep))])
+        rows = rows[dataset.metadata["rlnImageName"].isin(kept_names).to_numpy()]
+        if len(rows) == 0:
+            raise InputError(config.class_file, f"no particles in classes {sorted(keep)}")
+    if config.half_set is not None:
+        rows = rows[(config.half_set - 1) :: 2]
+    return dataset.subset(rows) if len(rows) != len(dataset) else dataset
+
+
+@dataclass
+class PreparedRun:
+    """The selected data, its working geometry, the final-cutoff model and the split.
+
+    `model` (final cutoff, temperature 1) lays out the preprocessed blocks, scores the
+    held-out set at every point of a run (so curves stay comparable) and gives the poses.
+    """
+
+    config: ReconstructionConfig
+    dataset: ParticleDataset  # the selected particles at the data's own box
+    geometry: WorkingGeometry
+    model: MarginalLikelihood
+    particles: PreparedParticles  # every selected particle, preprocessed
+    train_rows: np.ndarray  # rows of `particles` used for training, sorted
+    test_rows: np.ndarray  # held-out rows, sorted
+    train: PreparedParticles
+    test: PreparedParticles | None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def test_nll(self, volume: Tensor) -> float | None:
+        """Mean held-out NLL per image of `volume` (N, N, N) at the final cutoff."""
+        if self.test is None:
+            return None
+        model, test = self.model, self.test
+        total = 0.0
+        with torch.no_grad():
+            slices = model.slices(volume.detach())
+            for start in range(0, len(test), 100):
+                blocks = test.blocks[start : start + 100].to(model.device)
+                ctf = test.ctf.index(torch.arange(start, min(start + 100, len(test))))
+                total += float(model.evaluate(slices, blocks, ctf).nll.sum())
+        return total / len(test)
+
+    def make_model(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:
+        """A likelihood at another cutoff and posterior temperature (noise sigma sqrt(T))."""
+        return make_model(self.config, self.geometry, radius_px, temperature)
+
+
+def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_px: float,
+               temperature: float = 1.0) -> MarginalLikelihood:
+    pixel = geometry.pixel_size_a
+    sigma_a = config.shift_sigma_a or max(config.shift_range_a / 2, pixel)
+    likelihood = LikelihoodConfig(
+        box_size=geometry.box_size,
+        pixel_size_a=pixel,
+        max_radius_px=radius_px,
+        noise_sigma=math.sqrt(temperature),
+        volume_oversampling=config.volume_oversampling,
+        image_oversampling=config.image_oversampling,
+        shift_radius_px=config.shift_range_a / pixel,
+        shift_sigma_px=sigma_a / pixel,
+        memory_budget_mb=config.memory_budget_mb,
+    )
+    return MarginalLikelihood(likelihood, dtype=getattr(torch, config.dtype),
+                              device=torch.device(config.device))
+
+
+def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> PreparedRun:
+    """Open, select, measure and preprocess the particles; split off the test set."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was requested but torch sees no GPU")
+    dataset = open_particles(config.particles, project_root=config.project_root)
+    if dataset.ctf is None:
+        raise InputError(config.particles, "no CTF parameters: reconstruction needs them")
+    dataset = select_particles(config, dataset)
+    geometry = working_geometry(config, dataset)
+    model = make_model(config, geometry, geometry.cutoff_radius_px)
+    particles = _preprocess(config, dataset, geometry, model, progress)
+    n = len(particles)
+    if n <= config.test_size:
+        raise InputError(config.particles,
+                         f"{n} particles leave none for training after {config.test_size} "
+                         "held-out test images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919))
+    test_rows = perm[: config.test_size].sort().values.numpy()
+    train_rows = perm[config.test_size :].sort().values.numpy()
+    train = particles.subset(train_rows)
+    test = particles.subset(test_rows) if config.test_size else None
+    if device.type != "cpu":
+        train.blocks = train.blocks.to(device)
+        if test is not None:
+            test.blocks = test.blocks.to(device)
+    return PreparedRun(config, dataset, geometry, model, particles, train_rows, test_rows,
+                       train, test)
+
+
+def _preprocess(config: ReconstructionConfig, dataset: ParticleDataset,
+                geometry: WorkingGeometry, model: MarginalLikelihood,
+                progress: bool) -> PreparedParticles:
+    """Normalisation, contrast sign and every image's Fourier block (logged)."""
+    data = dataset
+    if config.box_size and config.box_size != dataset.box_size:
+        data = ResampledDataset(dataset, config.box_size)
+    g = torch.Generator().manual_seed(config.seed)
+    stats = estimate_normalisation(data, geometry.particle_radius_px, generator=g,
+                                   invert=config.invert)
+    log.info(
+        "noise sigma %.4g (background of %d images); contrast %s (score %+.3f)%s",
+        stats.noise_sigma, stats.n_images_used,
+        "protein white" if stats.contrast_sign > 0 else "protein black: inverting",
+        stats.sign_score, "" if config.invert is None else " [forced by --invert]",
+    )
+    bar = progress_bar(len(data), "preprocessing", progress)
+    prepared = prepare_particles(data, model, stats, geometry.particle_radius_px,
+                                 progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    return prepared

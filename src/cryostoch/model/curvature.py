@@ -1,0 +1,49 @@
+"""Expected curvature of the data term on the volume's spectrum block, and the preconditioner.
+
+With the posterior spread evenly over the quadrature (the start of a run, and the average over
+poses later), the Hessian of the mean image term with respect to the spectrum block is the
+CTF^2-weighted coverage of the block by central slices: the EM "denominator".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.operators.ctf import CtfParameters
+from cryostoch.operators.slicing import insert_slice_weights
+
+
+def expected_curvature(model: MarginalLikelihood, ctf: CtfParameters) -> Tensor:
+    """Diagonal of the data term's expected Hessian, real (Kz, Ky, Kx) on the spectrum block.
+
+    ctf: the particles to average C^2 over. Computed by back-projecting N * w_d * w_k * mean C^2
+    / s^2 with the same trilinear kernel as the slice extraction.
+    """
+    c2 = model.images.mean_ctf2(ctf)  # (M,) float64
+    weights = model.orientations.direction_weights.to(model.device, torch.float64)
+    per_point = weights[:, None] * (model.coefficients.weights * c2)[None, :]
+    config = model.config
+    coverage = insert_slice_weights(
+        per_point * config.box_size / config.noise_sigma**2,
+        model.direction_matrices,
+        model.coefficients.kx,
+        model.coefficients.ky,
+        model.volume_side.block_shape,
+        config.volume_oversampling,
+    )
+    return coverage.to(model.dtype)
+
+
+def fourier_preconditioner(curvature: Tensor, relative_floor: float = 0.05) -> Tensor:
+    """P(k) = H(k) / (H(k)^2 + (floor * max H)^2), scaled so that P = 1/H where H is largest.
+
+    Approximately 1/H where the expected curvature H is well above the floor (so every
+    covered frequency moves at a comparable rate) and going to 0 where nothing is measured
+    (block entries beyond the cutoff), so the step stays bounded there.
+    """
+    h = curvature.clamp(min=0)
+    floor = relative_floor * h.max()
+    p = h / (h * h + floor * floor)
+    return p * h.max()
