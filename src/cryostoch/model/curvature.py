@@ -1,8 +1,11 @@
 """Expected curvature of the data term on the volume's spectrum block, and the preconditioner.
 
 With the posterior spread evenly over the quadrature (the start of a run, and the average over
-poses later), the Hessian of the mean image term with respect to the spectrum block is the
-CTF^2-weighted coverage of the block by central slices: the EM "denominator".
+poses later), the Hessian of the mean image term with respect to the spectrum block is
+J^T diag(w_d w_k C^2 / s^2) J, with J the trilinear slice extraction. Its row sums (the
+"lumped" diagonal) are the CTF^2-weighted coverage of the block by central slices, the EM
+"denominator"; they bound the true diagonal from above (trilinear weights a <= 1 enter as a,
+not a^2) and equal it where slices fall on grid points.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from cryostoch.operators.slicing import insert_slice_weights
 
 
 def expected_curvature(model: MarginalLikelihood, ctf: CtfParameters) -> Tensor:
-    """Diagonal of the data term's expected Hessian, real (Kz, Ky, Kx) on the spectrum block.
+    """Row sums of the data term's expected Hessian, real (Kz, Ky, Kx) on the spectrum block.
 
     ctf: the particles to average C^2 over. Computed by back-projecting N * w_d * w_k * mean C^2
     / s^2 with the same trilinear kernel as the slice extraction.
