@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+from cryostoch.operators.ctf import CtfParameters
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -20,3 +23,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def random_ctf(n: int, seed: int, *, defocus_a: tuple[float, float] = (8000.0, 16000.0),
+               astigmatism_a: float = 500.0, amplitude_contrast: float = 0.1) -> CtfParameters:
+    """n seeded astigmatic 300 kV CTFs: defocus U uniform in `defocus_a`, V up to
+    `astigmatism_a` below it, astigmatism angle uniform in [0, 180) degrees."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = defocus_a
+    du = low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
+    return CtfParameters.from_values(
+        n, defocus_u_a=du,
+        defocus_v_a=du - astigmatism_a * torch.rand(n, generator=g, dtype=torch.float64),
+        defocus_angle_deg=180 * torch.rand(n, generator=g, dtype=torch.float64),
+        voltage_kv=300.0, spherical_aberration_mm=2.7, amplitude_contrast=amplitude_contrast)

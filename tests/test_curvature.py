@@ -40,6 +40,7 @@ import math
 import pytest
 import torch
 
+from conftest import random_ctf
 from cryostoch.geometry.quadrature import OrientationQuadrature
 from cryostoch.geometry.rotations import euler_to_matrix
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
@@ -47,6 +48,13 @@ from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.operators import CtfParameters, evaluate_ctf
 
 F64 = torch.float64
+
+
+def ctf_set(n: int, seed: int):
+    return random_ctf(n, seed, defocus_a=(6000.0, 12000.0), astigmatism_a=800.0,
+                      amplitude_contrast=0.07)
+
+
 N, RADIUS, PIXEL_A, SIGMA = 16, 3.0, 4.0, 1.3
 
 
@@ -140,14 +148,6 @@ def orientation_set(n_dir: int, n_inplane: int, seed: int, grid_aligned: bool = 
         inplane_angles_rad=torch.arange(n_inplane, dtype=F64) * (2 * math.pi / n_inplane),
     )
 
-
-def ctf_set(n: int, seed: int) -> CtfParameters:
-    g = torch.Generator().manual_seed(seed)
-    du = 6000 + 6000 * torch.rand(n, generator=g, dtype=F64)
-    return CtfParameters.from_values(
-        n, defocus_u_a=du, defocus_v_a=du - 800 * torch.rand(n, generator=g, dtype=F64),
-        defocus_angle_deg=180 * torch.rand(n, generator=g, dtype=F64), voltage_kv=300.0,
-        spherical_aberration_mm=2.7, amplitude_contrast=0.07)
 
 
 def reference_hessians(orientations, ctf, oversampling, shape):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import random_ctf as ctf_batch
 from cryostoch.fourier import (
     PrunedDft,
     SpectrumLayout,
@@ -23,7 +24,7 @@ from cryostoch.model.hard_assignment import best_poses, hard_statistics
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.objective import minibatch_objective
 from cryostoch.model.prior import PriorConfig, negative_log_prior
-from cryostoch.operators import CtfParameters, evaluate_ctf, extract_slices
+from cryostoch.operators import evaluate_ctf, extract_slices
 from cryostoch.operators.inplane import hermitian_extend, sample_blocks
 
 F64 = torch.float64
@@ -58,19 +59,6 @@ def small_orientations(n_directions: int, n_inplane: int, seed: int) -> Orientat
         inplane_angles_rad=torch.arange(n_inplane, dtype=F64) * (2 * math.pi / n_inplane),
     )
 
-
-def ctf_batch(n: int, seed: int) -> CtfParameters:
-    g = torch.Generator().manual_seed(seed)
-    du = 8000 + 8000 * torch.rand(n, generator=g, dtype=F64)
-    return CtfParameters.from_values(
-        n,
-        defocus_u_a=du,
-        defocus_v_a=du - 500 * torch.rand(n, generator=g, dtype=F64),
-        defocus_angle_deg=180 * torch.rand(n, generator=g, dtype=F64),
-        voltage_kv=300.0,
-        spherical_aberration_mm=2.7,
-        amplitude_contrast=0.1,
-    )
 
 
 def simulate(volume, rotations, shifts_px, ctf, pixel_size_a, noise, seed):

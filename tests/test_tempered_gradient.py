@@ -15,13 +15,13 @@ import math
 import pytest
 import torch
 
+from conftest import random_ctf as ctf_batch
 from cryostoch.fourier import fft3_grid
 from cryostoch.geometry.quadrature import OrientationQuadrature
 from cryostoch.geometry.rotations import euler_to_matrix
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.objective import minibatch_objective
 from cryostoch.model.prior import PriorConfig
-from cryostoch.operators import CtfParameters
 
 F64 = torch.float64
 N, K_TRAIN = 16, 7
@@ -75,14 +75,6 @@ def blob_volume(seed: int) -> torch.Tensor:
         vol += 0.3 * torch.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s * s))
     return vol
 
-
-def ctf_batch(n: int, seed: int) -> CtfParameters:
-    g = torch.Generator().manual_seed(seed)
-    du = 8000 + 8000 * torch.rand(n, generator=g, dtype=F64)
-    return CtfParameters.from_values(
-        n, defocus_u_a=du, defocus_v_a=du - 500 * torch.rand(n, generator=g, dtype=F64),
-        defocus_angle_deg=180 * torch.rand(n, generator=g, dtype=F64), voltage_kv=300.0,
-        spherical_aberration_mm=2.7, amplitude_contrast=0.1)
 
 
 @pytest.mark.parametrize(
