@@ -89,8 +89,15 @@ def make_model(n=16, radius=4.0, n_dir=6, n_inplane=5, shift_radius=0.0, seed=0,
                                                                               seed))
 
 
-def reference_nll(model: MarginalLikelihood, volume, blocks, ctf):
-    """The same objective written directly with autograd-friendly tensor ops (no chunking)."""
+def reference_nll(model: MarginalLikelihood, volume, blocks, ctf, precision=None):
+    """The same objective written directly with autograd-friendly tensor ops (no chunking).
+
+    precision: optional (B, M) per-coefficient 1 / sigma^2 (coloured noise): the Gaussian's
+    quadratic form weights coefficient k of image i by w_k precision_ik and its normaliser is
+    sum_k w_k log(2 pi / precision_ik) / 2."""
+    b = blocks.shape[0]
+    weights = model.weights_k.expand(b, -1) if precision is None \
+        else model.weights_k * precision  # (B, M)
     s = model.slices(volume)  # (D, M)
     full = hermitian_extend(blocks)
     x = sample_blocks(full, model.images.interpolation, (model.n_inplane, model.n_points))
@@ -100,16 +107,18 @@ def reference_nll(model: MarginalLikelihood, volume, blocks, ctf):
     model_pd = c.unsqueeze(2).unsqueeze(-1) * s.T[None, None, None]  # (B, P, 1, M, D)
     # residual over (B, P, T, M, D)
     resid = xt.unsqueeze(-1) - model_pd
-    energy = 0.5 * (model.weights_k[:, None] * resid.abs() ** 2).sum(-2)  # (B, P, T, D)
+    energy = 0.5 * (weights[:, None, None, :, None] * resid.abs() ** 2).sum(-2)  # (B, P, T, D)
     # the engine uses the exact ||I||^2 on the DFT grid for every angle (a rotation of the
     # disc leaves it unchanged) rather than the norm of the interpolated samples
-    interpolated_norm = 0.5 * (model.weights_k * xt.abs() ** 2).sum(-1, keepdim=True)
+    interpolated_norm = 0.5 * (weights[:, None, None] * xt.abs() ** 2).sum(-1, keepdim=True)
     coeffs = model.image_coefficients(blocks)
-    exact_norm = 0.5 * (model.weights_k * coeffs.abs() ** 2).sum(-1).reshape(-1, 1, 1, 1)
+    exact_norm = 0.5 * (weights * coeffs.abs() ** 2).sum(-1).reshape(-1, 1, 1, 1)
     energy = energy - interpolated_norm + exact_norm
     logw = model.log_weights_pd.unsqueeze(1) + model.log_weights_t.reshape(1, -1, 1)
     lse = torch.logsumexp((logw.unsqueeze(0) - energy).reshape(blocks.shape[0], -1), dim=1)
-    return -lse + model.log_normaliser
+    if precision is None:
+        return -lse + model.log_normaliser
+    return -lse + 0.5 * (model.weights_k * torch.log(2 * math.pi / precision)).sum(-1)
 
 
 @pytest.mark.parametrize("shift_radius", [0.0, 1.5])
@@ -127,6 +136,29 @@ def test_nll_and_gradient_match_autograd_reference(shift_radius):
     out = minibatch_objective(volume, blocks, ctf, model, prior, n_training_images=10)
     assert torch.allclose(out.likelihood.nll, ref.detach(), rtol=1e-10, atol=1e-9)
     assert torch.allclose(out.gradient, ref_grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shift_radius", [0.0, 1.5])
+def test_coloured_noise_nll_and_gradient_match_autograd_reference(shift_radius):
+    model = make_model(shift_radius=shift_radius)
+    volume = blob_volume(16, 2)
+    ctf = ctf_batch(3, 4)
+    g = torch.Generator().manual_seed(5)
+    blocks = model.image_blocks(torch.randn(3, 16, 16, generator=g, dtype=F64))
+    precision = 0.3 + 2 * torch.rand(3, model.n_points, generator=g, dtype=F64)  # (B, M)
+    v = volume.clone().requires_grad_(True)
+    ref = reference_nll(model, v, blocks, ctf, precision)
+    (ref_grad,) = torch.autograd.grad(0.7 * ref.sum(), v)
+    result, gradient = model.nll_and_gradient(volume, blocks, ctf, gradient_scale=0.7,
+                                              noise_precision=precision)
+    assert torch.allclose(result.nll, ref.detach(), rtol=1e-10, atol=1e-9)
+    assert torch.allclose(gradient, ref_grad, rtol=1e-8, atol=1e-10)
+    # a precision that is the same everywhere is white noise of sigma 1 / sqrt(precision)
+    white = make_model(shift_radius=shift_radius, noise_sigma=0.8)
+    flat = torch.full((model.n_points,), 1 / 0.8**2, dtype=F64)
+    a = model.evaluate(model.slices(volume), blocks, ctf, noise_precision=flat)
+    b = white.evaluate(white.slices(volume), blocks, ctf)
+    assert torch.allclose(a.nll, b.nll, rtol=1e-12)
 
 
 def test_gradient_matches_finite_differences_with_prior():

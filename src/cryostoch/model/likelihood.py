@@ -203,16 +203,19 @@ class MarginalLikelihood:
         *,
         gradient_scale: float,
         preconditioner: Tensor | None = None,
+        noise_precision: Tensor | None = None,
     ) -> tuple[LikelihoodResult, Tensor]:
         """Per-image NLLs and d(gradient_scale * sum_i nll_i)/dV, (N, N, N) real.
 
         volume: (N, N, N) real; blocks: (B, 2h+1, h+1) from `image_blocks()`; ctf: (B,).
         preconditioner: optional real weights on the volume's spectrum block (see
         `cryostoch.model.curvature.fourier_preconditioner`), applied to the gradient.
+        noise_precision: see `evaluate`.
         """
         with torch.no_grad():
             slices = self.volume_side.slices(volume.detach())
-        result = self.evaluate(slices, blocks, ctf, gradient_scale=gradient_scale)
+        result = self.evaluate(slices, blocks, ctf, gradient_scale=gradient_scale,
+                               noise_precision=noise_precision)
         gradient = self.volume_side.volume_gradient(result.slice_gradient, preconditioner)
         return result, gradient
 
@@ -225,13 +228,18 @@ class MarginalLikelihood:
         *,
         gradient_scale: float | None = None,
         statistics: bool = False,
+        noise_precision: Tensor | None = None,
     ) -> LikelihoodResult:
         """Evaluate a batch of images against the slices of one volume.
 
         slices: (D, M) from `slices()` (only values are used).
         blocks: (B, 2h+1, h+1) from `image_blocks()`; ctf: their CTF parameters.
         gradient_scale: if given, also return dL/dS for L = gradient_scale * sum_i nll_i.
-        statistics: also return the posterior-weighted sums EM needs.
+        statistics: also return the posterior-weighted sums EM needs (with coloured noise they
+        keep the precision weights: sum r w C X / sigma_k^2 and sum r w C^2 / sigma_k^2).
+        noise_precision: (B, M) or (M,) relative precision 1 / sigma_k^2 of the noise at each
+        coefficient (coloured noise, `cryostoch.model.noise`); None: white noise (all 1). The
+        model's noise sigma (a posterior temperature) scales it further.
         """
         s = slices.detach().to(self.complex_dtype)
         blocks = self.crop_blocks(blocks)
@@ -252,12 +260,17 @@ class MarginalLikelihood:
         for start in range(0, n_images, image_chunk):
             stop = min(n_images, start + image_chunk)
             b = stop - start
+            precision = inv_var
+            if noise_precision is not None:
+                chunk = noise_precision if noise_precision.dim() == 1 \
+                    else noise_precision[start:stop]
+                precision = inv_var * chunk.to(device=self.device, dtype=self.dtype)
             data_op, quad_lhs = self._data_operand(blocks[start:stop], ctf_values[start:stop],
-                                                   layout, inv_var)
+                                                   layout, precision)
             lse, arg, top = self.kernel.run(data_op, quad_lhs, model_op, power, layout, b,
                                             dir_chunk, sums)
-            data_norm = self.images.data_norm(blocks[start:stop])
-            nll[start:stop] = -lse + 0.5 * inv_var * data_norm + self.log_normaliser
+            quadratic, normaliser = self._data_term(blocks[start:stop], precision)
+            nll[start:stop] = -lse + quadratic + normaliser
             best_index[start:stop] = arg
             best_prob[start:stop] = torch.exp(top - lse)
 
@@ -268,19 +281,35 @@ class MarginalLikelihood:
             result.statistics = sums.em_statistics(inv_var)
         return result
 
+    def _data_term(self, blocks: Tensor, precision: float | Tensor
+                   ) -> tuple[Tensor, Tensor | float]:
+        """(||I||^2 / (2 s^2) (b,), the Gaussian's log normaliser) of b cropped blocks.
+
+        precision: 1 / s^2, a number (white) or (M,) / (b, M) per coefficient.
+        """
+        if not isinstance(precision, Tensor):
+            return 0.5 * precision * self.images.data_norm(blocks), self.log_normaliser
+        coeffs = self.images.image_coefficients(blocks)
+        power = coeffs.real**2 + coeffs.imag**2  # (b, M)
+        weighted = self.weights_k * precision  # (M,) or (b, M)
+        normaliser = 0.5 * (self.weights_k * torch.log(2 * math.pi / precision)).sum(-1)
+        return 0.5 * (power * weighted).sum(-1), normaliser
+
     def _data_operand(self, blocks: Tensor, ctf_values: Tensor, layout: OperandLayout,
-                      inverse_variance: float) -> tuple[Tensor, Tensor]:
+                      precision: float | Tensor) -> tuple[Tensor, Tensor]:
         """Data operand (b*P*T, K) and quadratic factors q (b*P, M) of b images.
 
-        blocks: (b, 2h+1, h+1); ctf_values: (b, P, M). `inverse_variance` is 1/s^2 for every
-        coefficient (white noise); a per-coefficient precision would multiply the same two
-        factors, w C / s^2 and w C^2 / (2 s^2).
+        blocks: (b, 2h+1, h+1); ctf_values: (b, P, M); precision: 1/s^2, a number (white
+        noise) or per coefficient, (M,) or (b, M). The factors are w C / s^2 and
+        w C^2 / (2 s^2).
         """
         b = blocks.shape[0]
         p_count, t_count, m = self.n_inplane, self.n_shifts, self.n_points
         terms = self.images.terms(blocks, ctf_values)
-        quad_lhs = terms.weighted_ctf2.reshape(b * p_count, m) * (0.5 * inverse_variance)
-        wc_scaled = (terms.weighted_ctf * inverse_variance).unsqueeze(2)
+        if isinstance(precision, Tensor) and precision.dim() == 2:
+            precision = precision.unsqueeze(1)  # (b, 1, M): the same for every angle
+        quad_lhs = (terms.weighted_ctf2 * (0.5 * precision)).reshape(b * p_count, m)
+        wc_scaled = (terms.weighted_ctf * precision).unsqueeze(2)
         if t_count == 1:  # no shift grid: the un-shift phases are all 1
             y = terms.rotated.unsqueeze(2)
         else:
