@@ -36,8 +36,9 @@ __all__ = ["batch_em", "em_iteration"]
 
 
 def _posterior_weights(model: MarginalLikelihood, slices: Tensor, chunk: Tensor,
-                       chunk_ctf: CtfParameters) -> ChunkAssignment:
-    result = model.evaluate(slices, chunk, chunk_ctf, statistics=True)
+                       chunk_ctf: CtfParameters, precision: Tensor | None) -> ChunkAssignment:
+    result = model.evaluate(slices, chunk, chunk_ctf, statistics=True,
+                            noise_precision=precision)
     numerator, denominator = result.statistics
     return ChunkAssignment(numerator, denominator, result.best_pose_index,
                            result.best_pose_probability, float(result.nll.double().sum()))
@@ -53,16 +54,20 @@ def em_iteration(
     chunk_size: int = 500,
     refine_iterations: int = 10,
     progress: Callable[[int], None] | None = None,
+    noise_precision: Tensor | None = None,
 ) -> IterationResult:
     """One E-step over every image and a closed-form M-step.
 
     blocks: (K, 2h+1, h+1) image blocks in the model's layout (any device); ctf: their CTFs.
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
-    `progress(n)` is called after each chunk of n images.
+    `progress(n)` is called after each chunk of n images. noise_precision: (K, M) per-image
+    precision 1 / sigma_k^2 (coloured noise): the E-step's posteriors and the M-step's sums
+    are then noise-weighted, as RELION's are.
     """
     return accumulate_and_solve(partial(_posterior_weights, model), model, volume, blocks, ctf,
                                 regulariser=regulariser, chunk_size=chunk_size,
-                                refine_iterations=refine_iterations, progress=progress)
+                                refine_iterations=refine_iterations, progress=progress,
+                                noise_precision=noise_precision)
 
 
 def batch_em(

@@ -3,7 +3,8 @@ sums chunk by chunk, then a closed-form map; and the loop of such passes.
 
 A baseline differs only in how a chunk of images is assigned to poses (its E-step): projection
 matching takes the single best pose by cross-correlation, batch EM weights every pose by its
-posterior. That step is a function `assign(slices, chunk, chunk_ctf) -> ChunkAssignment`.
+posterior. That step is a function `assign(slices, chunk, chunk_ctf, chunk_precision) ->
+ChunkAssignment` (chunk_precision: the chunk's noise precision, or None for white noise).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class ChunkAssignment:
 
 
 def image_chunks(
-    model: MarginalLikelihood, blocks: Tensor, ctf: CtfParameters, chunk_size: int
-) -> Iterator[tuple[int, int, Tensor, CtfParameters]]:
-    """(start, stop, blocks on the model's device, CTF) for consecutive chunks of images."""
+    model: MarginalLikelihood, blocks: Tensor, ctf: CtfParameters, chunk_size: int,
+    noise_precision: Tensor | None = None,
+) -> Iterator[tuple[int, int, Tensor, CtfParameters, Tensor | None]]:
+    """(start, stop, blocks on the model's device, CTF, noise precision (b, M) or None) for
+    consecutive chunks of images; noise_precision: (K, M) per image, or None (white)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     n = blocks.shape[0]
@@ -64,11 +67,13 @@ def image_chunks(
         raise ValueError(f"{n} image blocks but {len(ctf)} CTF parameter sets")
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        yield start, stop, blocks[start:stop].to(model.device), ctf.index(slice(start, stop))
+        precision = None if noise_precision is None else noise_precision[start:stop]
+        yield (start, stop, blocks[start:stop].to(model.device), ctf.index(slice(start, stop)),
+               precision)
 
 
 def accumulate_and_solve(
-    assign: Callable[[Tensor, Tensor, CtfParameters], ChunkAssignment],
+    assign: Callable[[Tensor, Tensor, CtfParameters, Tensor | None], ChunkAssignment],
     model: MarginalLikelihood,
     volume: Tensor,
     blocks: Tensor,
@@ -78,8 +83,11 @@ def accumulate_and_solve(
     chunk_size: int,
     refine_iterations: int,
     progress: Callable[[int], None] | None,
+    noise_precision: Tensor | None = None,
 ) -> IterationResult:
-    """One iteration: `assign` every chunk under `volume`, sum, and solve for the new map."""
+    """One iteration: `assign` every chunk under `volume`, sum, and solve for the new map.
+
+    noise_precision: (K, M) per-image noise precision (coloured noise) or None (white)."""
     n = blocks.shape[0]
     if n == 0:
         raise ValueError("a baseline iteration needs at least one image")
@@ -93,8 +101,9 @@ def accumulate_and_solve(
         pose = torch.empty(n, dtype=torch.long)
         score = torch.empty(n, dtype=torch.float64)
         nll_sum: float | None = None
-        for start, stop, chunk, chunk_ctf in image_chunks(model, blocks, ctf, chunk_size):
-            part = assign(slices, chunk, chunk_ctf)
+        for start, stop, chunk, chunk_ctf, chunk_precision in image_chunks(
+                model, blocks, ctf, chunk_size, noise_precision):
+            part = assign(slices, chunk, chunk_ctf, chunk_precision)
             numerator += part.numerator
             denominator += part.denominator
             pose[start:stop] = part.best_pose_index.cpu()

@@ -33,7 +33,8 @@ __all__ = ["projection_matching", "projection_matching_iteration"]
 
 
 def _best_correlation(model: MarginalLikelihood, slices: Tensor, chunk: Tensor,
-                      chunk_ctf: CtfParameters) -> ChunkAssignment:
+                      chunk_ctf: CtfParameters, precision: Tensor | None) -> ChunkAssignment:
+    """Projection matching scores by plain cross-correlation: `precision` is not used."""
     best, best_score = best_poses(model, slices, chunk, chunk_ctf, score="correlation")
     numerator, denominator = hard_statistics(model, chunk, chunk_ctf, best)
     return ChunkAssignment(numerator, denominator, best, best_score)

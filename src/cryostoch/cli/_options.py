@@ -55,6 +55,14 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
                         help="class numbers to keep from --class-file, e.g. 1,4,7")
     parser.add_argument("--half-set", type=int, default=None,
                         help="use only the odd (1) or even (2) particles, for half-map FSC")
+    parser.add_argument("--noise-model", default="coloured",
+                        help="coloured (default: a noise variance per frequency shell and optics "
+                             "group, measured from the particles' background) or white (one "
+                             "sigma, the paper's model)")
+    parser.add_argument("--mask", default="auto",
+                        help="solvent mask: auto (default: a sphere of the particle diameter, "
+                             "then following the map at every stage), sphere, none, or an MRC "
+                             "file")
 
 
 def particle_config_fields(args: argparse.Namespace) -> dict:
@@ -67,6 +75,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         particle_diameter_a=args.particle_diameter_a, invert=args.invert,
         project_root=args.project_root, class_file=args.class_file,
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
+        noise_model=args.noise_model, mask=args.mask,
     )
 
 

@@ -29,6 +29,7 @@ from cryostoch.baselines import METHODS, Regulariser, em_iteration, projection_m
 from cryostoch.baselines.iteration import IterationResult
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
+from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
@@ -111,7 +112,11 @@ class BaselineRun:
         self.prepared = prepare_run(self.config, progress=progress)
         schedule = Schedule.from_config(self.config, self.prepared.geometry.cutoff_radius_px,
                                         self.prepared.n_train)
-        self.volume = initial_volume(self.prepared, schedule.radius_px(0))
+        # the same noise model and mask as a stochastic run, so the same start
+        self.noise_and_mask = NoiseAndMask(self.prepared)
+        self.noise_precision = self.noise_and_mask.precision(self.prepared.model)  # (G, M)
+        self.volume = initial_volume(self.prepared, schedule.radius_px(0), self.noise_precision)
+        self.noise_and_mask.apply_(self.volume)
         self.state = RunState()
 
     def run(self) -> ReconstructionResult:
@@ -124,22 +129,26 @@ class BaselineRun:
                  "shifts); M-step regulariser: %s", cfg.label, cfg.iterations, prepared.n_train,
                  model.n_directions, model.n_inplane, model.n_shifts, cfg.regulariser.describe())
         bar = progress_bar(cfg.iterations * prepared.n_train, cfg.label, self.progress)
-        self._log_metrics(None, prepared.test_nll(self.volume), start_time)
+        self._log_metrics(None, prepared.test_nll(self.volume, self.noise_precision), start_time)
+        options = {}
+        if self.noise_precision is not None and cfg.method == "em":
+            options["noise_precision"] = self.noise_precision[train.optics_index]
         for _ in range(cfg.iterations):
             result = step(model, self.volume, train.blocks, train.ctf,
                           regulariser=cfg.regulariser, chunk_size=cfg.chunk_size,
                           refine_iterations=cfg.refine_iterations,
-                          progress=bar.update if bar else None)
+                          progress=bar.update if bar else None, **options)
             if not bool(torch.isfinite(result.volume).all()):
                 raise InputError(self.config.particles,
                                  f"the {cfg.label} map became non-finite at iteration "
                                  f"{state.iteration + 1}")
             self.volume = result.volume.detach()
+            self.noise_and_mask.apply_(self.volume)
             self.last_iteration = result
             state.iteration += 1
             state.images_seen += prepared.n_train
             state.gradient_evaluations += prepared.n_train
-            test = prepared.test_nll(self.volume)
+            test = prepared.test_nll(self.volume, self.noise_precision)
             self._log_metrics(result.mean_nll, test, start_time)
             row = self.state.metrics[-1]
             log.info("iteration %d: %s%s(%.1f s)", state.iteration,
@@ -153,7 +162,8 @@ class BaselineRun:
         state.seconds = time.perf_counter() - start_time
         return finish(self.out, prepared, self.volume, state.metrics,
                       gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
-                      info=self._info(), title=f"{cfg.label}: {Path(self.config.particles).name}")
+                      info=self._info(), title=f"{cfg.label}: {Path(self.config.particles).name}",
+                      noise_precision=self.noise_precision)
 
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state
@@ -172,7 +182,7 @@ class BaselineRun:
 
     def _info(self) -> dict:
         """config.json: the run's info without the optimiser fields, plus the baseline's."""
-        info = run_info(self.prepared)
+        info = run_info(self.prepared) | self.noise_and_mask.describe()
         for name in _UNUSED_FIELDS:
             info["config"].pop(name, None)
         info["baseline"] = self.baseline.to_dict()

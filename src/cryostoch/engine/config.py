@@ -9,6 +9,13 @@ from pathlib import Path
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "tonga", "olbfgs", "hf", "adam")
 
+# coloured: a radially symmetric noise variance per optics group, measured from the data
+# (RELION's sigma2_noise, cryoSPARC's "symmetric" model); white: one sigma (the paper's model).
+NOISE_MODELS = ("coloured", "white")
+# auto: a sphere of the particle diameter, then a mask that follows the map at every stage;
+# sphere: the sphere only; none: no mask; anything else: an MRC file with a soft mask.
+MASK_KINDS = ("auto", "sphere", "none")
+
 # The paper's minibatch sizes: 100 for every method except Hessian-free (300).
 DEFAULT_BATCH_SIZE = {"hf": 300}
 
@@ -61,6 +68,8 @@ class ReconstructionConfig:
     marching_stages: int = 4
     start_temperature: float = 8.0
     gradient_budget: int | None = None
+    noise_model: str = "coloured"
+    mask: str = "auto"
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +125,10 @@ class ReconstructionConfig:
             problems.append("marching-stages must be >= 1")
         if self.preconditioner not in ("auto", "fourier", "none"):
             problems.append("preconditioner must be auto, fourier or none")
+        if self.noise_model not in NOISE_MODELS:
+            problems.append(f"noise-model must be one of {', '.join(NOISE_MODELS)}")
+        if not self.mask:
+            problems.append("mask must be auto, sphere, none or an MRC file")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -149,9 +162,10 @@ class ReconstructionConfig:
         return ReconstructionConfig(**d)
 
     def paper_faithful(self) -> ReconstructionConfig:
-        """The paper's plain method: no preconditioner, no frequency marching, no tempering."""
+        """The paper's plain method: no preconditioner, no frequency marching, no tempering,
+        white noise, no solvent mask."""
         return dataclasses.replace(self, preconditioner="none", start_freq_fraction=1.0,
-                                   start_temperature=1.0)
+                                   start_temperature=1.0, noise_model="white", mask="none")
 
     def trajectory_fields(self) -> dict:
         """The fields that must match for a checkpoint to resume this run exactly."""

@@ -26,11 +26,20 @@ from cryostoch.simulate.init import random_spheres_volume
 log = logging.getLogger(__name__)
 
 
-def data_signal_power(model: MarginalLikelihood, particles: PreparedParticles) -> float:
-    """Mean signal power per image inside the cutoff: E||I||^2 - (noise dof), noise sigma 1."""
-    coeffs = model.image_coefficients(particles.blocks[:2000].to(model.device))
+def data_signal_power(model: MarginalLikelihood, particles: PreparedParticles,
+                      noise_precision: Tensor | None = None) -> float:
+    """Mean signal power per image inside the cutoff: E||I||^2 - E||noise||^2.
+
+    White noise of sigma 1 has the power of the degrees of freedom; with `noise_precision`
+    (G, M) per optics group (coloured noise), sum_k w_k sigma_k^2.
+    """
+    blocks = particles.blocks[:2000]
+    coeffs = model.image_coefficients(blocks.to(model.device))
     power = (coeffs.real**2 + coeffs.imag**2).to(model.dtype) @ model.weights_k
-    return float(power.mean()) - model.coefficients.degrees_of_freedom
+    if noise_precision is None:
+        return float(power.mean()) - model.coefficients.degrees_of_freedom
+    variance = 1.0 / noise_precision[particles.optics_index[: blocks.shape[0]]]  # (B, M)
+    return float(power.mean()) - float((variance @ model.weights_k).mean())
 
 
 def model_signal_power(model: MarginalLikelihood, volume: Tensor,
@@ -47,8 +56,12 @@ def model_signal_power(model: MarginalLikelihood, volume: Tensor,
     return float((model.weights_k * c2 * mean_slice_power).sum())
 
 
-def initial_volume(run: PreparedRun, band_limit_px: float) -> Tensor:
-    """(N, N, N) start in the run's dtype, seeded by the run's seed."""
+def initial_volume(run: PreparedRun, band_limit_px: float,
+                   noise_precision: Tensor | None = None) -> Tensor:
+    """(N, N, N) start in the run's dtype, seeded by the run's seed.
+
+    noise_precision: (G, M) at the final model's coefficients for coloured noise, or None.
+    """
     config, model = run.config, run.model
     box = run.geometry.box_size
     if config.init == "random":
@@ -61,7 +74,7 @@ def initial_volume(run: PreparedRun, band_limit_px: float) -> Tensor:
             volume = resample_volume(volume.to(torch.float64), box)
         volume = volume.to(device=model.device, dtype=torch.float64)
     volume = soft_low_pass(volume, band_limit_px, 2.0, ndim=3).to(model.dtype)
-    target = data_signal_power(model, run.train)
+    target = data_signal_power(model, run.train, noise_precision)
     predicted = model_signal_power(model, volume, run.train)
     if target <= 0:
         log.warning("no signal power detected above the noise; using a unit-scale start")

@@ -79,8 +79,12 @@ def run_info(run: PreparedRun) -> dict:
     }
 
 
-def write_poses(path: Path, run: PreparedRun, volume: Tensor) -> None:
-    """Most probable pose of every particle under `volume` (N, N, N), as a RELION STAR."""
+def write_poses(path: Path, run: PreparedRun, volume: Tensor,
+                noise_precision: Tensor | None = None) -> None:
+    """Most probable pose of every particle under `volume` (N, N, N), as a RELION STAR.
+
+    noise_precision: (G, M) per optics group at the final model's coefficients (coloured
+    noise) or None (white)."""
     from cryostoch.io.records import Poses
     from cryostoch.io.star import write_particles_star
 
@@ -93,8 +97,11 @@ def write_poses(path: Path, run: PreparedRun, volume: Tensor) -> None:
         slices = model.slices(volume.detach())
         for start in range(0, n, 200):
             stop = min(n, start + 200)
+            rows = torch.arange(start, stop)
+            precision = None if noise_precision is None \
+                else noise_precision[particles.optics_index[rows]]
             res = model.evaluate(slices, particles.blocks[start:stop].to(model.device),
-                                 particles.ctf.index(torch.arange(start, stop)))
+                                 particles.ctf.index(rows), noise_precision=precision)
             best[start:stop] = res.best_pose_index.cpu()
             prob[start:stop] = res.best_pose_probability.double().cpu()
             nll[start:stop] = res.nll.double().cpu()
@@ -111,8 +118,8 @@ def write_poses(path: Path, run: PreparedRun, volume: Tensor) -> None:
 
 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
-           gradient_evaluations: int, seconds: float, info: dict, title: str
-           ) -> ReconstructionResult:
+           gradient_evaluations: int, seconds: float, info: dict, title: str,
+           noise_precision: Tensor | None = None) -> ReconstructionResult:
     """Write every output of a finished run and return its summary.
 
     volume: (N, N, N) final map in the run's dtype and device; info: what config.json holds
@@ -125,7 +132,7 @@ def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
     write_metrics(out / "metrics.csv", metrics)
     (out / "config.json").write_text(json.dumps(info, indent=2, default=str))
     if run.config.write_poses:
-        write_poses(out / "poses.star", run, volume)  # scored in the run's own dtype
+        write_poses(out / "poses.star", run, volume, noise_precision)  # in the run's dtype
     final = next((m["test_nll"] for m in reversed(metrics) if m["test_nll"] is not None), None)
     reconstruction_report(out / "report.png", map_volume, metrics, title=title)
     return ReconstructionResult(out, map_path, map_volume, final, gradient_evaluations,

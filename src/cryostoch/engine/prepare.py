@@ -134,8 +134,12 @@ class PreparedRun:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def test_nll(self, volume: Tensor) -> float | None:
-        """Mean held-out NLL per image of `volume` (N, N, N) at the final cutoff."""
+    def test_nll(self, volume: Tensor, noise_precision: Tensor | None = None) -> float | None:
+        """Mean held-out NLL per image of `volume` (N, N, N) at the final cutoff.
+
+        noise_precision: (G, M) per optics group at the final model's coefficients, or None
+        (white noise).
+        """
         if self.test is None:
             return None
         model, test = self.model, self.test
@@ -143,9 +147,12 @@ class PreparedRun:
         with torch.no_grad():
             slices = model.slices(volume.detach())
             for start in range(0, len(test), 100):
+                rows = torch.arange(start, min(start + 100, len(test)))
+                precision = None if noise_precision is None \
+                    else noise_precision[test.optics_index[rows]]
                 blocks = test.blocks[start : start + 100].to(model.device)
-                ctf = test.ctf.index(torch.arange(start, min(start + 100, len(test))))
-                total += float(model.evaluate(slices, blocks, ctf).nll.sum())
+                total += float(model.evaluate(slices, blocks, test.ctf.index(rows),
+                                              noise_precision=precision).nll.sum())
         return total / len(test)
 
     def make_model(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:

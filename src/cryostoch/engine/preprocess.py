@@ -1,7 +1,8 @@
 """Load-time preprocessing: a particle data set -> small in-memory Fourier blocks.
 
 Done once per run (paper section 4: images rescaled so the noise sigma is 1):
-1. estimate the noise standard deviation from the background of a sample of images;
+1. estimate the noise standard deviation from the background of a sample of images (and,
+   while streaming, the background's power spectrum per optics group: coloured noise);
 2. detect the contrast sign (protein white or black) from phase-flipped, low-passed images;
 3. stream every image in chunks: subtract its background mean, divide by the noise sigma,
    apply the sign, and keep only its oversampled Fourier block inside the largest cutoff.
@@ -21,6 +22,12 @@ from torch import Tensor
 from cryostoch.errors import InputError
 from cryostoch.io.dataset import ParticleDataset
 from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.model.noise import (
+    NoiseSpectrum,
+    background_power,
+    soft_background_mask,
+    spectrum_from_background,
+)
 from cryostoch.model.preprocess import (
     NormalisationStatistics,
     background_statistics,
@@ -40,6 +47,8 @@ class PreparedParticles:
     ctf: CtfParameters  # (n,)
     dataset_indices: np.ndarray  # row of each particle in the source data set
     statistics: NormalisationStatistics
+    optics_index: Tensor  # (n,) long, 0-based index of each particle's optics group
+    background_noise: NoiseSpectrum  # sigma^2 per group and shell from the background
 
     def __len__(self) -> int:
         return int(self.blocks.shape[0])
@@ -51,6 +60,8 @@ class PreparedParticles:
             self.ctf.index(rows_t),
             self.dataset_indices[np.asarray(rows)],
             self.statistics,
+            self.optics_index[rows_t],
+            self.background_noise,
         )
 
 
@@ -116,6 +127,11 @@ def prepare_particles(
     blocks = torch.empty(
         n, layout.centred_length, layout.half_length, dtype=model.complex_dtype, device="cpu"
     )
+    _, optics_index = np.unique(np.asarray(dataset.optics_group), return_inverse=True)
+    optics_index = torch.as_tensor(optics_index.reshape(-1), dtype=torch.long)
+    n_groups = int(optics_index.max()) + 1 if n else 1
+    mask = soft_background_mask(dataset.box_size, particle_radius_px)
+    power_sum = torch.zeros(n_groups, dataset.box_size // 2 + 1, dtype=torch.float64)
     done = 0
     for rows, images in dataset.iter_chunks(chunk_size):
         images = images.to(torch.float64)
@@ -126,12 +142,16 @@ def prepare_particles(
             images, particle_radius_px, statistics.noise_sigma, statistics.contrast_sign
         )
         blocks[done : done + len(rows)] = model.image_blocks(normalised.to(model.dtype)).cpu()
+        power, counts = background_power(normalised, mask)
+        power_sum.index_add_(0, optics_index[done : done + len(rows)], power)
         done += len(rows)
         if progress is not None:
             progress(len(rows))
     if done != n:
         raise InputError(dataset.source_path, f"read {done} images but expected {n}")
-    return PreparedParticles(blocks, dataset.ctf, np.arange(n), statistics)
+    group_sizes = torch.bincount(optics_index, minlength=n_groups).to(torch.float64)
+    noise = NoiseSpectrum(spectrum_from_background(power_sum, counts, group_sizes, mask))
+    return PreparedParticles(blocks, dataset.ctf, np.arange(n), statistics, optics_index, noise)
 
 
 class ResampledDataset:
@@ -145,6 +165,7 @@ class ResampledDataset:
         self.box_size = box_size
         self.pixel_size_a = dataset.pixel_size_a * dataset.box_size / box_size
         self.ctf = dataset.ctf
+        self.optics_group = dataset.optics_group
         self.source_path = dataset.source_path
 
     def __len__(self) -> int:

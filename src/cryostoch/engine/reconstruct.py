@@ -24,6 +24,7 @@ from cryostoch import __version__
 from cryostoch.engine.checkpoint import load_checkpoint, save_checkpoint
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
+from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.progress import progress_bar
@@ -70,26 +71,45 @@ def minibatch_rows(state_images_seen: int, batch: int, n_train: int, seed: int) 
     return np.asarray(rows)
 
 
+@dataclass(frozen=True)
+class StageModel:
+    """What one stage evaluates with."""
+
+    stage: Stage
+    model: MarginalLikelihood
+    preconditioner: Tensor | None  # real, on the model's spectrum block
+    noise_precision: Tensor | None  # (G, M) per optics group, None for white noise
+
+
 class StageModels:
-    """The likelihood and Fourier preconditioner of the current stage, rebuilt on a change."""
+    """The likelihood, preconditioner and noise precision of the current stage, rebuilt when
+    the stage (or the noise model) changes."""
 
-    def __init__(self, run: PreparedRun) -> None:
+    def __init__(self, run: PreparedRun, noise_and_mask: NoiseAndMask) -> None:
         self.run = run
-        self._current: tuple[Stage, MarginalLikelihood, Tensor | None] | None = None
+        self.noise_and_mask = noise_and_mask
+        self._current: StageModel | None = None
 
-    def get(self, stage: Stage) -> tuple[MarginalLikelihood, Tensor | None]:
-        if self._current is None or self._current[0] != stage:
+    def invalidate(self) -> None:
+        self._current = None
+
+    def get(self, stage: Stage) -> StageModel:
+        if self._current is None or self._current.stage != stage:
             run = self.run
             final = stage.radius_px == run.geometry.cutoff_radius_px and stage.temperature == 1
             model = run.model if final else run.make_model(stage.radius_px, stage.temperature)
+            precision = self.noise_and_mask.precision(model)
             preconditioner = None
             if run.config.uses_fourier_preconditioner:
-                sample = run.train.ctf.index(torch.arange(min(run.n_train, 1000)))
-                preconditioner = fourier_preconditioner(expected_curvature(model, sample))
-            self._current = (stage, model, preconditioner)
+                sample = torch.arange(min(run.n_train, 1000))
+                mean_precision = None if precision is None \
+                    else precision[run.train.optics_index[sample]].mean(0)
+                preconditioner = fourier_preconditioner(expected_curvature(
+                    model, run.train.ctf.index(sample), mean_precision))
+            self._current = StageModel(stage, model, preconditioner, precision)
             log.debug("cutoff radius %.2f px (%.1f A)", stage.radius_px,
                       run.geometry.resolution_a(stage.radius_px))
-        return self._current[1], self._current[2]
+        return self._current
 
 
 class Reconstruction:
@@ -105,7 +125,8 @@ class Reconstruction:
         self.prepared = prepare_run(config, progress=progress)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
-        self.stages = StageModels(self.prepared)
+        self.noise_and_mask = NoiseAndMask(self.prepared)
+        self.stages = StageModels(self.prepared, self.noise_and_mask)
         self.prior = PriorConfig(config.lambda_plus, config.lambda_minus, config.prior_beta)
         self.state = RunState()
         self.volume: Tensor
@@ -115,7 +136,9 @@ class Reconstruction:
         else:
             if resume:
                 log.warning("no checkpoint in %s: starting from the beginning", self.out)
-            self.volume = initial_volume(self.prepared, self.schedule.radius_px(0))
+            self.volume = initial_volume(self.prepared, self.schedule.radius_px(0),
+                                         self.noise_and_mask.precision(self.prepared.model))
+            self.noise_and_mask.apply_(self.volume)
             self._make_optimizer()
 
     def _make_optimizer(self) -> None:
@@ -135,6 +158,7 @@ class Reconstruction:
         self.volume = state["volume"].to(device=self.prepared.device, dtype=self.prepared.dtype)
         self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_and_mask.load_state_dict(state.get("noise_and_mask", {}))
         self.state = RunState(**state["run"])
         log.info("resumed from %s at iteration %d", self.checkpoint_path, self.state.iteration)
 
@@ -143,33 +167,42 @@ class Reconstruction:
     def total_images(self) -> int:
         return self.schedule.total_images
 
-    def _enter_stage(self) -> tuple[MarginalLikelihood, Tensor | None]:
-        """The stage's model; a new stage measures the step size again unless --lr is fixed."""
+    def _enter_stage(self) -> StageModel:
+        """The stage's model. A new stage measures the step size again (unless --lr is
+        fixed) and lets the solvent mask follow the map."""
         stage = self.schedule.stage(self.state.images_seen)
-        model, preconditioner = self.stages.get(stage)
         key = stage.key()
-        if self.state.stage is not None and self.state.stage != key and self.config.lr is None:
-            self.optimizer.recalibrate()
+        if self.state.stage is not None and self.state.stage != key:
+            if self.config.lr is None:
+                self.optimizer.recalibrate()
+            self.noise_and_mask.follow(self.volume.detach())
+            self.noise_and_mask.apply_(self.volume)
         self.state.stage = key
-        return model, preconditioner
+        return self.stages.get(stage)
 
-    def _closure(self, rows: np.ndarray, model: MarginalLikelihood,
-                 preconditioner: Tensor | None):
+    def _closure(self, rows: np.ndarray, current: StageModel):
         """The objective on one minibatch at the current map; sets .grad, returns the value."""
-        prepared = self.prepared
+        prepared, model = self.prepared, current.model
         index = torch.as_tensor(rows)
         blocks = model.crop_blocks(prepared.train.blocks[index]).to(prepared.device,
                                                                     non_blocking=True)
         ctf = prepared.train.ctf.index(index)
+        precision = None if current.noise_precision is None \
+            else current.noise_precision[prepared.train.optics_index[index]]
 
         def closure() -> Tensor:
             out = minibatch_objective(self.volume.detach(), blocks, ctf, model, self.prior,
-                                      prepared.n_train, preconditioner=preconditioner,
-                                      likelihood_weight=model.config.noise_sigma**2)
+                                      prepared.n_train, preconditioner=current.preconditioner,
+                                      likelihood_weight=model.config.noise_sigma**2,
+                                      noise_precision=precision)
             self.volume.grad = out.gradient
             return out.value
 
         return closure
+
+    def _test_nll(self) -> float | None:
+        precision = self.noise_and_mask.precision(self.prepared.model)
+        return self.prepared.test_nll(self.volume, precision)
 
     def _should_test(self, iteration: int, last: bool) -> bool:
         every = self.config.test_every
@@ -185,8 +218,9 @@ class Reconstruction:
         """One optimiser step on the next minibatch; returns its objective (first evaluation)."""
         state = self.state
         rows = minibatch_rows(state.images_seen, batch, self.prepared.n_train, self.config.seed)
-        model, preconditioner = self._enter_stage()
-        objective = float(self.optimizer.step(self._closure(rows, model, preconditioner)))
+        current = self._enter_stage()
+        objective = float(self.optimizer.step(self._closure(rows, current)))
+        self.noise_and_mask.apply_(self.volume)
         state.iteration += 1
         state.images_seen += batch
         state.gradient_evaluations += self.optimizer.last_step_closure_calls * batch
@@ -201,12 +235,11 @@ class Reconstruction:
         bar = progress_bar(total, f"{cfg.optimizer} x {batch}", self.progress,
                            initial=min(state.images_seen, total), unit="img")
         if state.iteration == 0 and not state.metrics:
-            self._log_metrics(None, self.prepared.test_nll(self.volume), start_time)
+            self._log_metrics(None, self._test_nll(), start_time)
         while not self._finished():
             objective = self._step(batch)
             last = self._finished()
-            test = (self.prepared.test_nll(self.volume)
-                    if self._should_test(state.iteration, last) else None)
+            test = self._test_nll() if self._should_test(state.iteration, last) else None
             self._log_metrics(objective, test, start_time)
             self._snapshots()
             if bar:
@@ -225,7 +258,8 @@ class Reconstruction:
         state.seconds = time.perf_counter() - start_time
         return finish(self.out, self.prepared, self.volume, state.metrics,
                       gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
-                      info=run_info(self.prepared),
+                      info=run_info(self.prepared) | self.noise_and_mask.describe(),
+                      noise_precision=self.noise_and_mask.precision(self.prepared.model),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}")
 
     def _log_metrics(self, objective: float | None, test: float | None,
@@ -258,6 +292,7 @@ class Reconstruction:
             "volume": self.volume.detach().cpu(),
             "optimizer": self.optimizer.state_dict(),
             "run": self.state.__dict__,
+            "noise_and_mask": self.noise_and_mask.state_dict(),
             "version": __version__,
         })
 

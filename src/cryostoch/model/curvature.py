@@ -18,13 +18,17 @@ from cryostoch.operators.ctf import CtfParameters
 from cryostoch.operators.slicing import insert_slice_weights
 
 
-def expected_curvature(model: MarginalLikelihood, ctf: CtfParameters) -> Tensor:
+def expected_curvature(model: MarginalLikelihood, ctf: CtfParameters,
+                       noise_precision: Tensor | None = None) -> Tensor:
     """Row sums of the data term's expected Hessian, real (Kz, Ky, Kx) on the spectrum block.
 
-    ctf: the particles to average C^2 over. Computed by back-projecting N * w_d * w_k * mean C^2
-    / s^2 with the same trilinear kernel as the slice extraction.
+    ctf: the particles to average C^2 over; noise_precision: optional (M,) mean relative
+    precision 1 / sigma_k^2 of their noise (coloured noise). Computed by back-projecting
+    N * w_d * w_k * mean C^2 / s^2 with the same trilinear kernel as the slice extraction.
     """
     c2 = model.images.mean_ctf2(ctf)  # (M,) float64
+    if noise_precision is not None:
+        c2 = c2 * noise_precision.to(c2)
     weights = model.orientations.direction_weights.to(model.device, torch.float64)
     per_point = weights[:, None] * (model.coefficients.weights * c2)[None, :]
     config = model.config

@@ -40,6 +40,7 @@ def minibatch_objective(
     compute_gradient: bool = True,
     preconditioner: Tensor | None = None,
     likelihood_weight: float = 1.0,
+    noise_precision: Tensor | None = None,
 ) -> ObjectiveValue:
     """Objective and (optionally) its gradient with respect to the real volume.
 
@@ -52,6 +53,9 @@ def minibatch_objective(
     gradient is F^H diag(preconditioner) F-applied: a fixed change of metric that gives every
     frequency a comparable curvature; the prior part is left as it is. Without it, the exact
     gradient.
+
+    `noise_precision`: (B, M) or (M,) per-coefficient noise precision (coloured noise), see
+    `MarginalLikelihood.evaluate`.
     """
     if n_training_images < 1:
         raise ValueError("n_training_images must be >= 1")
@@ -60,12 +64,14 @@ def minibatch_objective(
         prior_value, prior_gradient = negative_log_prior_and_gradient(volume.detach(), prior)
         result, gradient = model.nll_and_gradient(volume, blocks, ctf,
                                                   gradient_scale=likelihood_weight / batch,
-                                                  preconditioner=preconditioner)
+                                                  preconditioner=preconditioner,
+                                                  noise_precision=noise_precision)
         gradient = gradient + prior_gradient / n_training_images
     else:
         prior_value = negative_log_prior(volume.detach(), prior)
         with torch.no_grad():
-            result = model.evaluate(model.slices(volume), blocks, ctf)
+            result = model.evaluate(model.slices(volume), blocks, ctf,
+                                    noise_precision=noise_precision)
         gradient = None
     mean_nll = result.nll.mean()
     value = likelihood_weight * mean_nll + prior_value.detach() / n_training_images

@@ -1,0 +1,103 @@
+"""The run's noise model and solvent mask: state next to the map, updated at stage changes.
+
+`NoiseAndMask` holds the noise spectrum (None for white noise) and the current solvent mask
+(None for no mask), gives the likelihood its per-group precision at any cutoff, projects the
+map onto the mask after every step, and lets the mask follow the map at every stage change
+(`--mask auto`). Both go into checkpoints, so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cryostoch.engine.prepare import PreparedRun
+from cryostoch.errors import InputError
+from cryostoch.fourier.resample import resample_volume
+from cryostoch.io.mrc import read_map
+from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.model.noise import NoiseSpectrum
+from cryostoch.model.solvent import dynamic_mask, mask_fraction, spherical_mask
+
+log = logging.getLogger(__name__)
+
+
+def _read_mask(path: str, box: int) -> Tensor:
+    """(N, N, N) float64 mask from an MRC file, resampled to the working box, in [0, 1]."""
+    if not Path(path).exists():
+        raise InputError(path, "no such mask file (use --mask auto, sphere or none)")
+    mask, _ = read_map(path)
+    if mask.dim() != 3 or len(set(mask.shape)) != 1:
+        raise InputError(path, f"a mask must be a cubic map, got {tuple(mask.shape)}")
+    mask = mask.to(torch.float64)
+    if mask.shape[-1] != box:
+        mask = resample_volume(mask, box)
+    mask = mask.clamp(0, 1)
+    if not float(mask.max()) > 0:
+        raise InputError(path, "the mask is empty")
+    return mask
+
+
+class NoiseAndMask:
+    """Noise spectrum and solvent mask of one run (see the module docstring)."""
+
+    def __init__(self, run: PreparedRun) -> None:
+        config, geometry = run.config, run.geometry
+        self.kind = config.mask
+        self.noise: NoiseSpectrum | None = (run.particles.background_noise
+                                            if config.noise_model == "coloured" else None)
+        options = {"dtype": run.dtype, "device": run.device}
+        self.sphere = spherical_mask(geometry.box_size, geometry.particle_radius_px, **options)
+        if self.kind == "none":
+            self.mask = None
+        elif self.kind in ("auto", "sphere"):
+            self.mask = self.sphere.clone()
+        else:
+            self.mask = _read_mask(self.kind, geometry.box_size).to(**options)
+        if self.noise is not None:
+            variance = self.noise.variance
+            log.info("coloured noise: sigma^2 from %.3g (low frequencies) to %.3g (Nyquist), "
+                     "%d optics group(s)", float(variance[:, 1].mean()),
+                     float(variance[:, -1].mean()), self.noise.n_groups)
+
+    def precision(self, model: MarginalLikelihood) -> Tensor | None:
+        """(G, M) relative noise precision at `model`'s coefficients, or None (white)."""
+        if self.noise is None:
+            return None
+        return self.noise.precision(model.coefficients, model.dtype)
+
+    def apply_(self, volume: Tensor) -> None:
+        """Multiply the map (N, N, N) by the mask in place (a projection after each step)."""
+        if self.mask is not None:
+            with torch.no_grad():
+                volume.mul_(self.mask)
+
+    def follow(self, volume: Tensor) -> None:
+        """With --mask auto: a new mask from the current map (N, N, N)."""
+        if self.kind != "auto":
+            return
+        self.mask = dynamic_mask(volume, self.sphere)
+        log.info("solvent mask follows the map: %.1f%% of the box", 100 * mask_fraction(self.mask))
+
+    def state_dict(self) -> dict:
+        return {"mask": None if self.mask is None else self.mask.detach().cpu(),
+                "noise_variance": None if self.noise is None else self.noise.variance.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mask") is not None:
+            self.mask = state["mask"].to(self.sphere)
+        if state.get("noise_variance") is not None:
+            self.noise = NoiseSpectrum(state["noise_variance"].to(torch.float64))
+
+    def describe(self) -> dict:
+        """What config.json records."""
+        return {
+            "noise_model": "white" if self.noise is None else "coloured",
+            "noise_variance_per_shell": None if self.noise is None
+            else [[round(float(v), 5) for v in row] for row in self.noise.variance],
+            "mask": self.kind,
+            "mask_fraction": None if self.mask is None else mask_fraction(self.mask),
+        }
