@@ -219,3 +219,38 @@ def test_paper_experiment_at_small_scale(tmp_path):
         assert f"| {method} |" in text
     for fig in ("fig3_test_nll.png", "fig4_maps.png", "fig6_baselines.png"):
         assert (tmp_path / "exp" / "synthetic" / fig).stat().st_size > 5000
+
+
+def test_classes_write_class_maps_and_resume_exactly(tiny_set, tmp_path, monkeypatch):
+    """--classes 2: one map per class, each particle's class in poses.star, class sizes in
+    config.json, and an interrupted run (after a stage change re-measured the proportions)
+    resumes bit for bit."""
+    config = tiny_config(tiny_set, tmp_path / "full", classes=2, max_freq=0.3)
+    full = reconstruct(config, progress=False)
+    info = json.loads((tmp_path / "full" / "config.json").read_text())
+    sizes = {c["class"]: c["particles"] for c in info["classes"]}
+    assert set(sizes) == {1, 2} and sum(sizes.values()) == 400
+    largest = info["classes"][0]["class"]
+    with mrcfile.open(tmp_path / "full" / f"class_{largest:02d}.mrc") as m:
+        assert np.array_equal(m.data, full.volume.numpy())
+    poses = starfile.read(tmp_path / "full" / "poses.star", always_dict=True)["particles"]
+    counts = poses["rlnClassNumber"].value_counts().to_dict()
+    assert counts == sizes
+
+    cut = tiny_config(tiny_set, tmp_path / "cut", classes=2, max_freq=0.3,
+                      checkpoint_interval_s=0.0)
+    run = Reconstruction(cut, progress=False)
+    original = run._checkpoint
+    calls = {"n": 0}
+
+    def checkpoint_then_die():
+        original()
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the stage changes (7 steps of 50; marching in the first 4)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    resumed = reconstruct(cut, resume=True, progress=False)
+    assert torch.equal(resumed.volume, full.volume)

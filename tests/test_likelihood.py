@@ -302,3 +302,34 @@ def test_prior_value_and_gradient_together():
         (auto,) = torch.autograd.grad(negative_log_prior(vv, p), vv)
         assert value.item() == pytest.approx(negative_log_prior(v, p).item())
         assert torch.allclose(grad, auto)
+
+
+def test_classes_marginalise_like_a_mixture_of_single_class_models():
+    """With K maps, p(I) = sum_c pi_c p(I | V_c): the class is one more latent variable."""
+    single = make_model(shift_radius=1.0)
+    mixed = make_model(shift_radius=1.0, n_classes=2)
+    volumes = torch.stack([blob_volume(16, 1), 0.5 * blob_volume(16, 8)])
+    ctf = ctf_batch(4, 3)
+    g = torch.Generator().manual_seed(4)
+    blocks = single.image_blocks(torch.randn(4, 16, 16, generator=g, dtype=F64))
+    log_pi = torch.log(torch.tensor([0.3, 0.7], dtype=F64))
+    per_class = torch.stack([single.evaluate(single.slices(v), blocks, ctf).nll for v in volumes])
+    expected = -torch.logsumexp(log_pi[:, None] - per_class, dim=0)
+    result, gradient = mixed.nll_and_gradient(volumes, blocks, ctf, gradient_scale=1.0,
+                                              class_log_weights=log_pi)
+    assert torch.allclose(result.nll, expected, rtol=1e-11)
+    assert gradient.shape == volumes.shape
+    # the gradient against central finite differences along a random direction
+    direction = torch.randn(volumes.shape, generator=g, dtype=F64)
+    eps = 1e-5
+
+    def total(v):
+        return mixed.evaluate(mixed.slices(v), blocks, ctf, class_log_weights=log_pi).nll.sum()
+
+    numeric = (total(volumes + eps * direction) - total(volumes - eps * direction)) / (2 * eps)
+    assert float(numeric) == pytest.approx(float((gradient * direction).sum()), rel=1e-6)
+    # the best pose names its class; pose parameters are those of the direction within it
+    classes = mixed.class_of(result.best_pose_index)
+    assert set(classes.tolist()) <= {0, 1}
+    euler, _ = mixed.pose_parameters(result.best_pose_index)
+    assert euler.shape == (4, 3)

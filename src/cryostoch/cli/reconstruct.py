@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prior strength on positive density (sparsity)")
     parser.add_argument("--lambda-minus", type=float, default=1e-4,
                         help="prior strength on negative density")
+    parser.add_argument("--classes", type=int, default=1,
+                        help="maps reconstructed at once; each particle's class is marginalised "
+                             "with its pose, so junk and ice can go to classes of their own "
+                             "(default 1)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
                         help="gradient-evaluation counts at which to save maps, e.g. 5000,50000")
@@ -52,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> ReconstructionConfig:
             batch_size=args.batch_size, lr=args.lr, lambda_plus=args.lambda_plus,
             lambda_minus=args.lambda_minus, snapshots=tuple(args.snapshots),
             test_every=args.test_every, checkpoint_interval_s=args.checkpoint_interval_s,
+            classes=args.classes,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None

@@ -78,6 +78,8 @@ class BaselineConfig:
             problems.append("refine-iterations must be >= 0")
         if self.chunk_size < 1:
             problems.append("chunk size must be >= 1")
+        if self.reconstruction.classes != 1:
+            problems.append("the baselines reconstruct one class")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -70,6 +70,7 @@ class ReconstructionConfig:
     gradient_budget: int | None = None
     noise_model: str = "coloured"
     mask: str = "auto"
+    classes: int = 1
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +128,8 @@ class ReconstructionConfig:
             problems.append("preconditioner must be auto, fourier or none")
         if self.noise_model not in NOISE_MODELS:
             problems.append(f"noise-model must be one of {', '.join(NOISE_MODELS)}")
+        if not 1 <= self.classes <= 50:
+            problems.append("classes must be between 1 and 50")
         if not self.mask:
             problems.append("mask must be auto, sphere, none or an MRC file")
         if problems:

@@ -56,31 +56,43 @@ def model_signal_power(model: MarginalLikelihood, volume: Tensor,
     return float((model.weights_k * c2 * mean_slice_power).sum())
 
 
+def _start_density(run: PreparedRun, generator: torch.Generator) -> Tensor:
+    """(N, N, N) float64: random spheres from `generator`, or the --init map resampled."""
+    config, box = run.config, run.geometry.box_size
+    if config.init == "random":
+        return random_spheres_volume(box, run.geometry.particle_radius_px, generator,
+                                     dtype=torch.float64, device=run.device)
+    volume, _ = read_map(config.init)
+    if volume.shape[-1] != box:
+        volume = resample_volume(volume.to(torch.float64), box)
+    return volume.to(device=run.device, dtype=torch.float64)
+
+
 def initial_volume(run: PreparedRun, band_limit_px: float,
                    noise_precision: Tensor | None = None) -> Tensor:
-    """(N, N, N) start in the run's dtype, seeded by the run's seed.
+    """(N, N, N) start in the run's dtype, seeded by the run's seed; (K, N, N, N) with K
+    classes (independent random starts, the first the same as a one-class run's).
 
     noise_precision: (G, M) at the final model's coefficients for coloured noise, or None.
     """
     config, model = run.config, run.model
-    box = run.geometry.box_size
-    if config.init == "random":
-        generator = torch.Generator().manual_seed(config.seed)
-        volume = random_spheres_volume(box, run.geometry.particle_radius_px, generator,
-                                       dtype=torch.float64, device=model.device)
-    else:
-        volume, _ = read_map(config.init)
-        if volume.shape[-1] != box:
-            volume = resample_volume(volume.to(torch.float64), box)
-        volume = volume.to(device=model.device, dtype=torch.float64)
-    volume = soft_low_pass(volume, band_limit_px, 2.0, ndim=3).to(model.dtype)
+    generator = torch.Generator().manual_seed(config.seed)
     target = data_signal_power(model, run.train, noise_precision)
-    predicted = model_signal_power(model, volume, run.train)
     if target <= 0:
         log.warning("no signal power detected above the noise; using a unit-scale start")
         target = 0.01 * model.coefficients.degrees_of_freedom
-    if not predicted > 0:
-        raise InputError(config.init, "the initial map has no density inside the cutoff")
-    scale = math.sqrt(target / predicted)
-    log.info("initial density scaled by %.4g to match the data's signal power", scale)
-    return volume * scale
+    starts = []
+    for c in range(config.classes):
+        volume = _start_density(run, generator)
+        if c > 0 and config.init != "random":
+            # classes from one given map must differ, or they would stay identical
+            noise = torch.randn(volume.shape, generator=generator, dtype=torch.float64)
+            volume = volume + 0.2 * float(volume.std()) * noise.to(volume.device)
+        volume = soft_low_pass(volume, band_limit_px, 2.0, ndim=3).to(model.dtype)
+        predicted = model_signal_power(model, volume, run.train)
+        if not predicted > 0:
+            raise InputError(config.init, "the initial map has no density inside the cutoff")
+        scale = math.sqrt(target / predicted)
+        log.info("initial density scaled by %.4g to match the data's signal power", scale)
+        starts.append(volume * scale)
+    return starts[0] if config.classes == 1 else torch.stack(starts)

@@ -76,10 +76,14 @@ class NoiseAndMask:
                 volume.mul_(self.mask)
 
     def follow(self, volume: Tensor) -> None:
-        """With --mask auto: a new mask from the current map (N, N, N)."""
+        """With --mask auto: a new mask from the current map (N, N, N), or one per class from
+        (K, N, N, N)."""
         if self.kind != "auto":
             return
-        self.mask = dynamic_mask(volume, self.sphere)
+        if volume.dim() == 3:
+            self.mask = dynamic_mask(volume, self.sphere)
+        else:
+            self.mask = torch.stack([dynamic_mask(v, self.sphere) for v in volume])
         log.info("solvent mask follows the map: %.1f%% of the box", 100 * mask_fraction(self.mask))
 
     def state_dict(self) -> dict:

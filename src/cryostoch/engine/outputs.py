@@ -79,15 +79,22 @@ def run_info(run: PreparedRun) -> dict:
     }
 
 
-def write_poses(path: Path, run: PreparedRun, volume: Tensor,
-                noise_precision: Tensor | None = None) -> None:
-    """Most probable pose of every particle under `volume` (N, N, N), as a RELION STAR.
+@dataclass
+class PoseAssignment:
+    """Each particle's most probable pose under the final map(s); all (n,) on the CPU."""
+
+    best_pose_index: Tensor  # flat pose index (class-major directions with classes)
+    probability: Tensor  # float64 posterior probability of that pose
+    nll: Tensor  # float64 negative log marginal likelihood
+    classes: Tensor  # 0-based class
+
+
+def assign_poses(run: PreparedRun, volume: Tensor, noise_precision: Tensor | None = None,
+                 class_log_weights: Tensor | None = None) -> PoseAssignment:
+    """Score every particle against `volume` (N, N, N) or (K, N, N, N) at the final cutoff.
 
     noise_precision: (G, M) per optics group at the final model's coefficients (coloured
-    noise) or None (white)."""
-    from cryostoch.io.records import Poses
-    from cryostoch.io.star import write_particles_star
-
+    noise) or None (white); class_log_weights: (K,) log class proportions or None."""
     model, particles = run.model, run.particles
     n = len(particles)
     best = torch.empty(n, dtype=torch.long)
@@ -101,38 +108,68 @@ def write_poses(path: Path, run: PreparedRun, volume: Tensor,
             precision = None if noise_precision is None \
                 else noise_precision[particles.optics_index[rows]]
             res = model.evaluate(slices, particles.blocks[start:stop].to(model.device),
-                                 particles.ctf.index(rows), noise_precision=precision)
+                                 particles.ctf.index(rows), noise_precision=precision,
+                                 class_log_weights=class_log_weights)
             best[start:stop] = res.best_pose_index.cpu()
             prob[start:stop] = res.best_pose_probability.double().cpu()
             nll[start:stop] = res.nll.double().cpu()
-    euler, shifts_px = model.pose_parameters(best)
+    return PoseAssignment(best, prob, nll, model.class_of(best).cpu())
+
+
+def write_poses(path: Path, run: PreparedRun, poses: PoseAssignment) -> None:
+    """The particles with their most probable pose (and class), as a RELION 3.1 STAR."""
+    from cryostoch.io.records import Poses
+    from cryostoch.io.star import write_particles_star
+
+    euler, shifts_px = run.model.pose_parameters(poses.best_pose_index)
     # shifts in the data's pixels (the working box may be Fourier-cropped)
     shifts_data_px = shifts_px * (run.geometry.pixel_size_a / run.dataset.pixel_size_a)
     optics, table = run.dataset.relion_tables(
         poses=Poses(euler.cpu(), shifts_data_px.cpu()), absolute_paths=True
     )
     table = table.reset_index(drop=True)
-    table["rlnMaxValueProbDistribution"] = prob.numpy()
-    table["rlnLogLikeliContribution"] = (-nll).numpy()
+    if run.config.classes > 1:
+        table["rlnClassNumber"] = (poses.classes + 1).numpy()
+    table["rlnMaxValueProbDistribution"] = poses.probability.numpy()
+    table["rlnLogLikeliContribution"] = (-poses.nll).numpy()
     write_particles_star(path, optics, table)
+
+
+def write_class_maps(out: Path, run: PreparedRun, volume: Tensor, classes: Tensor) -> dict:
+    """class_NN.mrc for every class of `volume` (K, N, N, N); returns what config.json records
+    (class sizes, from each particle's most probable class (n,)), largest class first."""
+    sizes = torch.bincount(classes, minlength=volume.shape[0])
+    for c in range(volume.shape[0]):
+        write_map(out / f"class_{c + 1:02d}.mrc", volume[c], run.geometry.pixel_size_a)
+    order = torch.argsort(sizes, descending=True, stable=True)
+    return {"classes": [{"class": int(c) + 1, "particles": int(sizes[c]),
+                         "map": f"class_{int(c) + 1:02d}.mrc"} for c in order]}
 
 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
            gradient_evaluations: int, seconds: float, info: dict, title: str,
-           noise_precision: Tensor | None = None) -> ReconstructionResult:
+           noise_precision: Tensor | None = None,
+           class_log_weights: Tensor | None = None) -> ReconstructionResult:
     """Write every output of a finished run and return its summary.
 
-    volume: (N, N, N) final map in the run's dtype and device; info: what config.json holds
-    (see `run_info`).
+    volume: (N, N, N) final map, or (K, N, N, N) with classes (map.mrc is then the largest
+    class), in the run's dtype and device; info: what config.json holds (see `run_info`).
     """
     from cryostoch.evaluate.plots import reconstruction_report
 
-    map_volume = volume.detach().float().cpu()
+    poses = None
+    if run.config.write_poses or volume.dim() == 4:
+        poses = assign_poses(run, volume, noise_precision, class_log_weights)
+    all_maps = volume.detach().float().cpu()
+    map_volume = all_maps
+    if volume.dim() == 4:
+        info = info | write_class_maps(out, run, all_maps, poses.classes)
+        map_volume = all_maps[info["classes"][0]["class"] - 1]
     map_path = write_maps(out, run, map_volume)
     write_metrics(out / "metrics.csv", metrics)
     (out / "config.json").write_text(json.dumps(info, indent=2, default=str))
     if run.config.write_poses:
-        write_poses(out / "poses.star", run, volume, noise_precision)  # in the run's dtype
+        write_poses(out / "poses.star", run, poses)
     final = next((m["test_nll"] for m in reversed(metrics) if m["test_nll"] is not None), None)
     reconstruction_report(out / "report.png", map_volume, metrics, title=title)
     return ReconstructionResult(out, map_path, map_volume, final, gradient_evaluations,

@@ -134,11 +134,13 @@ class PreparedRun:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def test_nll(self, volume: Tensor, noise_precision: Tensor | None = None) -> float | None:
-        """Mean held-out NLL per image of `volume` (N, N, N) at the final cutoff.
+    def test_nll(self, volume: Tensor, noise_precision: Tensor | None = None,
+                 class_log_weights: Tensor | None = None) -> float | None:
+        """Mean held-out NLL per image of `volume` (N, N, N) or (K, N, N, N) at the final
+        cutoff.
 
         noise_precision: (G, M) per optics group at the final model's coefficients, or None
-        (white noise).
+        (white noise); class_log_weights: (K,) log class proportions (None: uniform).
         """
         if self.test is None:
             return None
@@ -152,7 +154,8 @@ class PreparedRun:
                     else noise_precision[test.optics_index[rows]]
                 blocks = test.blocks[start : start + 100].to(model.device)
                 total += float(model.evaluate(slices, blocks, test.ctf.index(rows),
-                                              noise_precision=precision).nll.sum())
+                                              noise_precision=precision,
+                                              class_log_weights=class_log_weights).nll.sum())
         return total / len(test)
 
     def make_model(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:
@@ -174,6 +177,7 @@ def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_p
         shift_radius_px=config.shift_range_a / pixel,
         shift_sigma_px=sigma_a / pixel,
         memory_budget_mb=config.memory_budget_mb,
+        n_classes=config.classes,
     )
     return MarginalLikelihood(likelihood, dtype=getattr(torch, config.dtype),
                               device=torch.device(config.device))

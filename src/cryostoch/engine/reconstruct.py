@@ -22,6 +22,7 @@ from torch import Tensor
 
 from cryostoch import __version__
 from cryostoch.engine.checkpoint import load_checkpoint, save_checkpoint
+from cryostoch.engine.classes import update_classes
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
@@ -51,6 +52,7 @@ class RunState:
     metrics: list[dict] = field(default_factory=list)
     snapshots_done: list[int] = field(default_factory=list)
     stage: list[float] | None = None  # (cutoff radius, temperature) of the last step
+    class_log_weights: list[float] | None = None  # (K,) log class proportions, K > 1
 
 
 def epoch_order(n_train: int, seed: int, epoch: int) -> Tensor:
@@ -169,16 +171,32 @@ class Reconstruction:
 
     def _enter_stage(self) -> StageModel:
         """The stage's model. A new stage measures the step size again (unless --lr is
-        fixed) and lets the solvent mask follow the map."""
+        fixed), lets the solvent mask follow the map and measures the class proportions."""
         stage = self.schedule.stage(self.state.images_seen)
         key = stage.key()
-        if self.state.stage is not None and self.state.stage != key:
+        changed = self.state.stage is not None and self.state.stage != key
+        if changed:
             if self.config.lr is None:
                 self.optimizer.recalibrate()
             self.noise_and_mask.follow(self.volume.detach())
             self.noise_and_mask.apply_(self.volume)
         self.state.stage = key
-        return self.stages.get(stage)
+        current = self.stages.get(stage)
+        if changed and self.config.classes > 1:
+            generator = torch.Generator().manual_seed(self.config.seed + self.state.iteration)
+            self.state.class_log_weights = update_classes(
+                self.prepared, current.model, self.volume, current.noise_precision,
+                self._class_log_weights().tolist(), generator)
+        return current
+
+    def _class_log_weights(self) -> Tensor | None:
+        """(K,) log class proportions (uniform until first measured); None for one class."""
+        k = self.config.classes
+        if k == 1:
+            return None
+        if self.state.class_log_weights is None:
+            return torch.full((k,), -math.log(k), dtype=torch.float64)
+        return torch.tensor(self.state.class_log_weights, dtype=torch.float64)
 
     def _closure(self, rows: np.ndarray, current: StageModel):
         """The objective on one minibatch at the current map; sets .grad, returns the value."""
@@ -189,12 +207,14 @@ class Reconstruction:
         ctf = prepared.train.ctf.index(index)
         precision = None if current.noise_precision is None \
             else current.noise_precision[prepared.train.optics_index[index]]
+        class_log_weights = self._class_log_weights()
 
         def closure() -> Tensor:
             out = minibatch_objective(self.volume.detach(), blocks, ctf, model, self.prior,
                                       prepared.n_train, preconditioner=current.preconditioner,
                                       likelihood_weight=model.config.noise_sigma**2,
-                                      noise_precision=precision)
+                                      noise_precision=precision,
+                                      class_log_weights=class_log_weights)
             self.volume.grad = out.gradient
             return out.value
 
@@ -202,7 +222,7 @@ class Reconstruction:
 
     def _test_nll(self) -> float | None:
         precision = self.noise_and_mask.precision(self.prepared.model)
-        return self.prepared.test_nll(self.volume, precision)
+        return self.prepared.test_nll(self.volume, precision, self._class_log_weights())
 
     def _should_test(self, iteration: int, last: bool) -> bool:
         every = self.config.test_every
@@ -260,6 +280,7 @@ class Reconstruction:
                       gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
                       info=run_info(self.prepared) | self.noise_and_mask.describe(),
                       noise_precision=self.noise_and_mask.precision(self.prepared.model),
+                      class_log_weights=self._class_log_weights(),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}")
 
     def _log_metrics(self, objective: float | None, test: float | None,
@@ -280,10 +301,13 @@ class Reconstruction:
         })
 
     def _snapshots(self) -> None:
+        volume = self.volume.detach()
+        if volume.dim() == 4:  # classes: the currently largest one
+            volume = volume[int(self._class_log_weights().argmax())]
         for count in self.config.snapshots:
             if count not in self.state.snapshots_done and self.state.gradient_evaluations >= count:
                 write_map(self.out / "snapshots" / f"map_{count:09d}.mrc",
-                          self.volume.detach().float().cpu(), self.prepared.geometry.pixel_size_a)
+                          volume.float().cpu(), self.prepared.geometry.pixel_size_a)
                 self.state.snapshots_done.append(count)
 
     def _checkpoint(self) -> None:

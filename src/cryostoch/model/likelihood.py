@@ -68,6 +68,7 @@ class LikelihoodConfig:
     shift_step_px: float | None = None
     shift_sigma_px: float = math.inf
     memory_budget_mb: float = 256.0
+    n_classes: int = 1
 
     def __post_init__(self) -> None:
         if self.box_size < 8:
@@ -89,6 +90,8 @@ class LikelihoodConfig:
             raise ValueError("shift_sigma_px must be positive")
         if not self.memory_budget_mb > 0:
             raise ValueError("memory_budget_mb must be positive")
+        if self.n_classes < 1:
+            raise ValueError("n_classes must be >= 1")
 
 
 @dataclass
@@ -128,7 +131,10 @@ class MarginalLikelihood:
             shifts = shift_quadrature(config.shift_radius_px, step, config.shift_sigma_px, **f64)
         self.shifts = shifts
         self.direction_matrices = self.orientations.direction_matrices.to(**f64)
-        self.grid = PoseGrid(self.direction_matrices.shape[0],
+        # with K classes the model operand holds K * D rows (class-major), so the class is one
+        # more latent variable summed over by the same GEMMs and log-sum-exp
+        self.n_classes = config.n_classes
+        self.grid = PoseGrid(config.n_classes * self.direction_matrices.shape[0],
                              int(self.orientations.inplane_angles_rad.shape[0]),
                              int(self.shifts.shifts_px.shape[0]))
         options = {"dtype": dtype, "device": self.device}
@@ -159,7 +165,8 @@ class MarginalLikelihood:
 
     @property
     def n_directions(self) -> int:
-        return self.grid.n_directions
+        """Directions per class."""
+        return self.grid.n_directions // self.n_classes
 
     @property
     def n_inplane(self) -> int:
@@ -192,8 +199,17 @@ class MarginalLikelihood:
 
     # --------------------------------------------------------------------- model side
     def slices(self, volume: Tensor) -> Tensor:
-        """The psi = 0 projection spectra S_d (D, M) of a real volume (N, N, N)."""
-        return self.volume_side.slices(volume)
+        """The psi = 0 projection spectra of a real volume (N, N, N) -> (D, M), or of one
+        volume per class (K, N, N, N) -> (K * D, M), class-major."""
+        if volume.dim() == 3:
+            return self.volume_side.slices(volume)
+        self._check_classes(volume)
+        return torch.cat([self.volume_side.slices(v) for v in volume])
+
+    def _check_classes(self, volume: Tensor) -> None:
+        if volume.dim() != 4 or volume.shape[0] != self.n_classes:
+            raise ValueError(f"expected {self.n_classes} class volumes, got shape "
+                             f"{tuple(volume.shape)}")
 
     def nll_and_gradient(
         self,
@@ -204,19 +220,27 @@ class MarginalLikelihood:
         gradient_scale: float,
         preconditioner: Tensor | None = None,
         noise_precision: Tensor | None = None,
+        class_log_weights: Tensor | None = None,
     ) -> tuple[LikelihoodResult, Tensor]:
         """Per-image NLLs and d(gradient_scale * sum_i nll_i)/dV, (N, N, N) real.
 
-        volume: (N, N, N) real; blocks: (B, 2h+1, h+1) from `image_blocks()`; ctf: (B,).
+        volume: (N, N, N) real, or (K, N, N, N) with K classes (the gradient has its shape);
+        blocks: (B, 2h+1, h+1) from `image_blocks()`; ctf: (B,).
         preconditioner: optional real weights on the volume's spectrum block (see
         `cryostoch.model.curvature.fourier_preconditioner`), applied to the gradient.
-        noise_precision: see `evaluate`.
+        noise_precision, class_log_weights: see `evaluate`.
         """
         with torch.no_grad():
-            slices = self.volume_side.slices(volume.detach())
+            slices = self.slices(volume.detach())
         result = self.evaluate(slices, blocks, ctf, gradient_scale=gradient_scale,
-                               noise_precision=noise_precision)
-        gradient = self.volume_side.volume_gradient(result.slice_gradient, preconditioner)
+                               noise_precision=noise_precision,
+                               class_log_weights=class_log_weights)
+        if volume.dim() == 3:
+            return result, self.volume_side.volume_gradient(result.slice_gradient,
+                                                            preconditioner)
+        per_class = result.slice_gradient.view(self.n_classes, self.n_directions, -1)
+        gradient = torch.stack([self.volume_side.volume_gradient(g, preconditioner)
+                                for g in per_class])
         return result, gradient
 
     # ------------------------------------------------------------------------ evaluate
@@ -229,10 +253,11 @@ class MarginalLikelihood:
         gradient_scale: float | None = None,
         statistics: bool = False,
         noise_precision: Tensor | None = None,
+        class_log_weights: Tensor | None = None,
     ) -> LikelihoodResult:
         """Evaluate a batch of images against the slices of one volume.
 
-        slices: (D, M) from `slices()` (only values are used).
+        slices: (D, M), or (K * D, M) with K classes, from `slices()` (only values are used).
         blocks: (B, 2h+1, h+1) from `image_blocks()`; ctf: their CTF parameters.
         gradient_scale: if given, also return dL/dS for L = gradient_scale * sum_i nll_i.
         statistics: also return the posterior-weighted sums EM needs (with coloured noise they
@@ -240,16 +265,17 @@ class MarginalLikelihood:
         noise_precision: (B, M) or (M,) relative precision 1 / sigma_k^2 of the noise at each
         coefficient (coloured noise, `cryostoch.model.noise`); None: white noise (all 1). The
         model's noise sigma (a posterior temperature) scales it further.
+        class_log_weights: (K,) log prior probability of each class (None: uniform).
         """
         s = slices.detach().to(self.complex_dtype)
         blocks = self.crop_blocks(blocks)
         n_images = blocks.shape[0]
         layout = OperandLayout(self.n_points, fold_quadratic=self.n_shifts == 1)
-        model_op, power = model_operand(s, self.log_weights_pd[0], layout)
+        model_op, power = model_operand(s, self._log_row_weights(class_log_weights), layout)
         want_grad = gradient_scale is not None
         sums = None
         if want_grad or statistics:
-            sums = PosteriorSums.zeros(self.n_directions, self.n_points, dtype=self.dtype,
+            sums = PosteriorSums.zeros(self.grid.n_directions, self.n_points, dtype=self.dtype,
                                        device=self.device)
         nll = torch.empty(n_images, dtype=self.dtype, device=self.device)
         best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
@@ -280,6 +306,16 @@ class MarginalLikelihood:
         if statistics:
             result.statistics = sums.em_statistics(inv_var)
         return result
+
+    def _log_row_weights(self, class_log_weights: Tensor | None) -> Tensor:
+        """(K * D,) log w_d / P (+ log pi_c with K classes) of every model-operand row."""
+        log_w_d = self.log_weights_pd[0]
+        if self.n_classes == 1:
+            return log_w_d
+        if class_log_weights is None:
+            class_log_weights = torch.full((self.n_classes,), -math.log(self.n_classes))
+        log_pi = class_log_weights.to(device=self.device, dtype=self.dtype)
+        return (log_pi[:, None] + log_w_d[None, :]).reshape(-1)
 
     def _data_term(self, blocks: Tensor, precision: float | Tensor
                    ) -> tuple[Tensor, Tensor | float]:
@@ -326,9 +362,17 @@ class MarginalLikelihood:
 
     # --------------------------------------------------------------------------- poses
     def decode_pose(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Flat pose index -> (direction, in-plane, shift) indices."""
+        """Flat pose index -> (direction, in-plane, shift) indices; with K classes the
+        direction index runs over K * D (class-major, see `class_of`)."""
         return self.grid.decode(index)
+
+    def class_of(self, index: Tensor) -> Tensor:
+        """(n,) flat pose indices -> (n,) 0-based class of each."""
+        return self.grid.decode(index)[0] // self.n_directions
 
     def pose_parameters(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Flat pose indices -> RELION Euler angles (n, 3) degrees and shifts (n, 2) pixels."""
-        return pose_parameters(self.grid, self.orientations, self.shifts, index)
+        d, p, t = self.grid.decode(index)
+        within_class = self.grid.flat_index(d % self.n_directions, p, t)
+        single = PoseGrid(self.n_directions, self.n_inplane, self.n_shifts)
+        return pose_parameters(single, self.orientations, self.shifts, within_class)

@@ -41,6 +41,7 @@ def minibatch_objective(
     preconditioner: Tensor | None = None,
     likelihood_weight: float = 1.0,
     noise_precision: Tensor | None = None,
+    class_log_weights: Tensor | None = None,
 ) -> ObjectiveValue:
     """Objective and (optionally) its gradient with respect to the real volume.
 
@@ -54,7 +55,8 @@ def minibatch_objective(
     frequency a comparable curvature; the prior part is left as it is. Without it, the exact
     gradient.
 
-    `noise_precision`: (B, M) or (M,) per-coefficient noise precision (coloured noise), see
+    `noise_precision`: (B, M) or (M,) per-coefficient noise precision (coloured noise);
+    `class_log_weights`: (K,) log class proportions when `volume` is (K, N, N, N); see
     `MarginalLikelihood.evaluate`.
     """
     if n_training_images < 1:
@@ -65,13 +67,15 @@ def minibatch_objective(
         result, gradient = model.nll_and_gradient(volume, blocks, ctf,
                                                   gradient_scale=likelihood_weight / batch,
                                                   preconditioner=preconditioner,
-                                                  noise_precision=noise_precision)
+                                                  noise_precision=noise_precision,
+                                                  class_log_weights=class_log_weights)
         gradient = gradient + prior_gradient / n_training_images
     else:
         prior_value = negative_log_prior(volume.detach(), prior)
         with torch.no_grad():
             result = model.evaluate(model.slices(volume), blocks, ctf,
-                                    noise_precision=noise_precision)
+                                    noise_precision=noise_precision,
+                                    class_log_weights=class_log_weights)
         gradient = None
     mean_nll = result.nll.mean()
     value = likelihood_weight * mean_nll + prior_value.detach() / n_training_images
