@@ -21,10 +21,10 @@ from cryostoch.io.mrc import (
 from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
 from cryostoch.io.star import (
     ctf_table,
-    read_particle_star,
     read_star,
     write_particles_star,
 )
+from cryostoch.io.star_particles import read_particle_star
 
 __all__ = [
     "MrcHeader",

@@ -22,7 +22,14 @@ from cryostoch.errors import InputError
 from cryostoch.io.cryosparc import read_particle_cs
 from cryostoch.io.mrc import MrcStack, read_header
 from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
-from cryostoch.io.star import ctf_table, read_particle_star
+from cryostoch.io.star import ctf_table
+from cryostoch.io.star_particles import read_particle_star
+from cryostoch.io.table_builder import (
+    ParticleSource,
+    PixelSource,
+    build_table,
+    header_pixel_source,
+)
 from cryostoch.operators.ctf import CtfParameters
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".st")
@@ -62,46 +69,47 @@ def read_particle_table(
     if suffix == ".cs":
         return read_particle_cs(path, project_root, check_images)
     if suffix in STACK_SUFFIXES:
-        return _read_stack_table(path)
+        # a stack is its own image: always checked, whatever check_images says
+        return build_table(StackParticles(path), check_images=True)
     raise InputError(
         path, f"unknown particle file type {suffix!r}: expected .star, .cs, .mrcs or .mrc"
     )
 
 
-def _read_stack_table(path: Path) -> ParticleTable:
-    header = read_header(path)
-    nz, ny, nx = header.shape
-    if ny != nx:
-        raise InputError(path, f"images are {ny} x {nx}, not square")
-    if header.space_group != 0 and nz == nx and not header.is_stack:
-        raise InputError(
-            path, f"looks like a {nz}^3 map (space group {header.space_group}), not an image stack"
-        )
-    pixel = header.pixel_size_a
-    if not pixel > 0:
-        raise InputError(
-            path, "the MRC header sets no pixel size; use a STAR file that gives rlnImagePixelSize"
-        )
-    name = path.name
-    metadata = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{name}" for i in range(nz)]})
-    return ParticleTable(
-        source_path=path,
-        kind="mrc",
-        metadata=metadata,
-        optics_table=None,
-        optics_groups=[
-            OpticsGroup("opticsGroup1", 1, float("nan"), float("nan"), float("nan"), pixel, nx)
-        ],
-        optics_group=np.ones(nz, dtype=np.int64),
-        ctf=None,
-        poses=None,
-        pixel_size_a=np.full(nz, pixel),
-        box_size=np.full(nz, nx, dtype=np.int64),
-        stacks=[StackRef(str(path), path, (path,), header, None)],
-        stack_id=np.zeros(nz, dtype=np.int64),
-        stack_slot=np.arange(nz, dtype=np.int64),
-        notes=["pixel size from the MRC header", "no CTF (bare image stack)"],
-    )
+class StackParticles(ParticleSource):
+    """`build_table` adapter of a bare MRC stack: no CTF, pixel size from the header."""
+
+    kind = "mrc"
+    has_ctf = False
+    extra_notes = ("no CTF (bare image stack)",)
+
+    def __init__(self, path: Path):
+        self.source = path
+        self.header = read_header(path)
+        nz, ny, nx = self.header.shape
+        if ny != nx:
+            raise InputError(path, f"images are {ny} x {nx}, not square")
+        if self.header.space_group != 0 and nz == nx and not self.header.is_stack:
+            raise InputError(
+                path,
+                f"looks like a {nz}^3 map (space group {self.header.space_group}), not an "
+                "image stack",
+            )
+        names = [f"{i + 1:06d}@{path.name}" for i in range(nz)]
+        self.metadata = pd.DataFrame({"rlnImageName": names})
+
+    def locate(
+        self, project_root: str | os.PathLike[str] | None, check_images: bool
+    ) -> tuple[np.ndarray, np.ndarray, list[StackRef]]:
+        n = len(self)  # the file is its own (checked) stack: nothing to look for
+        ref = StackRef(str(self.source), self.source, (self.source,), self.header, None)
+        return np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64), [ref]
+
+    def pixel_sources(self, header_pixel: np.ndarray) -> list[PixelSource]:
+        return [header_pixel_source(header_pixel, "the MRC header")]
+
+    def no_pixel_size(self, first: int) -> str:
+        return "the MRC header sets no pixel size; use a STAR file that gives rlnImagePixelSize"
 
 
 def open_particles(
