@@ -22,6 +22,7 @@ from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
 from cryostoch.io.star import (
     ctf_table,
     read_star,
+    relion_tables,
     write_particles_star,
 )
 from cryostoch.io.star_particles import read_particle_star
@@ -45,6 +46,7 @@ __all__ = [
     "read_particle_star",
     "read_particle_table",
     "read_star",
+    "relion_tables",
     "write_map",
     "write_particles_star",
 ]

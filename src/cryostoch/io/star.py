@@ -1,23 +1,29 @@
 """RELION STAR files (via `starfile`): blocks in, RELION 3.1 particle files out.
 
-`read_star` and `split_particle_blocks` read any STAR file; `write_particles_star` writes a
-RELION 3.1 particle file. Reading particle files into a ParticleTable is
-`cryostoch.io.star_particles`.
+`read_star` and `split_particle_blocks` read any STAR file; `relion_tables` +
+`write_particles_star` export a ParticleDataset (with new poses, say) as a RELION 3.1
+particle file. Reading particle files into a ParticleTable is `cryostoch.io.star_particles`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import starfile
 import torch
 
 from cryostoch.errors import InputError
 from cryostoch.io._common import atomic_path
+from cryostoch.io.records import Poses
 from cryostoch.io.table_builder import CTF_REQUIRED, OPTICS_FIELDS
 from cryostoch.operators.ctf import CtfParameters
+
+if TYPE_CHECKING:  # dataset.py imports this module
+    from cryostoch.io.dataset import ParticleDataset
 
 # RELION's column for each CtfParameters field (same units).
 STAR_CTF = {
@@ -106,12 +112,100 @@ def ctf_table(ctf: CtfParameters) -> pd.DataFrame:
     })
 
 
+# RELION 3.0 per-particle columns that RELION 3.1 keeps in the optics table.
+_PER_PARTICLE_OPTICS = (
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnMagnification",
+    "rlnDetectorPixelSize",
+    "rlnPixelSize",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+)
+
+
+def relion_tables(
+    dataset: ParticleDataset, poses: Poses | None = None, absolute_paths: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(optics, particles) DataFrames of a dataset for `write_particles_star` (RELION 3.1).
+
+    STAR input keeps its original columns (RELION 3.0 per-particle optics columns move
+    to the optics table); .cs and bare-stack input get rlnImageName and the CTF columns.
+    `poses` (default: the dataset's own; (n,) for the n particles of the dataset) are written
+    as rlnAngleRot/Tilt/Psi and rlnOriginXAngst/YAngst = -shift * pixel size. With
+    `absolute_paths`, rlnImageName names the stacks by their resolved absolute paths, so the
+    file works from any folder.
+    """
+    n = len(dataset)
+    if dataset.kind == "star":
+        particles = dataset.metadata.copy()
+        if dataset.optics_table is None:
+            particles = particles.drop(columns=[c for c in _PER_PARTICLE_OPTICS if c in particles])
+    else:
+        particles = pd.DataFrame(index=pd.RangeIndex(n))
+        if dataset.ctf is not None:
+            particles = pd.concat([particles, ctf_table(dataset.ctf)], axis=1)
+    particles["rlnOpticsGroup"] = dataset.optics_group
+    stack_id = dataset.stack_id
+    if dataset.stacks and (stack_id >= 0).all():
+        names = []
+        for sid, slot in zip(stack_id.tolist(), dataset.stack_slot.tolist(), strict=True):
+            ref = dataset.stacks[sid]
+            where = ref.path.resolve() if (absolute_paths and ref.path) else ref.written
+            names.append(f"{slot + 1:06d}@{where}")
+        particles["rlnImageName"] = names
+    poses = dataset.poses if poses is None else poses
+    pixel = dataset.pixel_size_a
+    if poses is not None:
+        if len(poses) != n:
+            raise ValueError(f"{len(poses)} poses for {n} particles")
+        euler = poses.euler_deg.detach().cpu().to(torch.float64).numpy()
+        shifts = poses.shifts_px.detach().cpu().to(torch.float64).numpy()
+        particles = particles.drop(
+            columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in particles]
+        )
+        for j, name in enumerate(ANGLE_COLUMNS):
+            particles[name] = euler[:, j]
+        # the model's shift t puts the centre at N // 2 + t; RELION's origin is -t
+        particles["rlnOriginXAngst"] = -shifts[:, 0] * pixel
+        particles["rlnOriginYAngst"] = -shifts[:, 1] * pixel
+    for axis in ("X", "Y"):  # RELION 3.0 origins in pixels -> 3.1 in Angstrom
+        if f"rlnOrigin{axis}" in particles:
+            pixels = pd.to_numeric(particles.pop(f"rlnOrigin{axis}"), errors="coerce")
+            particles[f"rlnOrigin{axis}Angst"] = pixels * pixel
+    return _optics_dataframe(dataset), particles
+
+
+def _optics_dataframe(dataset: ParticleDataset) -> pd.DataFrame:
+    """The dataset's data_optics, made from its optics groups where the file had none."""
+    if dataset.optics_table is not None:
+        return dataset.optics_table.copy()
+    rows = []
+    for g in dataset.optics_groups:
+        row = {"rlnOpticsGroupName": g.name, "rlnOpticsGroup": g.number}
+        for name, value in (
+            ("rlnVoltage", g.voltage_kv),
+            ("rlnSphericalAberration", g.spherical_aberration_mm),
+            ("rlnAmplitudeContrast", g.amplitude_contrast),
+            ("rlnImagePixelSize", g.pixel_size_a),
+        ):
+            if np.isfinite(value):
+                row[name] = value
+        if g.box_size > 0:
+            row["rlnImageSize"] = g.box_size
+        row["rlnImageDimensionality"] = 2
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 __all__ = [
     "ANGLE_COLUMNS",
     "CTF_COLUMNS",
     "STAR_CTF",
     "ctf_table",
     "read_star",
+    "relion_tables",
     "split_particle_blocks",
     "write_particles_star",
 ]
