@@ -769,3 +769,30 @@ def test_relion_tables_function_is_the_method(shared_data):
                          sub.relion_tables(absolute_paths=False), strict=True):
         pd.testing.assert_frame_equal(got, want)
 
+
+# -- 2-D classification -------------------------------------------------------------------------
+def test_read_class_assignments(shared_data, tmp_path):
+    from cryostoch.io import read_class_assignments
+
+    star = shared_data / BETAGAL / "Class2D" / "job010" / "run_it025_data.star"
+    ref = starfile.read(star, always_dict=True)["particles"]
+    names, classes = read_class_assignments(star)
+    assert names.shape == classes.shape == (2374,) and classes.dtype == np.int64
+    assert list(names) == list(ref["rlnImageName"])
+    np.testing.assert_array_equal(classes, ref["rlnClassNumber"])
+    with pytest.raises(InputError) as err:
+        read_class_assignments(shared_data / "ctf" / "empiar10049_ctf.star")
+    assert_one_line(err, "needs rlnImageName and rlnClassNumber columns")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(tmp_path / "absent.star")
+    assert_one_line(err, str(tmp_path / "absent.star"), "cannot read STAR file")
+    junk = tmp_path / "junk.star"
+    junk.write_text("no blocks here\n")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(junk)
+    assert_one_line(err, "needs rlnImageName and rlnClassNumber columns")
+    half = tmp_path / "half.star"
+    half.write_text("data_particles\n\nloop_\n_rlnImageName\n_rlnClassNumber\n1@a.mrcs 2.5\n")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(half)
+    assert_one_line(err, "rlnClassNumber must be whole numbers")

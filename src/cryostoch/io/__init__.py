@@ -21,6 +21,7 @@ from cryostoch.io.mrc import (
 from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
 from cryostoch.io.star import (
     ctf_table,
+    read_class_assignments,
     read_star,
     relion_tables,
     write_particles_star,
@@ -39,6 +40,7 @@ __all__ = [
     "ctf_table",
     "open_particles",
     "open_stack",
+    "read_class_assignments",
     "read_cs",
     "read_header",
     "read_map",

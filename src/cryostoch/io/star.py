@@ -1,8 +1,9 @@
 """RELION STAR files (via `starfile`): blocks in, RELION 3.1 particle files out.
 
-`read_star` and `split_particle_blocks` read any STAR file; `relion_tables` +
-`write_particles_star` export a ParticleDataset (with new poses, say) as a RELION 3.1
-particle file. Reading particle files into a ParticleTable is `cryostoch.io.star_particles`.
+`read_star` and `split_particle_blocks` read any STAR file; `read_class_assignments` reads a
+classification's particle classes; `relion_tables` + `write_particles_star` export a
+ParticleDataset (with new poses, say) as a RELION 3.1 particle file. Reading particle files
+into a ParticleTable is `cryostoch.io.star_particles`.
 """
 
 from __future__ import annotations
@@ -199,11 +200,31 @@ def _optics_dataframe(dataset: ParticleDataset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def read_class_assignments(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(image_names (n,) str, class_numbers (n,) int64) of a RELION classification STAR file
+    (e.g. Class2D's `run_itNNN_data.star`): rlnImageName and rlnClassNumber of each row of
+    its particle table (`data_particles`, else the first block)."""
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises many kinds of parse errors
+        raise InputError(path, f"cannot read STAR file ({err})") from None
+    table = blocks.get("particles", next(iter(blocks.values()), None))
+    if not isinstance(table, pd.DataFrame) or not {"rlnImageName", "rlnClassNumber"} <= set(
+        table.columns
+    ):
+        raise InputError(path, "needs rlnImageName and rlnClassNumber columns")
+    classes = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy(dtype=np.float64)
+    if not (np.isfinite(classes) & (classes == np.round(classes))).all():
+        raise InputError(path, "rlnClassNumber must be whole numbers")
+    return table["rlnImageName"].astype(str).to_numpy(dtype=str), classes.astype(np.int64)
+
+
 __all__ = [
     "ANGLE_COLUMNS",
     "CTF_COLUMNS",
     "STAR_CTF",
     "ctf_table",
+    "read_class_assignments",
     "read_star",
     "relion_tables",
     "split_particle_blocks",
