@@ -725,3 +725,74 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
 
     write_map(tmp_path / "m.mrc", torch.zeros(4, 4, 4), 1.0)
     assert (os.stat(tmp_path / "m.mrc").st_mode & 0o777) == default_file_mode()
+
+
+# -- the dataset as a view of one shared table ----------------------------------------------------
+def test_subset_of_subset_shares_the_table(shared_data):
+    star = shared_data / FORMATS / "sample_relion_data.star"
+    ds = open_particles(star)
+    ref = starfile.read(star, always_dict=True)
+    (particles,) = ref.values()
+    first = ds.subset(np.array([16, 3, 5, 8, 0]))
+    second = first.subset([4, 1, 3])  # rows 0, 3, 8 of the file
+    mask = np.array([True, False, True])
+    third = second.subset(mask)  # rows 0, 8
+    np.testing.assert_array_equal(second.source_rows, [0, 3, 8])
+    np.testing.assert_array_equal(third.source_rows, [0, 8])
+    # one table, one set of open stacks; a subset copies only its index array
+    assert second.table is ds.table and third.table is ds.table
+    assert third._cache is ds._cache and third.stacks is ds.stacks
+    np.testing.assert_allclose(
+        second.ctf.defocus_u_a.numpy(), particles["rlnDefocusU"].to_numpy()[[0, 3, 8]]
+    )
+    np.testing.assert_allclose(third.poses.euler_deg[:, 0].numpy(),
+                               particles["rlnAngleRot"].to_numpy()[[0, 8]])
+    assert list(third.metadata["rlnImageName"]) == list(particles["rlnImageName"].iloc[[0, 8]])
+    assert list(third.metadata.index) == [0, 1]
+    np.testing.assert_array_equal(third.read_images([1, 0]).numpy(),
+                                  ds.read_images([8, 0]).numpy())
+    backwards = ds.subset(slice(None, None, -1))
+    np.testing.assert_array_equal(backwards.source_rows, np.arange(17)[::-1])
+    np.testing.assert_allclose(backwards.ctf.defocus_v_a.numpy(),
+                               particles["rlnDefocusV"].to_numpy()[::-1])
+    with pytest.raises(IndexError):
+        second.subset([3])
+    with pytest.raises(IndexError):
+        second.subset(np.ones(17, dtype=bool))
+
+
+def test_relion_tables_function_is_the_method(shared_data):
+    from cryostoch.io import relion_tables
+
+    sub = open_particles(shared_data / FORMATS / "relion31.star").subset([4, 1])
+    for got, want in zip(relion_tables(sub, absolute_paths=False),
+                         sub.relion_tables(absolute_paths=False), strict=True):
+        pd.testing.assert_frame_equal(got, want)
+
+
+# -- 2-D classification -------------------------------------------------------------------------
+def test_read_class_assignments(shared_data, tmp_path):
+    from cryostoch.io import read_class_assignments
+
+    star = shared_data / BETAGAL / "Class2D" / "job010" / "run_it025_data.star"
+    ref = starfile.read(star, always_dict=True)["particles"]
+    names, classes = read_class_assignments(star)
+    assert names.shape == classes.shape == (2374,) and classes.dtype == np.int64
+    assert list(names) == list(ref["rlnImageName"])
+    np.testing.assert_array_equal(classes, ref["rlnClassNumber"])
+    with pytest.raises(InputError) as err:
+        read_class_assignments(shared_data / "ctf" / "empiar10049_ctf.star")
+    assert_one_line(err, "needs rlnImageName and rlnClassNumber columns")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(tmp_path / "absent.star")
+    assert_one_line(err, str(tmp_path / "absent.star"), "cannot read STAR file")
+    junk = tmp_path / "junk.star"
+    junk.write_text("no blocks here\n")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(junk)
+    assert_one_line(err, "needs rlnImageName and rlnClassNumber columns")
+    half = tmp_path / "half.star"
+    half.write_text("data_particles\n\nloop_\n_rlnImageName\n_rlnClassNumber\n1@a.mrcs 2.5\n")
+    with pytest.raises(InputError) as err:
+        read_class_assignments(half)
+    assert_one_line(err, "rlnClassNumber must be whole numbers")

@@ -21,10 +21,12 @@ from cryostoch.io.mrc import (
 from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
 from cryostoch.io.star import (
     ctf_table,
-    read_particle_star,
+    read_class_assignments,
     read_star,
+    relion_tables,
     write_particles_star,
 )
+from cryostoch.io.star_particles import read_particle_star
 
 __all__ = [
     "MrcHeader",
@@ -38,6 +40,7 @@ __all__ = [
     "ctf_table",
     "open_particles",
     "open_stack",
+    "read_class_assignments",
     "read_cs",
     "read_header",
     "read_map",
@@ -45,6 +48,7 @@ __all__ = [
     "read_particle_star",
     "read_particle_table",
     "read_star",
+    "relion_tables",
     "write_map",
     "write_particles_star",
 ]

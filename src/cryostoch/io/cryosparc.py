@@ -23,25 +23,28 @@ import pandas as pd
 from cryostoch.errors import InputError
 from cryostoch.io._common import check_finite, check_positive
 from cryostoch.io._euler import cryosparc_rotvec_to_relion_euler
-from cryostoch.io.records import (
-    OpticsGroup,
-    ParticleTable,
-    as_tensor64,
-    check_stack_boxes,
-    locate_images,
-    pixel_and_box_from_stacks,
-    poses_from_arrays,
+from cryostoch.io.records import ParticleTable
+from cryostoch.io.table_builder import (
+    CTF_REQUIRED,
+    HEADER_PIXEL_SIZE,
+    ParticleSource,
+    PixelSource,
+    build_table,
 )
-from cryostoch.operators.ctf import CtfParameters
 
-CTF_FIELDS = (
-    "ctf/df1_A",
-    "ctf/df2_A",
-    "ctf/df_angle_rad",
-    "ctf/accel_kv",
-    "ctf/cs_mm",
-    "ctf/amp_contrast",
-)
+# The .cs field of each CtfParameters field, and the conversion to its unit (None: same).
+CS_CTF = {
+    "defocus_u_a": ("ctf/df1_A", None),
+    "defocus_v_a": ("ctf/df2_A", None),
+    "defocus_angle_deg": ("ctf/df_angle_rad", np.rad2deg),
+    "voltage_kv": ("ctf/accel_kv", None),
+    "spherical_aberration_mm": ("ctf/cs_mm", None),
+    "amplitude_contrast": ("ctf/amp_contrast", None),
+    "phase_shift_deg": ("ctf/phase_shift_rad", np.rad2deg),
+    "bfactor_a2": ("ctf/bfactor", None),
+    "scale": ("ctf/scale", None),
+}
+CTF_FIELDS = tuple(CS_CTF[name][0] for name in CTF_REQUIRED)
 
 
 def read_cs(path: str | os.PathLike[str]) -> np.ndarray:
@@ -77,10 +80,101 @@ def cs_to_dataframe(data: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _field(path: Path, data: np.ndarray, name: str) -> np.ndarray:
-    values = np.asarray(data[name], dtype=np.float64)
-    check_finite(path, name, values)
-    return values
+class CsParticles(ParticleSource):
+    """`build_table` adapter of a cryoSPARC particle `.cs` file."""
+
+    kind = "cs"
+    image_column = "blob/path"
+    no_images = "no blob/path and blob/idx fields"
+
+    def __init__(self, path: Path):
+        self.source = path
+        self.data = read_cs(path)
+        self.names = set(self.data.dtype.names)
+        if self.data.shape[0] == 0:
+            raise InputError(path, "the .cs file holds no particles")
+        missing = [f for f in CTF_FIELDS if f not in self.names]
+        if missing:
+            raise InputError(
+                path,
+                f"missing CTF fields: {', '.join(missing)} (export particles after CTF "
+                "estimation)",
+            )
+        self.metadata = cs_to_dataframe(self.data)
+
+    def field(self, name: str) -> np.ndarray:
+        """A field as float64, checked finite."""
+        values = np.asarray(self.data[name], dtype=np.float64)
+        check_finite(self.source, name, values)
+        return values
+
+    def image_references(self) -> tuple[np.ndarray, pd.Series] | None:
+        if "blob/path" not in self.names or "blob/idx" not in self.names:
+            return None
+        raw = np.char.decode(np.asarray(self.data["blob/path"]), "utf-8", errors="replace")
+        # cryoSPARC marks paths inside the project (often symlinks to imports) with '>'.
+        return (np.asarray(self.data["blob/idx"], dtype=np.int64),
+                pd.Series(np.char.lstrip(raw.astype(str), ">"), dtype=object))
+
+    def _pixel_size(self) -> np.ndarray | None:
+        if "blob/psize_A" not in self.names:
+            return None
+        values = self.field("blob/psize_A")
+        check_positive(self.source, "blob/psize_A", values)
+        return values
+
+    def pixel_sources(self, header_pixel: np.ndarray) -> list[PixelSource]:
+        # the header note is kept even where no header sets a size (as this reader always did)
+        return [("blob/psize_A", self._pixel_size), (HEADER_PIXEL_SIZE, lambda: header_pixel)]
+
+    def no_pixel_size(self, first: int) -> str:
+        return "no blob/psize_A field and the stack headers set no pixel size"
+
+    def recorded_box(self) -> np.ndarray | None:
+        if "blob/shape" not in self.names:
+            return None
+        shape = np.asarray(self.data["blob/shape"], dtype=np.int64).reshape(len(self), -1)
+        if shape.shape[1] != 2 or (shape[:, 0] != shape[:, 1]).any():
+            raise InputError(self.source, "blob/shape: the images are not square")
+        return shape[:, 0]
+
+    def ctf_name(self, field: str) -> str:
+        return CS_CTF[field][0]
+
+    def ctf_values(self, field: str) -> np.ndarray | None:
+        name, to_unit = CS_CTF[field]
+        if name not in self.names:
+            return None
+        values = self.field(name)
+        return values if to_unit is None else to_unit(values)
+
+    def amplitude_contrast_problem(self, q0: np.ndarray, first: int) -> str:
+        return "ctf/amp_contrast must be in [0, 1)"  # wording of this reader before issue 10
+
+    def origins(self, pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        if "alignments3D/pose" not in self.names:
+            return None
+        n = len(self)
+        euler = cryosparc_rotvec_to_relion_euler(self.field("alignments3D/pose").reshape(n, 3))
+        if "alignments3D/shift" not in self.names:
+            return euler, np.zeros((n, 2))
+        shift = self.field("alignments3D/shift").reshape(n, 2)
+        if "alignments3D/psize_A" in self.names:
+            # shifts are in pixels of the alignment; convert to pixels of the blob
+            align_pixel = self.field("alignments3D/psize_A")
+            if (align_pixel > 0).all() and np.isfinite(pixel).all():
+                shift = shift * (align_pixel / pixel)[:, None]
+        return euler, shift
+
+    def group_key(self) -> np.ndarray | None:
+        """Optics groups: one per exposure group and distinct optics."""
+        if "ctf/exp_group_id" not in self.names:
+            return None
+        return np.asarray(self.data["ctf/exp_group_id"], dtype=np.float64)
+
+    def group_name(self, first: int, k: int) -> str:
+        key = self.group_key()
+        return f"exp_group_{0 if key is None else int(key[first])}"
 
 
 def read_particle_cs(
@@ -89,128 +183,4 @@ def read_particle_cs(
     check_images: bool = True,
 ) -> ParticleTable:
     """Read a cryoSPARC particle `.cs` file into a ParticleTable (see `open_particles`)."""
-    path = Path(path)
-    data = read_cs(path)
-    names = set(data.dtype.names)
-    n = data.shape[0]
-    if n == 0:
-        raise InputError(path, "the .cs file holds no particles")
-    missing = [f for f in CTF_FIELDS if f not in names]
-    if missing:
-        raise InputError(
-            path,
-            f"missing CTF fields: {', '.join(missing)} (export particles after CTF estimation)",
-        )
-    notes: list[str] = []
-
-    # Images.
-    references = None
-    if "blob/path" in names and "blob/idx" in names:
-        raw = np.char.decode(np.asarray(data["blob/path"]), "utf-8", errors="replace")
-        # cryoSPARC marks paths inside the project (often symlinks to imports) with '>'.
-        references = (np.asarray(data["blob/idx"], dtype=np.int64),
-                      pd.Series(np.char.lstrip(raw.astype(str), ">"), dtype=object))
-    slot, stack_id, stacks = locate_images(path, n, references, project_root, check_images,
-                                           "blob/path", "no blob/path and blob/idx fields")
-    header_pixel, header_box = pixel_and_box_from_stacks(stacks, stack_id)
-
-    if "blob/psize_A" in names:
-        pixel = _field(path, data, "blob/psize_A")
-        check_positive(path, "blob/psize_A", pixel)
-        notes.append("pixel size from blob/psize_A")
-    else:
-        pixel = header_pixel
-        notes.append("pixel size from the MRC header of the stacks")
-        if np.isnan(pixel).any() and check_images:
-            raise InputError(path, "no blob/psize_A field and the stack headers set no pixel size")
-
-    if "blob/shape" in names:
-        shape = np.asarray(data["blob/shape"], dtype=np.int64).reshape(n, -1)
-        if shape.shape[1] != 2 or (shape[:, 0] != shape[:, 1]).any():
-            raise InputError(path, "blob/shape: the images are not square")
-        box = shape[:, 0]
-        check_stack_boxes(path, stacks, stack_id, box)
-    else:
-        check_stack_boxes(path, stacks, stack_id, np.zeros(n, dtype=np.int64))
-        box = np.where(header_box > 0, header_box, 0).astype(np.int64)
-
-    voltage = _field(path, data, "ctf/accel_kv")
-    check_positive(path, "ctf/accel_kv", voltage)
-    cs_mm = _field(path, data, "ctf/cs_mm")
-    q0 = _field(path, data, "ctf/amp_contrast")
-    if ((q0 < 0) | (q0 >= 1)).any():
-        raise InputError(path, "ctf/amp_contrast must be in [0, 1)")
-
-    def optional(name: str, default: float) -> np.ndarray:
-        return _field(path, data, name) if name in names else np.full(n, default)
-
-    ctf = CtfParameters(
-        defocus_u_a=as_tensor64(_field(path, data, "ctf/df1_A")),
-        defocus_v_a=as_tensor64(_field(path, data, "ctf/df2_A")),
-        defocus_angle_deg=as_tensor64(np.rad2deg(_field(path, data, "ctf/df_angle_rad"))),
-        voltage_kv=as_tensor64(voltage),
-        spherical_aberration_mm=as_tensor64(cs_mm),
-        amplitude_contrast=as_tensor64(q0),
-        phase_shift_deg=as_tensor64(np.rad2deg(optional("ctf/phase_shift_rad", 0.0))),
-        bfactor_a2=as_tensor64(optional("ctf/bfactor", 0.0)),
-        scale=as_tensor64(optional("ctf/scale", 1.0)),
-    )
-
-    poses = None
-    if "alignments3D/pose" in names:
-        rotvec = _field(path, data, "alignments3D/pose").reshape(n, 3)
-        euler = cryosparc_rotvec_to_relion_euler(rotvec)
-        if "alignments3D/shift" in names:
-            shift = _field(path, data, "alignments3D/shift").reshape(n, 2)
-            if "alignments3D/psize_A" in names:
-                # shifts are in pixels of the alignment; convert to pixels of the blob
-                align_pixel = _field(path, data, "alignments3D/psize_A")
-                if (align_pixel > 0).all() and np.isfinite(pixel).all():
-                    shift = shift * (align_pixel / pixel)[:, None]
-        else:
-            shift = np.zeros((n, 2))
-        poses = poses_from_arrays(euler, -shift)
-
-    # Optics groups: one per exposure group and distinct optics.
-    group_id = (
-        np.asarray(data["ctf/exp_group_id"], dtype=np.float64)
-        if "ctf/exp_group_id" in names
-        else np.zeros(n)
-    )
-    keys = np.stack([group_id, voltage, cs_mm, q0, np.round(pixel, 6), box], axis=1)
-    keys = np.where(np.isnan(keys), -1.0, keys)
-    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    groups = []
-    for k, u in enumerate(order):
-        i = first[u]
-        groups.append(
-            OpticsGroup(
-                name=f"exp_group_{int(group_id[i])}",
-                number=k + 1,
-                voltage_kv=float(voltage[i]),
-                spherical_aberration_mm=float(cs_mm[i]),
-                amplitude_contrast=float(q0[i]),
-                pixel_size_a=float(pixel[i]),
-                box_size=int(box[i]),
-            )
-        )
-
-    return ParticleTable(
-        source_path=path,
-        kind="cs",
-        metadata=cs_to_dataframe(data),
-        optics_table=None,
-        optics_groups=groups,
-        optics_group=rank[inverse.reshape(-1)] + 1,
-        ctf=ctf,
-        poses=poses,
-        pixel_size_a=pixel,
-        box_size=box,
-        stacks=stacks,
-        stack_id=stack_id,
-        stack_slot=slot,
-        notes=notes,
-    )
+    return build_table(CsParticles(Path(path)), project_root, check_images)

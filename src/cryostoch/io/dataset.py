@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +24,19 @@ from cryostoch.errors import InputError
 from cryostoch.io.cryosparc import read_particle_cs
 from cryostoch.io.mrc import MrcStack, read_header
 from cryostoch.io.records import OpticsGroup, ParticleTable, Poses, StackRef
-from cryostoch.io.star import ctf_table, read_particle_star
+from cryostoch.io.star import relion_tables
+from cryostoch.io.star_particles import read_particle_star
+from cryostoch.io.table_builder import (
+    ParticleSource,
+    PixelSource,
+    build_table,
+    header_pixel_source,
+)
 from cryostoch.operators.ctf import CtfParameters
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".st")
 # Pixel sizes that differ by less than this (relative) count as one pixel size.
 PIXEL_SIZE_RTOL = 1e-4
-# RELION 3.0 per-particle columns that RELION 3.1 keeps in the optics table.
-_PER_PARTICLE_OPTICS = (
-    "rlnVoltage",
-    "rlnSphericalAberration",
-    "rlnAmplitudeContrast",
-    "rlnMagnification",
-    "rlnDetectorPixelSize",
-    "rlnPixelSize",
-    "rlnImagePixelSize",
-    "rlnImageSize",
-)
 
 
 def read_particle_table(
@@ -62,46 +60,47 @@ def read_particle_table(
     if suffix == ".cs":
         return read_particle_cs(path, project_root, check_images)
     if suffix in STACK_SUFFIXES:
-        return _read_stack_table(path)
+        # a stack is its own image: always checked, whatever check_images says
+        return build_table(StackParticles(path), check_images=True)
     raise InputError(
         path, f"unknown particle file type {suffix!r}: expected .star, .cs, .mrcs or .mrc"
     )
 
 
-def _read_stack_table(path: Path) -> ParticleTable:
-    header = read_header(path)
-    nz, ny, nx = header.shape
-    if ny != nx:
-        raise InputError(path, f"images are {ny} x {nx}, not square")
-    if header.space_group != 0 and nz == nx and not header.is_stack:
-        raise InputError(
-            path, f"looks like a {nz}^3 map (space group {header.space_group}), not an image stack"
-        )
-    pixel = header.pixel_size_a
-    if not pixel > 0:
-        raise InputError(
-            path, "the MRC header sets no pixel size; use a STAR file that gives rlnImagePixelSize"
-        )
-    name = path.name
-    metadata = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{name}" for i in range(nz)]})
-    return ParticleTable(
-        source_path=path,
-        kind="mrc",
-        metadata=metadata,
-        optics_table=None,
-        optics_groups=[
-            OpticsGroup("opticsGroup1", 1, float("nan"), float("nan"), float("nan"), pixel, nx)
-        ],
-        optics_group=np.ones(nz, dtype=np.int64),
-        ctf=None,
-        poses=None,
-        pixel_size_a=np.full(nz, pixel),
-        box_size=np.full(nz, nx, dtype=np.int64),
-        stacks=[StackRef(str(path), path, (path,), header, None)],
-        stack_id=np.zeros(nz, dtype=np.int64),
-        stack_slot=np.arange(nz, dtype=np.int64),
-        notes=["pixel size from the MRC header", "no CTF (bare image stack)"],
-    )
+class StackParticles(ParticleSource):
+    """`build_table` adapter of a bare MRC stack: no CTF, pixel size from the header."""
+
+    kind = "mrc"
+    has_ctf = False
+    extra_notes = ("no CTF (bare image stack)",)
+
+    def __init__(self, path: Path):
+        self.source = path
+        self.header = read_header(path)
+        nz, ny, nx = self.header.shape
+        if ny != nx:
+            raise InputError(path, f"images are {ny} x {nx}, not square")
+        if self.header.space_group != 0 and nz == nx and not self.header.is_stack:
+            raise InputError(
+                path,
+                f"looks like a {nz}^3 map (space group {self.header.space_group}), not an "
+                "image stack",
+            )
+        names = [f"{i + 1:06d}@{path.name}" for i in range(nz)]
+        self.metadata = pd.DataFrame({"rlnImageName": names})
+
+    def locate(
+        self, project_root: str | os.PathLike[str] | None, check_images: bool
+    ) -> tuple[np.ndarray, np.ndarray, list[StackRef]]:
+        n = len(self)  # the file is its own (checked) stack: nothing to look for
+        ref = StackRef(str(self.source), self.source, (self.source,), self.header, None)
+        return np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64), [ref]
+
+    def pixel_sources(self, header_pixel: np.ndarray) -> list[PixelSource]:
+        return [header_pixel_source(header_pixel, "the MRC header")]
+
+    def no_pixel_size(self, first: int) -> str:
+        return "the MRC header sets no pixel size; use a STAR file that gives rlnImagePixelSize"
 
 
 def open_particles(
@@ -157,52 +156,27 @@ def _format_sizes(values: dict[str, float], unit: str) -> str:
     return ", ".join(f"{name}: {v:g}{unit}" for name, v in values.items())
 
 
+@dataclass(frozen=True, eq=False)
 class ParticleDataset:
     """Particles with CTFs, optional poses and lazily read images (see `open_particles`).
 
-    Attributes: `source_path`, `n_particles` (= `len()`), `box_size`, `pixel_size_a`, `ctf`
-    (CtfParameters of float64 tensors, None for a bare stack), `optics_group` (group number per
-    particle), `optics_groups`, `poses` (None unless the file has all three angles),
-    `metadata` (the original columns, one row per particle), `optics_table`, `stacks`, and
-    `source_rows` (the row of each particle in the source file).
+    A view of some rows of a ParticleTable that is one consistent set: `table` is shared,
+    never copied, and `rows` (n,) int64 says which of its rows, in which order, this view
+    holds (`source_rows`: the row of each particle in the source file). `subset` makes a new
+    `rows` over the same table and the same open stacks.
+
+    Per-particle attributes, indexed through `rows`: `metadata` (the original columns),
+    `ctf` (CtfParameters of float64 tensors, None for a bare stack), `poses` (None unless the
+    file has all three angles), `optics_group` (group number), `stack_id`, `stack_slot`.
+    Shared ones: `source_path`, `kind`, `optics_table`, `optics_groups`, `stacks`, `notes`,
+    and the set's one `pixel_size_a` (A) and `box_size` (px, 0 if unknown).
     """
 
-    def __init__(
-        self,
-        *,
-        source_path: Path,
-        kind: str,
-        metadata: pd.DataFrame,
-        optics_table: pd.DataFrame | None,
-        optics_groups: list[OpticsGroup],
-        optics_group: np.ndarray,
-        ctf: CtfParameters | None,
-        poses: Poses | None,
-        pixel_size_a: float,
-        box_size: int,
-        stacks: list[StackRef],
-        stack_id: np.ndarray,
-        stack_slot: np.ndarray,
-        source_rows: np.ndarray,
-        notes: list[str] | None = None,
-        _cache: _StackCache | None = None,
-    ):
-        self.source_path = Path(source_path)
-        self.kind = kind
-        self.metadata = metadata
-        self.optics_table = optics_table
-        self.optics_groups = list(optics_groups)
-        self.optics_group = optics_group
-        self.ctf = ctf
-        self.poses = poses
-        self.pixel_size_a = float(pixel_size_a)
-        self.box_size = int(box_size)
-        self.stacks = stacks
-        self.source_rows = source_rows
-        self.notes = list(notes or [])
-        self._stack_id = stack_id
-        self._slot = stack_slot
-        self._cache = _cache if _cache is not None else _StackCache()
+    table: ParticleTable
+    rows: np.ndarray
+    pixel_size_a: float
+    box_size: int
+    _cache: _StackCache = field(default_factory=_StackCache, repr=False)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -240,28 +214,73 @@ class ParticleDataset:
                 raise InputError(source, f"image stack {missing[0].written}: {missing[0].problem}")
             if known.size == 0:
                 raise InputError(source, "the box size is unknown")
-        return cls(
-            source_path=source,
-            kind=table.kind,
-            metadata=table.metadata.reset_index(drop=True),
-            optics_table=table.optics_table,
-            optics_groups=table.optics_groups,
-            optics_group=np.asarray(table.optics_group, dtype=np.int64),
-            ctf=table.ctf,
-            poses=table.poses,
-            pixel_size_a=float(pixel[0]),
-            box_size=int(known[0]) if known.size else 0,
-            stacks=table.stacks,
-            stack_id=np.asarray(table.stack_id, dtype=np.int64),
-            stack_slot=np.asarray(table.stack_slot, dtype=np.int64),
-            source_rows=np.arange(n, dtype=np.int64),
-            notes=table.notes,
-        )
+        return cls(table, np.arange(n, dtype=np.int64), float(pixel[0]),
+                   int(known[0]) if known.size else 0)
+
+    # -- what the whole set shares ------------------------------------------------------------
+    @property
+    def source_path(self) -> Path:
+        return self.table.source_path
+
+    @property
+    def kind(self) -> str:
+        return self.table.kind
+
+    @property
+    def optics_table(self) -> pd.DataFrame | None:
+        return self.table.optics_table
+
+    @property
+    def optics_groups(self) -> list[OpticsGroup]:
+        return self.table.optics_groups
+
+    @property
+    def stacks(self) -> list[StackRef]:
+        return self.table.stacks
+
+    @property
+    def notes(self) -> list[str]:
+        return self.table.notes
+
+    # -- per particle, through `rows` (cached: a view never changes) --------------------------
+    @property
+    def source_rows(self) -> np.ndarray:
+        return self.rows
+
+    @cached_property
+    def metadata(self) -> pd.DataFrame:
+        return self.table.metadata.iloc[self.rows].reset_index(drop=True)
+
+    @cached_property
+    def ctf(self) -> CtfParameters | None:
+        return None if self.table.ctf is None else self.table.ctf.index(self._torch_rows)
+
+    @cached_property
+    def poses(self) -> Poses | None:
+        return None if self.table.poses is None else self.table.poses.index(self._torch_rows)
+
+    @property
+    def _torch_rows(self) -> Tensor:
+        return torch.from_numpy(self.rows)
+
+    @property
+    def optics_group(self) -> np.ndarray:
+        return self.table.optics_group[self.rows]
+
+    @property
+    def stack_id(self) -> np.ndarray:
+        """(n,) index into `stacks` of each particle's stack, -1 without an image."""
+        return self.table.stack_id[self.rows]
+
+    @property
+    def stack_slot(self) -> np.ndarray:
+        """(n,) 0-based index of each particle's image in its stack."""
+        return self.table.stack_slot[self.rows]
 
     # -- sizes --------------------------------------------------------------------------------
     @property
     def n_particles(self) -> int:
-        return int(self.optics_group.shape[0])
+        return int(self.rows.shape[0])
 
     def __len__(self) -> int:
         return self.n_particles
@@ -269,10 +288,10 @@ class ParticleDataset:
     @property
     def has_images(self) -> bool:
         """True when every particle's image stack was found and checked."""
-        if not self.stacks or (self._stack_id < 0).any():
+        stack_id = self.stack_id
+        if not self.stacks or (stack_id < 0).any():
             return False
-        used = np.unique(self._stack_id)
-        return all(self.stacks[i].header is not None for i in used)
+        return all(self.stacks[i].header is not None for i in np.unique(stack_id))
 
     def __repr__(self) -> str:
         return (
@@ -283,10 +302,12 @@ class ParticleDataset:
 
     # -- selection ----------------------------------------------------------------------------
     def _indices(self, indices: object) -> np.ndarray:
+        """(k,) int64 positions in this view from indices, a boolean mask or a slice."""
         if isinstance(indices, Tensor):
             indices = indices.detach().cpu().numpy()
         if isinstance(indices, slice):
-            return np.arange(self.n_particles, dtype=np.int64)[indices]
+            # contiguous: a negative step would give a view torch.from_numpy cannot take
+            return np.ascontiguousarray(np.arange(self.n_particles, dtype=np.int64)[indices])
         idx = np.asarray(indices)
         if idx.dtype == bool:
             if idx.shape != (self.n_particles,):
@@ -303,108 +324,27 @@ class ParticleDataset:
         return idx
 
     def subset(self, indices: object) -> ParticleDataset:
-        """A view of some particles (indices, boolean mask or slice): same files, fewer rows."""
-        idx = self._indices(indices)
-        t = torch.from_numpy(idx)
-        return ParticleDataset(
-            source_path=self.source_path,
-            kind=self.kind,
-            metadata=self.metadata.iloc[idx].reset_index(drop=True),
-            optics_table=self.optics_table,
-            optics_groups=self.optics_groups,
-            optics_group=self.optics_group[idx],
-            ctf=None if self.ctf is None else self.ctf.index(t),
-            poses=None if self.poses is None else self.poses.index(t),
-            pixel_size_a=self.pixel_size_a,
-            box_size=self.box_size,
-            stacks=self.stacks,
-            stack_id=self._stack_id[idx],
-            stack_slot=self._slot[idx],
-            source_rows=self.source_rows[idx],
-            notes=self.notes,
-            _cache=self._cache,
-        )
+        """A view of some particles (indices, boolean mask or slice): same table, same open
+        stacks, fewer rows."""
+        return replace(self, rows=self.rows[self._indices(indices)])
 
     # -- export -------------------------------------------------------------------------------
     def relion_tables(
         self, poses: Poses | None = None, absolute_paths: bool = True
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(optics, particles) DataFrames for `write_particles_star` (RELION 3.1 layout).
-
-        STAR input keeps its original columns (RELION 3.0 per-particle optics columns move
-        to the optics table); .cs and bare-stack input get rlnImageName and the CTF columns.
-        `poses` (default: the dataset's own) are written as rlnAngleRot/Tilt/Psi and
-        rlnOriginXAngst/YAngst = -shift * pixel size. With `absolute_paths`, rlnImageName
-        names the stacks by their resolved absolute paths, so the file works from any folder.
-        """
-        optics = self._optics_dataframe()
-        if self.kind == "star":
-            particles = self.metadata.copy()
-            if self.optics_table is None:
-                particles = particles.drop(
-                    columns=[c for c in _PER_PARTICLE_OPTICS if c in particles]
-                )
-        else:
-            particles = pd.DataFrame(index=pd.RangeIndex(self.n_particles))
-            if self.ctf is not None:
-                particles = pd.concat([particles, ctf_table(self.ctf)], axis=1)
-        particles["rlnOpticsGroup"] = self.optics_group
-        if self.stacks and (self._stack_id >= 0).all():
-            names = []
-            for sid, slot in zip(self._stack_id.tolist(), self._slot.tolist(), strict=True):
-                ref = self.stacks[sid]
-                where = ref.path.resolve() if (absolute_paths and ref.path) else ref.written
-                names.append(f"{slot + 1:06d}@{where}")
-            particles["rlnImageName"] = names
-        poses = self.poses if poses is None else poses
-        if poses is not None:
-            if len(poses) != self.n_particles:
-                raise ValueError(f"{len(poses)} poses for {self.n_particles} particles")
-            euler = poses.euler_deg.detach().cpu().to(torch.float64).numpy()
-            shifts = poses.shifts_px.detach().cpu().to(torch.float64).numpy()
-            particles = particles.drop(
-                columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in particles]
-            )
-            for j, name in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
-                particles[name] = euler[:, j]
-            particles["rlnOriginXAngst"] = -shifts[:, 0] * self.pixel_size_a
-            particles["rlnOriginYAngst"] = -shifts[:, 1] * self.pixel_size_a
-        for axis in ("X", "Y"):  # RELION 3.0 origins in pixels -> 3.1 in Angstrom
-            if f"rlnOrigin{axis}" in particles:
-                pixels = pd.to_numeric(particles.pop(f"rlnOrigin{axis}"), errors="coerce")
-                particles[f"rlnOrigin{axis}Angst"] = pixels * self.pixel_size_a
-        return optics, particles
-
-    def _optics_dataframe(self) -> pd.DataFrame:
-        if self.optics_table is not None:
-            return self.optics_table.copy()
-        rows = []
-        for g in self.optics_groups:
-            row = {"rlnOpticsGroupName": g.name, "rlnOpticsGroup": g.number}
-            for name, value in (
-                ("rlnVoltage", g.voltage_kv),
-                ("rlnSphericalAberration", g.spherical_aberration_mm),
-                ("rlnAmplitudeContrast", g.amplitude_contrast),
-                ("rlnImagePixelSize", g.pixel_size_a),
-            ):
-                if np.isfinite(value):
-                    row[name] = value
-            if g.box_size > 0:
-                row["rlnImageSize"] = g.box_size
-            row["rlnImageDimensionality"] = 2
-            rows.append(row)
-        return pd.DataFrame(rows)
+        """(optics, particles) for `write_particles_star`: see `star.relion_tables`."""
+        return relion_tables(self, poses=poses, absolute_paths=absolute_paths)
 
     # -- images -------------------------------------------------------------------------------
     def read_images(self, indices: object) -> Tensor:
         """Images of the particles at `indices`, in that order: float32 tensor (len, N, N)."""
-        idx = self._indices(indices)
+        rows = self.rows[self._indices(indices)]
         n = self.box_size
-        out = np.empty((idx.size, n, n), dtype=np.float32)
-        if idx.size == 0:
+        out = np.empty((rows.size, n, n), dtype=np.float32)
+        if rows.size == 0:
             return torch.from_numpy(out)
-        stack_id = self._stack_id[idx]
-        slot = self._slot[idx]
+        stack_id = self.table.stack_id[rows]
+        slot = self.table.stack_slot[rows]
         if (stack_id < 0).any():
             raise InputError(self.source_path, "the file names no particle images")
         order = np.argsort(stack_id, kind="stable")

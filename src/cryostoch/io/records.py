@@ -88,7 +88,7 @@ class StackRef:
         return None if self.header is None else self.header.shape[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParticleTable:
     """Everything a reader found in a particle file, one row per particle.
 
