@@ -27,6 +27,7 @@ from cryostoch.engine.progress import progress_bar
 from cryostoch.errors import InputError
 from cryostoch.geometry.quadrature import max_radius_px
 from cryostoch.io.dataset import ParticleDataset, open_particles
+from cryostoch.io.star import read_class_assignments
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,6 @@ def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> 
     diameter_a = config.particle_diameter_a or 0.8 * box * pixel
     particle_radius_px = min(0.5 * diameter_a / pixel, box / 2 - 2)
     return WorkingGeometry(box, pixel, radius, particle_radius_px)
-
-
-def read_class_assignments(path):  # TEMPORARY until the io helper lands
-    import starfile
-
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile raises many kinds of parse errors
-        raise InputError(path, f"cannot read STAR file ({err})") from None
-    table = blocks.get("particles", next(iter(blocks.values())))
-    if "rlnClassNumber" not in table.columns or "rlnImageName" not in table.columns:
-        raise InputError(path, "needs rlnImageName and rlnClassNumber columns")
-    return table["rlnImageName"].to_numpy(), table["rlnClassNumber"].to_numpy()
 
 
 def select_particles(config: ReconstructionConfig, dataset: ParticleDataset) -> ParticleDataset:
