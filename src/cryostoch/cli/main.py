@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "baseline": "baseline",
     "demo": "demo",
     "experiment": "experiment",
+    "symmetry": "symmetry",
 }
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cryostoch.fourier import resample_volume
+from cryostoch.fourier import irfft3c, resample_volume, rfft3_grid, rfft3c
 
 __all__ = [
     "centred_coordinates",
@@ -32,6 +32,7 @@ __all__ = [
     "mirror_volume",
     "rotate_volume",
     "sampling_grid",
+    "shift_volume",
     "soft_sphere_mask",
 ]
 
@@ -134,6 +135,21 @@ def rotate_volume(
     out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     out = out[:, 0]
     return out[0] if single else out
+
+
+def shift_volume(volume: Tensor, shift_px: Tensor) -> Tensor:
+    """Translate a map by `shift_px` `(x, y, z)` pixels, `V'(x) = V(x - s)`, exactly for a
+    band-limited map (a Fourier phase ramp; periodic: what leaves one face enters the opposite).
+
+    `volume`: `(N, N, N)` real; `shift_px`: `(3,)`. Returns `(N, N, N)` in the volume's dtype.
+    """
+    n = _check_cubic(volume)
+    spectrum = rfft3c(volume)
+    kz, ky, kx = rfft3_grid(n, dtype=torch.float64, device=volume.device)
+    s = torch.as_tensor(shift_px, dtype=torch.float64, device=volume.device).reshape(3)
+    phase = (kx * s[0] + ky * s[1] + kz * s[2]) * (-2 * math.pi / n)
+    ramp = torch.polar(torch.ones_like(phase), phase).to(spectrum.dtype)
+    return irfft3c(spectrum * ramp, n).to(volume.dtype)
 
 
 def mirror_volume(volume: Tensor) -> Tensor:
