@@ -8,8 +8,8 @@ Prints and writes (validation.json, classes_vs_projections.png):
   465 kDa of protein (beta-galactosidase is about 180 x 130 x 90 A);
 - for RELION's clean 2-D classes of the same particles (Class2D/job010), the normalised
   cross-correlation of each class average with the best-matching projection of the map
-  (either hand), beside the same score for a featureless reference (a Gaussian blob of the
-  map's size) computed in the same run;
+  (either hand), beside the same score for the map's own spherical average (the same radial
+  profile without features) computed in the same run;
 - with --half-maps, the FSC between two independent half-set maps after alignment.
 """
 
@@ -49,14 +49,16 @@ def averages_of_clean_classes():
                           torch.tensor(table["rlnClassNumber"].to_numpy()), CLEAN_CLASSES)
 
 
-def blob_like(volume: torch.Tensor, threshold: float) -> torch.Tensor:
-    """A Gaussian blob with the map's centre and radius of gyration (a featureless control)."""
+def spherical_average(volume: torch.Tensor) -> torch.Tensor:
+    """The map averaged over directions about the box centre: the same radial profile with no
+    features (the control a map's projections must beat)."""
     n = volume.shape[-1]
     z, y, x = fft3_grid(n)
-    inside = (volume >= threshold).double()
-    r2 = (x * x + y * y + z * z) * inside
-    rg2 = float(r2.sum() / inside.sum())
-    return torch.exp(-(x * x + y * y + z * z) / (2 * rg2 / 3))
+    shells = torch.sqrt(x * x + y * y + z * z).round().long()
+    sums = torch.zeros(int(shells.max()) + 1, dtype=torch.float64)
+    sums.index_add_(0, shells.flatten(), volume.flatten().double())
+    counts = torch.bincount(shells.flatten()).double()
+    return (sums / counts)[shells]
 
 
 def figure(path: Path, averages, match) -> None:
@@ -98,7 +100,7 @@ def main() -> None:
     extents = principal_extents(volume, threshold, pixel)
     averages = averages_of_clean_classes()
     match = match_projections(volume, averages)
-    control = match_projections(blob_like(volume, threshold), averages)
+    control = match_projections(spherical_average(volume), averages)
     report = {
         "map": str(args.map),
         "extents_a": [round(v, 1) for v in extents.lengths_a],
@@ -106,7 +108,7 @@ def main() -> None:
         "class_projection_cc": {str(c): round(float(v), 3) for c, v in
                                 zip(averages.class_numbers, match.correlation, strict=True)},
         "mean_cc": round(float(match.correlation.mean()), 3),
-        "mean_cc_featureless_blob": round(float(control.correlation.mean()), 3),
+        "mean_cc_spherical_average": round(float(control.correlation.mean()), 3),
     }
     if args.half_maps:
         from cryostoch.evaluate.fsc import fsc_report

@@ -115,7 +115,7 @@ def match_projections(volume: Tensor, averages: ClassAverages, *, step_deg: floa
     best_proj = torch.zeros(k, n, n, dtype=torch.float64)
     hand = torch.zeros(k, dtype=torch.long)
     for h, vol in enumerate((volume.double(), mirror_volume(volume.double()))):
-        for chunk in torch.split(directions, 64):
+        for chunk in torch.split(directions, 8):  # bounds the (C, K, P, N, N) scores
             proj = rotate_volume(vol, chunk).sum(1)  # (C, N, N) projections along z
             filtered = irfft2c(rfft2c(proj)[:, None] * averages.ctf2[None], n)  # (C, K, N, N)
             ref = _normalised(filtered.reshape(-1, n, n), mask).reshape(len(chunk), k, n, n)
