@@ -182,13 +182,25 @@ def colour_noise(white: Tensor, amplitude: Tensor | None) -> Tensor:
     return irfft2c(spectrum, n).to(device=white.device, dtype=white.dtype)
 
 
-def shell_spectrum(table: SpectrumTable, box_size: int, pixel_size_a: float
-                   ) -> dict[str, list[float]]:
-    """The normalised spectrum at the shells s = 0 .. N/2 (frequency s / (N p)), for the
-    record in simulation.json."""
+def resolve_spectrum(noise_spectrum: str | None, noise_from: str | None,
+                     diameter_a: float | None = None) -> SpectrumTable | None:
+    """The table of `--noise-spectrum FILE` or `--noise-from PARTICLES`, None for white."""
+    if noise_spectrum is not None:
+        return read_spectrum_file(noise_spectrum)
+    if noise_from is not None:
+        return spectrum_from_particles(noise_from, diameter_a=diameter_a)
+    return None
+
+
+def noise_summary(table: SpectrumTable | None, box_size: int, pixel_size_a: float) -> dict:
+    """simulation.json's record of the noise: white, or the normalised spectrum at the shells
+    s = 0 .. N/2 (frequency s / (N p) 1/A)."""
+    if table is None:
+        return {"kind": "white", "sigma": 1.0}
     mean = _full_plane_mean(table, box_size, pixel_size_a)
     frequency = np.arange(box_size // 2 + 1) / (box_size * pixel_size_a)
-    return {"frequency_per_a": frequency.tolist(),
+    return {"kind": "coloured", "source": table.source, "mean_variance": 1.0,
+            "frequency_per_a": frequency.tolist(),
             "relative_power": (table.at(frequency) / mean).tolist()}
 
 
@@ -196,7 +208,8 @@ __all__ = [
     "SpectrumTable",
     "colour_noise",
     "noise_amplitude",
+    "noise_summary",
     "read_spectrum_file",
-    "shell_spectrum",
+    "resolve_spectrum",
     "spectrum_from_particles",
 ]

@@ -202,7 +202,10 @@ class ProjectionModel:
     def images(self, rotations: Tensor, ctf: CtfParameters | None = None,
                shifts_px: Tensor | None = None) -> Tensor:
         """(B, N, N) real noise-free images (zero spectrum outside the Nyquist disc)."""
-        values = self.spectra(rotations, ctf, shifts_px)
+        return self.to_images(self.spectra(rotations, ctf, shifts_px))
+
+    def to_images(self, values: Tensor) -> Tensor:
+        """(B, N, N) real images of coefficients values (B, M) at (kx, ky), zero elsewhere."""
         n = self.box_size
         full = values.new_zeros(values.shape[0], n, n // 2 + 1)
         full[:, self.inside] = values
