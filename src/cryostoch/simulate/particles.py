@@ -18,7 +18,8 @@ So the noise-free part of every image is exactly what the likelihood predicts at
 ground-truth pose (checked by the tests) on the coefficients the likelihood uses.
 
 Noise and SNR: images are `scale * clean + noise` with white Gaussian noise of standard
-deviation sigma = 1 (the paper's convention: images in units of the noise). The SNR is
+deviation sigma = 1 (the paper's convention: images in units of the noise; coloured noise
+and junk are in `cryostoch.simulate.noise` and `cryostoch.simulate.hazards`). The SNR is
 
     SNR = mean over images of Var(noise-free image over the whole N x N box) / sigma^2,
 

@@ -8,7 +8,12 @@
 - `ground_truth.mrc`: the density the images were made from (scaled to the images' units:
   noise sigma 1), with its voxel size;
 - `montage.png`: a few particles next to their noise-free images and bare projections;
-- `simulation.json`: the configuration, the density scale and the realised SNR.
+- `simulation.json`: the configuration, the density scale, the realised SNR, the noise
+  (white, or the coloured spectrum at the shells), the junk counts and the contrast spread.
+
+Real-data hazards (off by default; `cryostoch.simulate.noise`, `cryostoch.simulate.hazards`):
+coloured noise, junk images (truth column `rlnCryostochJunk`) and per-particle contrast
+(`rlnCryostochScale`). With none of them the output is what it was without them.
 
 See `cryostoch.simulate.particles` for the forward model, the SNR definition and the random
 streams. Every file appears atomically (temporary name, then rename) and `particles.star`, which
