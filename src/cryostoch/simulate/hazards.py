@@ -185,6 +185,11 @@ def hazard_images(model: ProjectionModel, params: ParticleParameters, hazards: H
     return images
 
 
+def montage_labels(hazards: Hazards, k: int, junk_fraction: float) -> list[str] | None:
+    """The junk kind of the first k particles, for the montage's titles (None without junk)."""
+    return [KIND_NAMES[c] for c in hazards.kinds[:k]] if junk_fraction > 0 else None
+
+
 def star_columns(hazards: Hazards, junk_fraction: float, contrast_sigma: float
                  ) -> dict[str, np.ndarray]:
     """The truth columns for the STAR file (only those of hazards switched on)."""
@@ -232,6 +237,7 @@ __all__ = [
     "ice_blobs",
     "ice_images",
     "junk_kinds",
+    "montage_labels",
     "neighbour_offsets",
     "shift_with_zero_fill",
     "star_columns",

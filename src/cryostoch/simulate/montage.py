@@ -12,8 +12,10 @@ from cryostoch.simulate.particles import ParticleParameters, ProjectionModel
 
 
 def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
-                  projections: np.ndarray, title: str) -> None:
-    """A figure: one column per particle; rows = projection, noise-free image, particle."""
+                  projections: np.ndarray, title: str,
+                  labels: list[str] | None = None) -> None:
+    """A figure: one column per particle; rows = projection, noise-free image, particle.
+    `labels` (one per column, optional) go into the column titles."""
     from cryostoch.evaluate.plots import _pyplot
 
     plt = _pyplot()
@@ -27,7 +29,7 @@ def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:
-                a.set_title(f"#{c + 1}", fontsize=9)
+                a.set_title(f"#{c + 1}" + (f" {labels[c]}" if labels else ""), fontsize=9)
             if c == 0:
                 a.set_ylabel(label, fontsize=9)
     fig.suptitle(title, fontsize=9)
@@ -38,12 +40,14 @@ def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
 
 
 def montage_figure(path: Path, model: ProjectionModel, first: ParticleParameters,
-             montage: dict[str, list[np.ndarray]], title: str) -> None:
-    """Particles beside their noise-free images and their CTF-free projections."""
+                   montage: dict[str, list[np.ndarray]], title: str,
+                   labels: list[str] | None = None) -> None:
+    """Particles beside their noise-free images and their CTF-free projections of the
+    molecule (junk: the noise-free row shows what was simulated; `labels` say which)."""
     with torch.no_grad():
         projections = model.images(first.rotations, None, first.shifts_px)
     write_montage(path, np.concatenate(montage["particles"]), np.concatenate(montage["clean"]),
-                  projections.float().cpu().numpy(), title)
+                  projections.float().cpu().numpy(), title, labels)
 
 
 __all__ = ["montage_figure", "write_montage"]

@@ -45,6 +45,7 @@ from cryostoch.simulate.hazards import (
     draw_hazards,
     hazard_images,
     hazard_summary,
+    montage_labels,
     star_columns,
 )
 from cryostoch.simulate.montage import montage_figure as _montage
@@ -369,7 +370,8 @@ def simulate_dataset(
 
         if montage_k:
             _montage(montage_path, model, params.index(slice(0, montage_k)), montage,
-                     f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A")
+                     f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A",
+                     montage_labels(hazards, montage_k, config.junk_fraction))
             created.append(montage_path)
 
         seconds = time.perf_counter() - start_time
