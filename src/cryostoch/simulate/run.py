@@ -50,7 +50,13 @@ from cryostoch.simulate.hazards import (
 )
 from cryostoch.simulate.montage import montage_figure as _montage
 from cryostoch.simulate.montage import write_montage
-from cryostoch.simulate.noise import colour_noise, noise_amplitude, noise_summary, resolve_spectrum
+from cryostoch.simulate.noise import (
+    SpectrumTable,
+    colour_noise,
+    noise_amplitude,
+    noise_summary,
+    resolve_spectrum,
+)
 from cryostoch.simulate.particles import (
     SHIFT_TRUNCATION,
     ParticleParameters,
@@ -320,6 +326,26 @@ def _scale_to_snr(model: ProjectionModel, pilot: ParticleParameters, config: Sim
     return pilot_variance, scale
 
 
+def _noise_spectrum(config: SimulationConfig) -> tuple[SpectrumTable | None, torch.Tensor | None]:
+    """The coloured noise's table and its (N, N//2+1) amplitude; (None, None) for white."""
+    spectrum = resolve_spectrum(config.noise_spectrum, config.noise_from,
+                                config.noise_particle_diameter_a)
+    if spectrum is None:
+        return None, None
+    return spectrum, noise_amplitude(spectrum, config.box_size, config.pixel_size_a)
+
+
+def _write_star(path: Path, params: ParticleParameters, hazards: Hazards, sampler: CtfSampler,
+                config: SimulationConfig) -> None:
+    """particles.star: RELION 3.1 tables plus the hazards' truth columns (if any)."""
+    from cryostoch.io.star import write_particles_star
+
+    optics, particles = relion_tables(params, sampler, config.box_size, config.pixel_size_a)
+    particles = particles.assign(**star_columns(hazards, config.junk_fraction,
+                                                config.contrast_sigma))
+    write_particles_star(path, optics, particles)
+
+
 def simulate_dataset(
     config: SimulationConfig,
     *,
@@ -332,7 +358,6 @@ def simulate_dataset(
     `progress`: a tqdm bar on stderr (None: only when stderr is a terminal).
     """
     from cryostoch.io.mrc import write_map
-    from cryostoch.io.star import write_particles_star
 
     start_time = time.perf_counter()
     device = _device_for(config)
@@ -341,9 +366,7 @@ def simulate_dataset(
     _check_out_dir(config)
     sampler = ctf_sampler_for(config)
     density, description = _density(config, volume)
-    spectrum = resolve_spectrum(config.noise_spectrum, config.noise_from,
-                                config.noise_particle_diameter_a)
-    amplitude = None if spectrum is None else noise_amplitude(spectrum, box, pixel)
+    spectrum, amplitude = _noise_spectrum(config)
     out = _prepare_out_dir(config)
 
     params = draw_particle_parameters(n, sampler, seed=config.seed,
@@ -395,10 +418,7 @@ def simulate_dataset(
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         created.append(summary_path)
 
-        optics, particles = relion_tables(params, sampler, box, pixel)
-        particles = particles.assign(**star_columns(hazards, config.junk_fraction,
-                                                    config.contrast_sigma))
-        write_particles_star(star_path, optics, particles)
+        _write_star(star_path, params, hazards, sampler, config)
         created.append(star_path)
     except BaseException:
         for path in created:
