@@ -9,6 +9,13 @@ Gaussian noise of sigma 1, by the same forward model the likelihood uses. SNR = 
 images of the variance of the noise-free image over the whole box, divided by the noise
 variance; the density is scaled to reach it (measured on the first --pilot-size particles).
 
+Real-data hazards (all off by default): coloured noise (--noise-spectrum, or --noise-from to
+copy the background power spectrum of real particles; the mean noise variance stays 1), junk
+(--junk-fraction: ice blobs, empty images and off-centre neighbours in equal shares, whose
+STAR rows look like good particles; the truth is in the column rlnCryostochJunk: 0 good,
+1 ice, 2 empty, 3 neighbour) and per-particle contrast (--contrast-sigma: signal times
+exp(S z), recorded as rlnCryostochScale).
+
 Writes DIR/particles.mrcs, DIR/particles.star (RELION 3.1, CTFs and ground-truth poses),
 DIR/ground_truth.mrc (the scaled density), DIR/montage.png and DIR/simulation.json.
 """
@@ -42,6 +49,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift-sigma-a", type=float, default=0.0, metavar="S",
                         help="standard deviation of the in-plane shifts in Angstrom, truncated "
                         "to a disc of 3 S (default 0: centred particles, like the paper)")
+    parser.add_argument("--noise-spectrum", default=None, metavar="FILE",
+                        help="coloured noise: a two-column text/CSV file (frequency in 1/A, "
+                        "relative noise power; '#' comments and a header line allowed), "
+                        "interpolated onto the images' radial frequencies (constant beyond "
+                        "its ends) and normalised so that the mean noise variance stays 1 "
+                        "(default: white noise)")
+    parser.add_argument("--noise-from", default=None, metavar="PARTICLES",
+                        help="coloured noise with the background power spectrum of real "
+                        "particles (a STAR/.cs/.mrcs file; 500 evenly spaced images, outside "
+                        "the particle diameter), resampled onto the images' frequencies")
+    parser.add_argument("--noise-particle-diameter-a", type=float, default=None, metavar="D",
+                        help="particle diameter in A of the --noise-from particles: their "
+                        "background lies outside it (default 80%% of their box)")
+    parser.add_argument("--junk-fraction", type=float, default=0.0, metavar="F",
+                        help="share of junk images in [0, 1): ice/contaminant blobs, empty "
+                        "(noise-only) images and off-centre neighbours (the molecule shifted "
+                        "by 0.35-0.5 of the box) in equal shares (default 0)")
+    parser.add_argument("--contrast-sigma", type=float, default=0.0, metavar="S",
+                        help="per-particle contrast: signal times exp(S z), z standard normal "
+                        "(default 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="image data type in the stack (default float32)")
@@ -75,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
             snr=args.snr, shift_sigma_a=args.shift_sigma_a, seed=args.seed, dtype=args.dtype,
             chunk_size=args.chunk_size, pilot_size=args.pilot_size,
             compute_dtype=args.compute_dtype, device=args.device, n_montage=args.montage,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, noise_spectrum=args.noise_spectrum,
+            noise_from=args.noise_from,
+            noise_particle_diameter_a=args.noise_particle_diameter_a,
+            junk_fraction=args.junk_fraction, contrast_sigma=args.contrast_sigma,
         )
     except (TypeError, ValueError) as err:
         raise InputError("options", str(err)) from None

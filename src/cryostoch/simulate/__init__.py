@@ -6,6 +6,8 @@ particle images by the likelihood's own forward model, and the paper's random in
 - `ProjectionModel`, `draw_particle_parameters`, `particle_noise`: the forward model and the
   random draws (see `cryostoch.simulate.particles` for the SNR definition).
 - `SimulationConfig`, `simulate_dataset`: a whole data set on disk (`cryostoch simulate`).
+- `cryostoch.simulate.noise` / `cryostoch.simulate.hazards`: coloured noise, junk images and
+  per-particle contrast (real-data hazards).
 - `random_spheres_volume`: the paper's random initial density (`cryostoch random-init`).
 """
 

@@ -18,7 +18,8 @@ So the noise-free part of every image is exactly what the likelihood predicts at
 ground-truth pose (checked by the tests) on the coefficients the likelihood uses.
 
 Noise and SNR: images are `scale * clean + noise` with white Gaussian noise of standard
-deviation sigma = 1 (the paper's convention: images in units of the noise). The SNR is
+deviation sigma = 1 (the paper's convention: images in units of the noise; coloured noise
+and junk are in `cryostoch.simulate.noise` and `cryostoch.simulate.hazards`). The SNR is
 
     SNR = mean over images of Var(noise-free image over the whole N x N box) / sigma^2,
 
@@ -202,7 +203,10 @@ class ProjectionModel:
     def images(self, rotations: Tensor, ctf: CtfParameters | None = None,
                shifts_px: Tensor | None = None) -> Tensor:
         """(B, N, N) real noise-free images (zero spectrum outside the Nyquist disc)."""
-        values = self.spectra(rotations, ctf, shifts_px)
+        return self.to_images(self.spectra(rotations, ctf, shifts_px))
+
+    def to_images(self, values: Tensor) -> Tensor:
+        """(B, N, N) real images of coefficients values (B, M) at (kx, ky), zero elsewhere."""
         n = self.box_size
         full = values.new_zeros(values.shape[0], n, n // 2 + 1)
         full[:, self.inside] = values

@@ -8,7 +8,12 @@
 - `ground_truth.mrc`: the density the images were made from (scaled to the images' units:
   noise sigma 1), with its voxel size;
 - `montage.png`: a few particles next to their noise-free images and bare projections;
-- `simulation.json`: the configuration, the density scale and the realised SNR.
+- `simulation.json`: the configuration, the density scale, the realised SNR, the noise
+  (white, or the coloured spectrum at the shells), the junk counts and the contrast spread.
+
+Real-data hazards (off by default; `cryostoch.simulate.noise`, `cryostoch.simulate.hazards`):
+coloured noise, junk images (truth column `rlnCryostochJunk`) and per-particle contrast
+(`rlnCryostochScale`). With none of them the output is what it was without them.
 
 See `cryostoch.simulate.particles` for the forward model, the SNR definition and the random
 streams. Every file appears atomically (temporary name, then rename) and `particles.star`, which
@@ -34,6 +39,24 @@ from cryostoch.errors import InputError
 from cryostoch.io._common import atomic_path, default_file_mode
 from cryostoch.io.stack_writer import StackWriter
 from cryostoch.simulate.ctf import CtfSampler, CtfTable, DefaultCtf
+from cryostoch.simulate.hazards import (
+    Hazards,
+    check_hazard_options,
+    draw_hazards,
+    hazard_images,
+    hazard_summary,
+    montage_labels,
+    star_columns,
+)
+from cryostoch.simulate.montage import montage_figure as _montage
+from cryostoch.simulate.montage import write_montage
+from cryostoch.simulate.noise import (
+    SpectrumTable,
+    colour_noise,
+    noise_amplitude,
+    noise_summary,
+    resolve_spectrum,
+)
 from cryostoch.simulate.particles import (
     SHIFT_TRUNCATION,
     ParticleParameters,
@@ -78,6 +101,11 @@ class SimulationConfig:
     device: str = "cpu"
     n_montage: int = 6
     overwrite: bool = False
+    noise_spectrum: str | None = None  # two-column file: frequency 1/A, relative power
+    noise_from: str | None = None  # real particles whose background spectrum to copy
+    noise_particle_diameter_a: float | None = None  # their particle diameter (mask)
+    junk_fraction: float = 0.0
+    contrast_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         def positive_int(value, option):
@@ -108,6 +136,11 @@ class SimulationConfig:
                              f"must be float32 or float64, got {self.compute_dtype!r}")
         if self.n_montage < 0:
             raise InputError("--montage", f"must be >= 0, got {self.n_montage!r}")
+        if self.noise_spectrum is not None and self.noise_from is not None:
+            raise InputError("--noise-from", "give --noise-spectrum or --noise-from, not both")
+        if self.noise_particle_diameter_a is not None:
+            positive(self.noise_particle_diameter_a, "--noise-particle-diameter-a")
+        check_hazard_options(self.junk_fraction, self.contrast_sigma)
 
     @property
     def shift_sigma_px(self) -> float:
@@ -206,32 +239,6 @@ def relion_tables(params: ParticleParameters, sampler: CtfSampler, box: int,
     return optics, particles
 
 
-def write_montage(path: Path, particles: np.ndarray, clean: np.ndarray,
-                  projections: np.ndarray, title: str) -> None:
-    """A figure: one column per particle; rows = projection, noise-free image, particle."""
-    from cryostoch.evaluate.plots import _pyplot
-
-    plt = _pyplot()
-    k = particles.shape[0]
-    rows = (("projection", projections), ("noise-free (CTF)", clean), ("particle", particles))
-    fig, axes = plt.subplots(3, k, figsize=(1.9 * k, 6.2), squeeze=False)
-    for r, (label, images) in enumerate(rows):
-        for c in range(k):
-            a = axes[r][c]
-            a.imshow(images[c], cmap="gray", origin="lower")
-            a.set_xticks([])
-            a.set_yticks([])
-            if r == 0:
-                a.set_title(f"#{c + 1}", fontsize=9)
-            if c == 0:
-                a.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with _atomic(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
 SNR_DEFINITION = "mean over images of Var(noise-free image over the whole box) / noise variance"
 
 
@@ -247,11 +254,14 @@ def _device_for(config: SimulationConfig) -> torch.device:
 
 
 def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParameters,
-                 config: SimulationConfig, montage_k: int, progress: bool | None
-                 ) -> tuple[float, dict[str, list[np.ndarray]]]:
-    """Stream the noisy particles into the stack in chunks.
+                 hazards: Hazards, amplitude: torch.Tensor | None, config: SimulationConfig,
+                 montage_k: int, progress: bool | None
+                 ) -> tuple[float, dict[str, list[np.ndarray]], np.ndarray]:
+    """Stream the noisy particles into the stack in chunks; `amplitude` (N, N//2+1): the
+    coloured noise's sqrt(spectrum) (None: white).
 
-    Returns the realised SNR and the first `montage_k` clean and noisy images.
+    Returns the realised SNR, the first `montage_k` clean and noisy images and the summed
+    noise-free image variances of each junk kind (4,).
     """
     from tqdm import tqdm
 
@@ -259,6 +269,7 @@ def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParam
     compute = getattr(torch, config.compute_dtype)
     seeds = noise_seeds(config.seed, n)
     signal_sum = noise_sum = 0.0
+    signal_by_kind = np.zeros(4)
     montage: dict[str, list[np.ndarray]] = {}
     writer = StackWriter(stack_path, n, box, np.dtype(config.dtype), config.pixel_size_a)
     bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
@@ -268,11 +279,15 @@ def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParam
             stop = min(n, start + config.chunk_size)
             chunk = params.index(slice(start, stop))
             with torch.no_grad():
-                clean = model.particle_images(chunk)
-                noise = particle_noise(seeds[start:stop], box, dtype=compute,
-                                       device=model.device)
+                clean = hazard_images(model, chunk, hazards.index(slice(start, stop)),
+                                      config.snr)
+                noise = colour_noise(particle_noise(seeds[start:stop], box, dtype=compute,
+                                                    device=model.device), amplitude)
                 images = clean + noise
-            signal_sum += float(clean.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
+            variances = clean.to(torch.float64).var(dim=(-2, -1), unbiased=False).cpu()
+            signal_sum += float(variances.sum())
+            signal_by_kind += np.bincount(hazards.kinds[start:stop], weights=variances.numpy(),
+                                          minlength=4)
             noise_sum += float(noise.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
             if start < montage_k:
                 k = min(montage_k, stop) - start
@@ -281,7 +296,7 @@ def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParam
             writer.write(start, images.cpu())
             del clean, noise, images
             bar.update(stop - start)
-    return signal_sum / noise_sum, montage
+    return signal_sum / noise_sum, montage, signal_by_kind
 
 
 def _density(config: SimulationConfig, volume: torch.Tensor | None
@@ -311,13 +326,24 @@ def _scale_to_snr(model: ProjectionModel, pilot: ParticleParameters, config: Sim
     return pilot_variance, scale
 
 
-def _montage(path: Path, model: ProjectionModel, first: ParticleParameters,
-             montage: dict[str, list[np.ndarray]], title: str) -> None:
-    """Particles beside their noise-free images and their CTF-free projections."""
-    with torch.no_grad():
-        projections = model.images(first.rotations, None, first.shifts_px)
-    write_montage(path, np.concatenate(montage["particles"]), np.concatenate(montage["clean"]),
-                  projections.float().cpu().numpy(), title)
+def _noise_spectrum(config: SimulationConfig) -> tuple[SpectrumTable | None, torch.Tensor | None]:
+    """The coloured noise's table and its (N, N//2+1) amplitude; (None, None) for white."""
+    spectrum = resolve_spectrum(config.noise_spectrum, config.noise_from,
+                                config.noise_particle_diameter_a)
+    if spectrum is None:
+        return None, None
+    return spectrum, noise_amplitude(spectrum, config.box_size, config.pixel_size_a)
+
+
+def _write_star(path: Path, params: ParticleParameters, hazards: Hazards, sampler: CtfSampler,
+                config: SimulationConfig) -> None:
+    """particles.star: RELION 3.1 tables plus the hazards' truth columns (if any)."""
+    from cryostoch.io.star import write_particles_star
+
+    optics, particles = relion_tables(params, sampler, config.box_size, config.pixel_size_a)
+    particles = particles.assign(**star_columns(hazards, config.junk_fraction,
+                                                config.contrast_sigma))
+    write_particles_star(path, optics, particles)
 
 
 def simulate_dataset(
@@ -332,7 +358,6 @@ def simulate_dataset(
     `progress`: a tqdm bar on stderr (None: only when stderr is a terminal).
     """
     from cryostoch.io.mrc import write_map
-    from cryostoch.io.star import write_particles_star
 
     start_time = time.perf_counter()
     device = _device_for(config)
@@ -341,10 +366,13 @@ def simulate_dataset(
     _check_out_dir(config)
     sampler = ctf_sampler_for(config)
     density, description = _density(config, volume)
+    spectrum, amplitude = _noise_spectrum(config)
     out = _prepare_out_dir(config)
 
     params = draw_particle_parameters(n, sampler, seed=config.seed,
                                       shift_sigma_px=config.shift_sigma_px)
+    hazards = draw_hazards(n, seed=config.seed, junk_fraction=config.junk_fraction,
+                           contrast_sigma=config.contrast_sigma)
     model = ProjectionModel(density.to(device=device, dtype=compute), pixel,
                             oversampling=config.volume_oversampling)
     pilot = params.index(slice(0, min(n, config.pilot_size)))
@@ -356,8 +384,8 @@ def simulate_dataset(
         out / SUMMARY_NAME
     montage_k = min(config.n_montage, n)
     try:
-        realised_snr, montage = _write_stack(stack_path, model, params, config, montage_k,
-                                             progress)
+        realised_snr, montage, signal_by_kind = _write_stack(
+            stack_path, model, params, hazards, amplitude, config, montage_k, progress)
         created.append(stack_path)
 
         write_map(gt_path, (density * scale).to(torch.float32), pixel)
@@ -365,7 +393,8 @@ def simulate_dataset(
 
         if montage_k:
             _montage(montage_path, model, params.index(slice(0, montage_k)), montage,
-                     f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A")
+                     f"{description}; SNR {config.snr:g}; box {box} x {pixel:g} A",
+                     montage_labels(hazards, montage_k, config.junk_fraction))
             created.append(montage_path)
 
         seconds = time.perf_counter() - start_time
@@ -381,13 +410,15 @@ def simulate_dataset(
             "realised_snr": realised_snr,
             "snr_definition": SNR_DEFINITION,
             "seconds": seconds,
+            "noise": noise_summary(spectrum, box, pixel),
+            **hazard_summary(hazards, config.junk_fraction, config.contrast_sigma,
+                             signal_by_kind),
         }
         with _atomic(summary_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         created.append(summary_path)
 
-        optics, particles = relion_tables(params, sampler, box, pixel)
-        write_particles_star(star_path, optics, particles)
+        _write_star(star_path, params, hazards, sampler, config)
         created.append(star_path)
     except BaseException:
         for path in created:
