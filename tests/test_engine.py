@@ -254,3 +254,26 @@ def test_classes_write_class_maps_and_resume_exactly(tiny_set, tmp_path, monkeyp
         run.run()
     resumed = reconstruct(cut, resume=True, progress=False)
     assert torch.equal(resumed.volume, full.volume)
+
+
+def test_symmetry_restricts_the_search_and_keeps_the_map_symmetric(tiny_set, tmp_path):
+    from cryostoch.geometry.symmetry import point_group, symmetrize_volume
+
+    c1 = json.loads((reconstruct(tiny_config(tiny_set, tmp_path / "c1", epochs=0.3),
+                                 progress=False).out_dir / "config.json").read_text())
+    result = reconstruct(tiny_config(tiny_set, tmp_path / "d2", epochs=0.3, symmetry="D2"),
+                         progress=False)
+    d2 = json.loads((result.out_dir / "config.json").read_text())
+    ratio = c1["quadrature"]["directions"] / d2["quadrature"]["directions"]
+    assert 3.0 < ratio < 5.0  # one asymmetric unit of |D2| = 4
+    volume = result.volume.double()
+    symmetric = symmetrize_volume(volume, point_group("D2"))
+    inner = (slice(1, None),) * 3  # the outermost planes have no image inside the box
+    assert torch.allclose(symmetric[inner], volume[inner], atol=1e-5 * float(volume.abs().max()))
+
+
+def test_unknown_symmetry_is_one_line(tiny_set, tmp_path, capsys):
+    assert main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--symmetry", "Q7",
+                 "--quiet"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cryostoch:")]
+    assert len(lines) == 1 and "symmetry" in lines[0]

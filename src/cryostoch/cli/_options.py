@@ -59,6 +59,10 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
                         help="coloured (default: a noise variance per frequency shell and optics "
                              "group, measured from the particles' background) or white (one "
                              "sigma, the paper's model)")
+    parser.add_argument("--symmetry", default="C1",
+                        help="point group in RELION's conventions (C1, Cn, Dn, T, O, I): imposed "
+                             "on the map, with the orientation search restricted to one "
+                             "asymmetric unit (default C1, as advised for ab initio)")
     parser.add_argument("--mask", default="auto",
                         help="solvent mask: auto (default: a sphere of the particle diameter, "
                              "then following the map at every stage), sphere, none, or an MRC "
@@ -75,7 +79,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         particle_diameter_a=args.particle_diameter_a, invert=args.invert,
         project_root=args.project_root, class_file=args.class_file,
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
-        noise_model=args.noise_model, mask=args.mask,
+        noise_model=args.noise_model, mask=args.mask, symmetry=args.symmetry,
     )
 
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryostoch.geometry.symmetry import point_group
+
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "tonga", "olbfgs", "hf", "adam")
 
 # coloured: a radially symmetric noise variance per optics group, measured from the data
@@ -71,6 +73,7 @@ class ReconstructionConfig:
     noise_model: str = "coloured"
     mask: str = "auto"
     classes: int = 1
+    symmetry: str = "C1"
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +133,10 @@ class ReconstructionConfig:
             problems.append(f"noise-model must be one of {', '.join(NOISE_MODELS)}")
         if not 1 <= self.classes <= 50:
             problems.append("classes must be between 1 and 50")
+        try:
+            point_group(self.symmetry)
+        except ValueError as err:
+            problems.append(f"symmetry: {err}")
         if not self.mask:
             problems.append("mask must be auto, sphere, none or an MRC file")
         if problems:

@@ -25,7 +25,12 @@ from cryostoch.engine.preprocess import (
 )
 from cryostoch.engine.progress import progress_bar
 from cryostoch.errors import InputError
-from cryostoch.geometry.quadrature import max_radius_px
+from cryostoch.geometry.quadrature import max_radius_px, orientation_quadrature
+from cryostoch.geometry.symmetry import (
+    point_group,
+    restrict_orientation_quadrature,
+    symmetrize_volume,
+)
 from cryostoch.io.dataset import ParticleDataset, open_particles
 from cryostoch.io.star import read_class_assignments
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
@@ -167,8 +172,25 @@ def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_p
         memory_budget_mb=config.memory_budget_mb,
         n_classes=config.classes,
     )
-    return MarginalLikelihood(likelihood, dtype=getattr(torch, config.dtype),
-                              device=torch.device(config.device))
+    device = torch.device(config.device)
+    orientations = None
+    group = point_group(config.symmetry)
+    if group.order > 1:
+        # a symmetric map projects alike at R and R g: one asymmetric unit of directions
+        full = orientation_quadrature(radius_px, dtype=torch.float64, device=device)
+        orientations = restrict_orientation_quadrature(full, group)
+    return MarginalLikelihood(likelihood, dtype=getattr(torch, config.dtype), device=device,
+                              orientations=orientations)
+
+
+def symmetrize(volume: Tensor, symmetry: str) -> Tensor:
+    """The map (N, N, N), or each class of (K, N, N, N), averaged over the point group."""
+    group = point_group(symmetry)
+    if group.order == 1:
+        return volume
+    if volume.dim() == 3:
+        return symmetrize_volume(volume, group)
+    return torch.stack([symmetrize_volume(v, group) for v in volume])
 
 
 def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> PreparedRun:

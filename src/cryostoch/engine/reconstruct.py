@@ -27,7 +27,7 @@ from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
-from cryostoch.engine.prepare import PreparedRun, prepare_run
+from cryostoch.engine.prepare import PreparedRun, prepare_run, symmetrize
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.schedule import Schedule, Stage
 from cryostoch.errors import InputError
@@ -178,6 +178,8 @@ class Reconstruction:
         if changed:
             if self.config.lr is None:
                 self.optimizer.recalibrate()
+            with torch.no_grad():  # no drift away from the group (rounding, the mask's edge)
+                self.volume.copy_(symmetrize(self.volume.detach(), self.config.symmetry))
             self.noise_and_mask.follow(self.volume.detach())
             self.noise_and_mask.apply_(self.volume)
         self.state.stage = key
@@ -215,7 +217,8 @@ class Reconstruction:
                                       likelihood_weight=model.config.noise_sigma**2,
                                       noise_precision=precision,
                                       class_log_weights=class_log_weights)
-            self.volume.grad = out.gradient
+            # the gradient of f(S V) for the symmetrizing projection S: the map stays symmetric
+            self.volume.grad = symmetrize(out.gradient, self.config.symmetry)
             return out.value
 
         return closure

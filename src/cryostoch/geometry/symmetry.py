@@ -148,6 +148,34 @@ def point_group(name: str) -> PointGroup:
 # Symmetrised maps
 # --------------------------------------------------------------------------------------------
 
+def is_signed_permutation_group(group: PointGroup) -> bool:
+    """True when every element maps grid axes onto grid axes (C2, C4, D2, D4, ...): the group
+    then permutes voxels exactly and needs no interpolation."""
+    m = group.matrices
+    return bool(torch.all((m.abs() < 1e-9) | ((m.abs() - 1).abs() < 1e-9)))
+
+
+def _symmetrize_by_permutation(volume: Tensor, group: PointGroup) -> Tensor:
+    """Exact (1/|G|) sum_g V(g^T x) for a signed-permutation group: V (N, N, N) [z, y, x].
+
+    Voxel x (relative to the centre N//2) reads voxel g^T x; for even N the outermost plane's
+    image lies outside the box and reads 0, as interpolation with zero padding would.
+    """
+    n = volume.shape[-1]
+    c = n // 2
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=volume.device) - c,) * 3,
+                                        indexing="ij")[::-1], dim=-1)  # (N, N, N, 3) as x, y, z
+    flat = volume.reshape(-1)
+    total = torch.zeros_like(flat)
+    for g in group.matrices.round().to(device=volume.device, dtype=torch.long):
+        source = coords @ g  # row vector x^T g = (g^T x)^T
+        inside = ((source >= -c) & (source < n - c)).all(-1).reshape(-1)
+        sx, sy, sz = (source + c).clamp(0, n - 1).unbind(-1)
+        index = ((sz * n + sy) * n + sx).reshape(-1)
+        total += torch.where(inside, flat[index], torch.zeros_like(flat))
+    return (total / group.order).reshape(volume.shape)
+
+
 def symmetrize_volume(
     volume: Tensor, group: PointGroup, *, oversampling: int = 2, batch: int = 8
 ) -> Tensor:
@@ -165,6 +193,8 @@ def symmetrize_volume(
 
     if volume.dim() != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"volume must have shape (N, N, N), got {tuple(volume.shape)}")
+    if is_signed_permutation_group(group):
+        return _symmetrize_by_permutation(volume, group)
     total = volume.clone()
     others = group.matrices[1:]  # matrices[0] is the identity
     for chunk in others.split(max(1, int(batch))):
