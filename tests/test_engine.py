@@ -44,6 +44,22 @@ def tiny_config(particles: Path, out: Path, **kw) -> ReconstructionConfig:
     return ReconstructionConfig(**base)
 
 
+def interrupt_after_checkpoints(run: Reconstruction, count: int, monkeypatch) -> None:
+    """Run until `count` checkpoints are written, then stop as an interrupted process would."""
+    original = run._checkpoint
+    calls = {"n": 0}
+
+    def checkpoint_then_die():
+        original()
+        calls["n"] += 1
+        if calls["n"] == count:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+
+
 def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["reconstruct", str(tiny_set), "--out", str(out), "--epochs", "1",
@@ -80,19 +96,7 @@ def test_resume_continues_exactly(tiny_set, tmp_path, monkeypatch):
 
     # interrupt after the third checkpointed iteration, then resume
     config = tiny_config(tiny_set, tmp_path / "cut", checkpoint_interval_s=0.0)
-    run = Reconstruction(config, progress=False)
-    original = run._checkpoint
-    calls = {"n": 0}
-
-    def checkpoint_then_die():
-        original()
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run, "_checkpoint", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    interrupt_after_checkpoints(Reconstruction(config, progress=False), 3, monkeypatch)
     assert not (tmp_path / "cut" / "map.mrc").exists()  # nothing that looks finished
     resumed = reconstruct(config, resume=True, progress=False)
     assert torch.equal(resumed.volume, full.volume)
@@ -239,19 +243,8 @@ def test_classes_write_class_maps_and_resume_exactly(tiny_set, tmp_path, monkeyp
 
     cut = tiny_config(tiny_set, tmp_path / "cut", classes=2, max_freq=0.3,
                       checkpoint_interval_s=0.0)
-    run = Reconstruction(cut, progress=False)
-    original = run._checkpoint
-    calls = {"n": 0}
-
-    def checkpoint_then_die():
-        original()
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the stage changes (7 steps of 50; marching in the first 4)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run, "_checkpoint", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    # after the stage changes (7 steps of 50; marching in the first 4)
+    interrupt_after_checkpoints(Reconstruction(cut, progress=False), 5, monkeypatch)
     resumed = reconstruct(cut, resume=True, progress=False)
     assert torch.equal(resumed.volume, full.volume)
 
