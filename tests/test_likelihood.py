@@ -327,3 +327,34 @@ def test_classes_marginalise_like_a_mixture_of_single_class_models():
     assert set(classes.tolist()) <= {0, 1}
     euler, _ = mixed.pose_parameters(result.best_pose_index)
     assert euler.shape == (4, 3)
+
+
+def test_posterior_residual_power_matches_a_direct_sum():
+    """The noise update's sum_i E_r |y - C S|^2 per coefficient, from the EM sums, against the
+    same expectation written out over every quadrature point (coloured precision)."""
+    from cryostoch.model.noise import residual_power
+
+    model = make_model(shift_radius=1.5)
+    volume = blob_volume(16, 3)
+    ctf = ctf_batch(3, 6)
+    g = torch.Generator().manual_seed(7)
+    blocks = model.image_blocks(torch.randn(3, 16, 16, generator=g, dtype=F64))
+    precision = 0.5 + torch.rand(model.n_points, generator=g, dtype=F64)  # (M,), one group
+    s = model.slices(volume)
+    result = model.evaluate(s, blocks, ctf, statistics=True, noise_precision=precision)
+    # direct: posterior over (B, P, T, D) from the same energies as reference_nll
+    x = sample_blocks(hermitian_extend(blocks), model.images.interpolation,
+                      (model.n_inplane, model.n_points))
+    c = evaluate_ctf(ctf, model.images.rotated_freq_x_per_a, model.images.rotated_freq_y_per_a)
+    y = x.unsqueeze(2) * model.images.unshift.unsqueeze(0)  # (B, P, T, M)
+    resid = y.unsqueeze(-1) - c.unsqueeze(2).unsqueeze(-1) * s.T[None, None, None]
+    weights = model.weights_k * precision
+    energy = 0.5 * (weights[:, None] * resid.abs() ** 2).sum(-2)  # (B, P, T, D)
+    energy = energy - 0.5 * (weights * y.abs() ** 2).sum(-1, keepdim=True)  # exact-norm form
+    logw = model.log_weights_pd.unsqueeze(1) + model.log_weights_t.reshape(1, -1, 1)
+    r = torch.softmax((logw.unsqueeze(0) - energy).reshape(3, -1), dim=1).reshape(energy.shape)
+    direct = (r.unsqueeze(-2) * resid.abs() ** 2).sum((0, 1, 2, 4))  # (M,)
+    image_power = (r.sum(-1).unsqueeze(-1) * y.abs() ** 2).sum((0, 1, 2))
+    data_sums, ctf2_sums = result.statistics
+    found = residual_power(s, data_sums, ctf2_sums, image_power, weights)
+    assert torch.allclose(found, direct, rtol=1e-9)

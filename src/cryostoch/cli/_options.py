@@ -59,6 +59,10 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
                         help="coloured (default: a noise variance per frequency shell and optics "
                              "group, measured from the particles' background) or white (one "
                              "sigma, the paper's model)")
+    parser.add_argument("--noise-update", action="store_true",
+                        help="with coloured noise: re-estimate the noise spectrum from the "
+                             "residuals under the pose posterior at every stage change "
+                             "(RELION's sigma2_noise update)")
     parser.add_argument("--symmetry", default="C1",
                         help="point group in RELION's conventions (C1, Cn, Dn, T, O, I): imposed "
                              "on the map, with the orientation search restricted to one "
@@ -80,6 +84,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         project_root=args.project_root, class_file=args.class_file,
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
         noise_model=args.noise_model, mask=args.mask, symmetry=args.symmetry,
+        noise_update=args.noise_update,
     )
 
 

@@ -71,6 +71,7 @@ class ReconstructionConfig:
     start_temperature: float = 8.0
     gradient_budget: int | None = None
     noise_model: str = "coloured"
+    noise_update: bool = False
     mask: str = "auto"
     classes: int = 1
     symmetry: str = "C1"

@@ -19,10 +19,13 @@ from cryostoch.errors import InputError
 from cryostoch.fourier.resample import resample_volume
 from cryostoch.io.mrc import read_map
 from cryostoch.model.likelihood import MarginalLikelihood
-from cryostoch.model.noise import NoiseSpectrum
+from cryostoch.model.noise import NoiseSpectrum, residual_power, shell_means, updated_spectrum
 from cryostoch.model.solvent import dynamic_mask, mask_fraction, spherical_mask
 
 log = logging.getLogger(__name__)
+
+# training images per optics group used to re-estimate the noise
+NOISE_SAMPLE = 1000
 
 
 def _read_mask(path: str, box: int) -> Tensor:
@@ -85,6 +88,41 @@ class NoiseAndMask:
         else:
             self.mask = torch.stack([dynamic_mask(v, self.sphere) for v in volume])
         log.info("solvent mask follows the map: %.1f%% of the box", 100 * mask_fraction(self.mask))
+
+    def reestimate(self, run: PreparedRun, model: MarginalLikelihood, volume: Tensor,
+                   class_log_weights: Tensor | None) -> None:
+        """sigma^2 per shell and group from the expected residual |X - C S|^2 under the pose
+        posterior of the current map (RELION's sigma2_noise update), on up to
+        `NOISE_SAMPLE` training images per group, inside `model`'s cutoff (the current
+        stage's, at temperature 1: beyond it the map holds no signal yet); shells beyond it
+        keep their earlier estimate."""
+        if self.noise is None:
+            return
+        train = run.train
+        precision = self.precision(model)  # (G, M)
+        with torch.no_grad():
+            slices = model.slices(volume.detach())
+            for group in range(self.noise.n_groups):
+                rows = torch.nonzero(train.optics_index == group).flatten()[:NOISE_SAMPLE]
+                if len(rows) == 0:
+                    continue
+                residual = torch.zeros(model.n_points, dtype=torch.float64)
+                for chunk in rows.split(200):
+                    blocks = train.blocks[chunk].to(model.device)
+                    result = model.evaluate(slices, blocks, train.ctf.index(chunk),
+                                            statistics=True, noise_precision=precision[group],
+                                            class_log_weights=class_log_weights)
+                    coeffs = model.image_coefficients(blocks)
+                    image_power = (coeffs.real**2 + coeffs.imag**2).double().sum(0)
+                    residual += residual_power(slices, *result.statistics, image_power,
+                                               model.weights_k * precision[group]).cpu()
+                shells = shell_means(residual / len(rows), model.coefficients,
+                                     self.noise.variance.shape[1])
+                self.noise = updated_spectrum(self.noise, group, shells)
+        variance = self.noise.variance
+        log.info("noise re-estimated from the residuals: sigma^2 %.3g (low) to %.3g (cutoff)",
+                 float(variance[:, 1].mean()),
+                 float(variance[:, int(model.config.max_radius_px)].mean()))
 
     def state_dict(self) -> dict:
         return {"mask": None if self.mask is None else self.mask.detach().cpu(),

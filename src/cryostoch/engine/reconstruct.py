@@ -183,6 +183,12 @@ class Reconstruction:
             self.noise_and_mask.follow(self.volume.detach())
             self.noise_and_mask.apply_(self.volume)
         self.state.stage = key
+        if changed and self.config.noise_update:
+            final = stage.radius_px == self.prepared.geometry.cutoff_radius_px
+            model = self.prepared.model if final else self.prepared.make_model(stage.radius_px)
+            self.noise_and_mask.reestimate(self.prepared, model, self.volume,
+                                           self._class_log_weights())
+            self.stages.invalidate()
         current = self.stages.get(stage)
         if changed and self.config.classes > 1:
             generator = torch.Generator().manual_seed(self.config.seed + self.state.iteration)

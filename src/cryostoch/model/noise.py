@@ -100,3 +100,40 @@ def spectrum_from_background(power_sum: Tensor, counts: Tensor, n_images: Tensor
     smooth = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
     floor = 0.01 * smooth.median(dim=1, keepdim=True).values
     return torch.maximum(smooth, floor)
+
+
+def residual_power(slices: Tensor, data_sums: Tensor, ctf2_sums: Tensor, image_power: Tensor,
+                   weights: Tensor) -> Tensor:
+    """sum_i E_posterior |X_i(k) - C_i(k) S(k)|^2 per coefficient k, (M,) float64.
+
+    slices: (R, M) complex model rows (directions, or classes x directions); data_sums (R, M)
+    complex and ctf2_sums (R, M) real: the posterior sums sum_ipt r w C y and sum_ip r w C^2 of
+    `MarginalLikelihood.evaluate(..., statistics=True)`, which carry the weights `weights` (M,)
+    (twin weights times the noise precision they were computed with); image_power: (M,)
+    sum_i |X_i(k)|^2. Expands |y - C S|^2 = |y|^2 - 2 Re(conj(y) C S) + C^2 |S|^2.
+    """
+    s = slices.to(torch.complex128)
+    cross = (s.conj() * data_sums.to(torch.complex128)).real.sum(0)
+    quadratic = ((s.real**2 + s.imag**2) * ctf2_sums.double()).sum(0)
+    return image_power.double() - (2 * cross - quadratic) / weights.double()
+
+
+def shell_means(values: Tensor, coefficients: HalfPlaneCoefficients, n_shells: int) -> Tensor:
+    """(S,) mean of per-coefficient `values` (M,) in each shell round(|k|); NaN where a shell
+    has no coefficient (beyond the cutoff)."""
+    shells = torch.sqrt(coefficients.kx**2 + coefficients.ky**2).round().long().cpu()
+    sums = torch.zeros(n_shells, dtype=torch.float64).index_add_(0, shells, values.double().cpu())
+    counts = torch.bincount(shells, minlength=n_shells).double()
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+
+
+def updated_spectrum(spectrum: NoiseSpectrum, group: int, shell_variance: Tensor
+                     ) -> NoiseSpectrum:
+    """`spectrum` with group `group`'s shells replaced where `shell_variance` (S,) is finite
+    (floored at 1% of the group's median, as the background estimate is)."""
+    variance = spectrum.variance.clone()
+    row = variance[group]
+    known = torch.isfinite(shell_variance)
+    floor = 0.01 * float(row.median())
+    row[known] = shell_variance[known].to(row).clamp(min=floor)
+    return NoiseSpectrum(variance)
