@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="maps reconstructed at once; each particle's class is marginalised "
                              "with its pose, so junk and ice can go to classes of their own "
                              "(default 1)")
+    parser.add_argument("--start-temperature", type=float, default=8.0,
+                        help="posterior temperature at the start, annealed to 1 over the first "
+                             "half of the run (default 8; 1 switches tempering off)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
                         help="gradient-evaluation counts at which to save maps, e.g. 5000,50000")
@@ -56,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> ReconstructionConfig:
             batch_size=args.batch_size, lr=args.lr, lambda_plus=args.lambda_plus,
             lambda_minus=args.lambda_minus, snapshots=tuple(args.snapshots),
             test_every=args.test_every, checkpoint_interval_s=args.checkpoint_interval_s,
-            classes=args.classes,
+            classes=args.classes, start_temperature=args.start_temperature,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None
