@@ -37,13 +37,11 @@ import torch
 
 from cryostoch.errors import InputError
 from cryostoch.io._common import atomic_path, default_file_mode
-from cryostoch.io.stack_writer import StackWriter
 from cryostoch.simulate.ctf import CtfSampler, CtfTable, DefaultCtf
 from cryostoch.simulate.hazards import (
     Hazards,
     check_hazard_options,
     draw_hazards,
-    hazard_images,
     hazard_summary,
     montage_labels,
     star_columns,
@@ -52,7 +50,6 @@ from cryostoch.simulate.montage import montage_figure as _montage
 from cryostoch.simulate.montage import write_montage
 from cryostoch.simulate.noise import (
     SpectrumTable,
-    colour_noise,
     noise_amplitude,
     noise_summary,
     resolve_spectrum,
@@ -63,9 +60,8 @@ from cryostoch.simulate.particles import (
     ProjectionModel,
     draw_particle_parameters,
     mean_signal_variance,
-    noise_seeds,
-    particle_noise,
 )
+from cryostoch.simulate.stream import write_particle_stack
 from cryostoch.simulate.volumes import load_source_volume
 
 log = logging.getLogger(__name__)
@@ -253,52 +249,6 @@ def _device_for(config: SimulationConfig) -> torch.device:
     return device
 
 
-def _write_stack(stack_path: Path, model: ProjectionModel, params: ParticleParameters,
-                 hazards: Hazards, amplitude: torch.Tensor | None, config: SimulationConfig,
-                 montage_k: int, progress: bool | None
-                 ) -> tuple[float, dict[str, list[np.ndarray]], np.ndarray]:
-    """Stream the noisy particles into the stack in chunks; `amplitude` (N, N//2+1): the
-    coloured noise's sqrt(spectrum) (None: white).
-
-    Returns the realised SNR, the first `montage_k` clean and noisy images and the summed
-    noise-free image variances of each junk kind (4,).
-    """
-    from tqdm import tqdm
-
-    n, box = config.n_particles, config.box_size
-    compute = getattr(torch, config.compute_dtype)
-    seeds = noise_seeds(config.seed, n)
-    signal_sum = noise_sum = 0.0
-    signal_by_kind = np.zeros(4)
-    montage: dict[str, list[np.ndarray]] = {}
-    writer = StackWriter(stack_path, n, box, np.dtype(config.dtype), config.pixel_size_a)
-    bar = tqdm(total=n, unit="img", desc="simulate", disable=None if progress is None
-               else not progress, dynamic_ncols=True)
-    with writer, bar:
-        for start in range(0, n, config.chunk_size):
-            stop = min(n, start + config.chunk_size)
-            chunk = params.index(slice(start, stop))
-            with torch.no_grad():
-                clean = hazard_images(model, chunk, hazards.index(slice(start, stop)),
-                                      config.snr)
-                noise = colour_noise(particle_noise(seeds[start:stop], box, dtype=compute,
-                                                    device=model.device), amplitude)
-                images = clean + noise
-            variances = clean.to(torch.float64).var(dim=(-2, -1), unbiased=False).cpu()
-            signal_sum += float(variances.sum())
-            signal_by_kind += np.bincount(hazards.kinds[start:stop], weights=variances.numpy(),
-                                          minlength=4)
-            noise_sum += float(noise.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
-            if start < montage_k:
-                k = min(montage_k, stop) - start
-                montage.setdefault("clean", []).append(clean[:k].float().cpu().numpy())
-                montage.setdefault("particles", []).append(images[:k].float().cpu().numpy())
-            writer.write(start, images.cpu())
-            del clean, noise, images
-            bar.update(stop - start)
-    return signal_sum / noise_sum, montage, signal_by_kind
-
-
 def _density(config: SimulationConfig, volume: torch.Tensor | None
              ) -> tuple[torch.Tensor, str]:
     """The (N, N, N) float64 density to simulate from and its description."""
@@ -346,6 +296,28 @@ def _write_star(path: Path, params: ParticleParameters, hazards: Hazards, sample
     write_particles_star(path, optics, particles)
 
 
+def _summary(config: SimulationConfig, description: str, sampler: CtfSampler, *, scale: float,
+             pilot: int, pilot_variance: float, realised_snr: float, seconds: float,
+             spectrum, hazards: Hazards, signal_by_kind: np.ndarray) -> dict:
+    """What simulation.json records."""
+    box, pixel = config.box_size, config.pixel_size_a
+    return {
+        "config": asdict(config),
+        "source": description,
+        "ctf": sampler.description,
+        "noise_sigma": 1.0,
+        "density_scale": scale,
+        "pilot_particles": pilot,
+        "pilot_signal_variance": pilot_variance,
+        "requested_snr": config.snr,
+        "realised_snr": realised_snr,
+        "snr_definition": SNR_DEFINITION,
+        "seconds": seconds,
+        "noise": noise_summary(spectrum, box, pixel),
+        **hazard_summary(hazards, config.junk_fraction, config.contrast_sigma, signal_by_kind),
+    }
+
+
 def simulate_dataset(
     config: SimulationConfig,
     *,
@@ -379,12 +351,11 @@ def simulate_dataset(
     pilot_variance, scale = _scale_to_snr(model, pilot, config)
 
     created: list[Path] = []
-    stack_path, star_path = out / STACK_NAME, out / STAR_NAME
-    gt_path, montage_path, summary_path = out / GROUND_TRUTH_NAME, out / MONTAGE_NAME, \
-        out / SUMMARY_NAME
+    stack_path, star_path, gt_path = out / STACK_NAME, out / STAR_NAME, out / GROUND_TRUTH_NAME
+    montage_path, summary_path = out / MONTAGE_NAME, out / SUMMARY_NAME
     montage_k = min(config.n_montage, n)
     try:
-        realised_snr, montage, signal_by_kind = _write_stack(
+        realised_snr, montage, signal_by_kind = write_particle_stack(
             stack_path, model, params, hazards, amplitude, config, montage_k, progress)
         created.append(stack_path)
 
@@ -398,22 +369,10 @@ def simulate_dataset(
             created.append(montage_path)
 
         seconds = time.perf_counter() - start_time
-        summary = {
-            "config": asdict(config),
-            "source": description,
-            "ctf": sampler.description,
-            "noise_sigma": 1.0,
-            "density_scale": scale,
-            "pilot_particles": len(pilot),
-            "pilot_signal_variance": pilot_variance,
-            "requested_snr": config.snr,
-            "realised_snr": realised_snr,
-            "snr_definition": SNR_DEFINITION,
-            "seconds": seconds,
-            "noise": noise_summary(spectrum, box, pixel),
-            **hazard_summary(hazards, config.junk_fraction, config.contrast_sigma,
-                             signal_by_kind),
-        }
+        summary = _summary(config, description, sampler, scale=scale, pilot=len(pilot),
+                           pilot_variance=pilot_variance, realised_snr=realised_snr,
+                           seconds=seconds, spectrum=spectrum, hazards=hazards,
+                           signal_by_kind=signal_by_kind)
         with _atomic(summary_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         created.append(summary_path)
