@@ -265,11 +265,28 @@ def test_symmetry_restricts_the_search_and_keeps_the_map_symmetric(tiny_set, tmp
     assert torch.allclose(symmetric[inner], volume[inner], atol=1e-5 * float(volume.abs().max()))
 
 
-def test_unknown_symmetry_is_one_line(tiny_set, tmp_path, capsys):
-    assert main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--symmetry", "Q7",
-                 "--quiet"]) == 2
+@pytest.mark.parametrize("option, value, needle", [
+    ("--symmetry", "Q7", "symmetry"),
+    ("--noise-model", "pink", "noise-model"),
+    ("--classes", "0", "classes"),
+    ("--start-temperature", "0.5", "start-temperature"),
+    ("--mask", "{missing}", "no such mask file"),
+    ("--mask", "{flat}", "cubic"),
+    ("--mask", "{empty}", "empty"),
+])
+def test_bad_real_data_options_are_one_line(tiny_set, tmp_path, capsys, option, value, needle):
+    import mrcfile
+
+    flat, empty = tmp_path / "flat.mrc", tmp_path / "empty.mrc"
+    with mrcfile.new(flat) as m:
+        m.set_data(np.ones((1, 32, 32), dtype=np.float32))
+    with mrcfile.new(empty) as m:
+        m.set_data(np.zeros((32, 32, 32), dtype=np.float32))
+    value = value.format(missing=tmp_path / "absent.mrc", flat=flat, empty=empty)
+    assert main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--max-freq", "0.5",
+                 option, value, "--quiet"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cryostoch:")]
-    assert len(lines) == 1 and "symmetry" in lines[0]
+    assert len(lines) == 1 and needle in lines[0], lines
 
 
 @pytest.mark.slow
@@ -335,3 +352,19 @@ def test_noise_update_reestimates_the_spectrum_and_resumes_exactly(tiny_set, tmp
                       checkpoint_interval_s=0.0)
     interrupt_after_checkpoints(Reconstruction(cut, progress=False), 5, monkeypatch)
     assert torch.equal(reconstruct(cut, resume=True, progress=False).volume, updated.volume)
+
+
+def test_a_given_mask_file_confines_the_map(tiny_set, tmp_path):
+    """--mask MASK.mrc (any box: resampled): the map is zero wherever the mask is."""
+    import mrcfile
+
+    from cryostoch.evaluate.transform import soft_sphere_mask
+
+    mask_path = tmp_path / "mask.mrc"
+    with mrcfile.new(mask_path) as m:
+        m.set_data(soft_sphere_mask(32, 8.0, edge_px=2.0).numpy())
+    result = reconstruct(tiny_config(tiny_set, tmp_path / "r", epochs=0.3, mask=str(mask_path)),
+                         progress=False)
+    outside = soft_sphere_mask(32, 10.5, edge_px=0.0) == 0
+    assert float(result.volume[outside].abs().max()) == 0.0
+    assert float(result.volume.abs().max()) > 0

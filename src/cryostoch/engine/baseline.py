@@ -31,7 +31,7 @@ from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish, run_info
-from cryostoch.engine.prepare import prepare_run, symmetrize
+from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.reconstruct import RunState
 from cryostoch.engine.schedule import Schedule
@@ -144,7 +144,7 @@ class BaselineRun:
                 raise InputError(self.config.particles,
                                  f"the {cfg.label} map became non-finite at iteration "
                                  f"{state.iteration + 1}")
-            self.volume = symmetrize(result.volume.detach(), self.config.symmetry)
+            self.volume = prepared.symmetrize(result.volume.detach())
             self.noise_and_mask.apply_(self.volume)
             self.last_iteration = result
             state.iteration += 1

@@ -36,18 +36,12 @@ def most_probable_classes(model: MarginalLikelihood, volume: Tensor,
 
     volume: (K, N, N, N); noise_precision: (G, M) or None.
     """
-    out = torch.empty(len(rows), dtype=torch.long)
     with torch.no_grad():
         slices = model.slices(volume.detach())
-        for start in range(0, len(rows), 200):
-            chunk = rows[start : start + 200]
-            precision = None if noise_precision is None \
-                else noise_precision[particles.optics_index[chunk]]
-            result = model.evaluate(slices, particles.blocks[chunk].to(model.device),
-                                    particles.ctf.index(chunk), noise_precision=precision,
-                                    class_log_weights=class_log_weights)
-            out[start : start + len(chunk)] = model.class_of(result.best_pose_index).cpu()
-    return out
+        return torch.cat([model.class_of(result.best_pose_index).cpu()
+                          for _, _, result in particles.evaluate_chunks(
+                              model, slices, rows, noise_precision=noise_precision,
+                              class_log_weights=class_log_weights)])
 
 
 def class_shares(classes: Tensor, n_classes: int) -> Tensor:

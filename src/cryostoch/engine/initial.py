@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from cryostoch.engine.prepare import PreparedRun, symmetrize
+from cryostoch.engine.prepare import PreparedRun
 from cryostoch.engine.preprocess import PreparedParticles
 from cryostoch.errors import InputError
 from cryostoch.fourier.resample import resample_volume, soft_low_pass
@@ -88,8 +88,8 @@ def initial_volume(run: PreparedRun, band_limit_px: float,
             # classes from one given map must differ, or they would stay identical
             noise = torch.randn(volume.shape, generator=generator, dtype=torch.float64)
             volume = volume + 0.2 * float(volume.std()) * noise.to(volume.device)
-        volume = symmetrize(soft_low_pass(volume, band_limit_px, 2.0, ndim=3),
-                            config.symmetry).to(model.dtype)
+        volume = run.symmetrize(soft_low_pass(volume, band_limit_px, 2.0, ndim=3)
+                                ).to(model.dtype)
         predicted = model_signal_power(model, volume, run.train)
         if not predicted > 0:
             raise InputError(config.init, "the initial map has no density inside the cutoff")

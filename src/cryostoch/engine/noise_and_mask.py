@@ -9,39 +9,20 @@ map onto the mask after every step, and lets the mask follow the map at every st
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from cryostoch.engine.prepare import PreparedRun
-from cryostoch.errors import InputError
-from cryostoch.fourier.resample import resample_volume
-from cryostoch.io.mrc import read_map
+from cryostoch.evaluate.transform import soft_sphere_mask
 from cryostoch.model.likelihood import MarginalLikelihood
 from cryostoch.model.noise import NoiseSpectrum, residual_power, shell_means, updated_spectrum
-from cryostoch.model.solvent import dynamic_mask, mask_fraction, spherical_mask
+from cryostoch.model.solvent import dynamic_mask, mask_fraction
 
 log = logging.getLogger(__name__)
 
 # training images per optics group used to re-estimate the noise
 NOISE_SAMPLE = 1000
-
-
-def _read_mask(path: str, box: int) -> Tensor:
-    """(N, N, N) float64 mask from an MRC file, resampled to the working box, in [0, 1]."""
-    if not Path(path).exists():
-        raise InputError(path, "no such mask file (use --mask auto, sphere or none)")
-    mask, _ = read_map(path)
-    if mask.dim() != 3 or len(set(mask.shape)) != 1:
-        raise InputError(path, f"a mask must be a cubic map, got {tuple(mask.shape)}")
-    mask = mask.to(torch.float64)
-    if mask.shape[-1] != box:
-        mask = resample_volume(mask, box)
-    mask = mask.clamp(0, 1)
-    if not float(mask.max()) > 0:
-        raise InputError(path, "the mask is empty")
-    return mask
 
 
 class NoiseAndMask:
@@ -53,13 +34,14 @@ class NoiseAndMask:
         self.noise: NoiseSpectrum | None = (run.particles.background_noise
                                             if config.noise_model == "coloured" else None)
         options = {"dtype": run.dtype, "device": run.device}
-        self.sphere = spherical_mask(geometry.box_size, geometry.particle_radius_px, **options)
+        self.sphere = soft_sphere_mask(geometry.box_size, geometry.particle_radius_px,
+                                       edge_px=3.0, **options)
         if self.kind == "none":
             self.mask = None
         elif self.kind in ("auto", "sphere"):
             self.mask = self.sphere.clone()
         else:
-            self.mask = _read_mask(self.kind, geometry.box_size).to(**options)
+            self.mask = run.given_mask.to(**options)
         if self.noise is not None:
             variance = self.noise.variance
             log.info("coloured noise: sigma^2 from %.3g (low frequencies) to %.3g (Nyquist), "
@@ -107,11 +89,9 @@ class NoiseAndMask:
                 if len(rows) == 0:
                     continue
                 residual = torch.zeros(model.n_points, dtype=torch.float64)
-                for chunk in rows.split(200):
-                    blocks = train.blocks[chunk].to(model.device)
-                    result = model.evaluate(slices, blocks, train.ctf.index(chunk),
-                                            statistics=True, noise_precision=precision[group],
-                                            class_log_weights=class_log_weights)
+                for _, blocks, result in train.evaluate_chunks(
+                        model, slices, rows, noise_precision=precision, statistics=True,
+                        class_log_weights=class_log_weights):
                     coeffs = model.image_coefficients(blocks)
                     image_power = (coeffs.real**2 + coeffs.imag**2).double().sum(0)
                     residual += residual_power(slices, *result.statistics, image_power,

@@ -96,24 +96,17 @@ def assign_poses(run: PreparedRun, volume: Tensor, noise_precision: Tensor | Non
     noise_precision: (G, M) per optics group at the final model's coefficients (coloured
     noise) or None (white); class_log_weights: (K,) log class proportions or None."""
     model, particles = run.model, run.particles
-    n = len(particles)
-    best = torch.empty(n, dtype=torch.long)
-    prob = torch.empty(n, dtype=torch.float64)
-    nll = torch.empty(n, dtype=torch.float64)
+    best, prob, nll = [], [], []
     with torch.no_grad():
         slices = model.slices(volume.detach())
-        for start in range(0, n, 200):
-            stop = min(n, start + 200)
-            rows = torch.arange(start, stop)
-            precision = None if noise_precision is None \
-                else noise_precision[particles.optics_index[rows]]
-            res = model.evaluate(slices, particles.blocks[start:stop].to(model.device),
-                                 particles.ctf.index(rows), noise_precision=precision,
-                                 class_log_weights=class_log_weights)
-            best[start:stop] = res.best_pose_index.cpu()
-            prob[start:stop] = res.best_pose_probability.double().cpu()
-            nll[start:stop] = res.nll.double().cpu()
-    return PoseAssignment(best, prob, nll, model.class_of(best).cpu())
+        for _, _, res in particles.evaluate_chunks(
+                model, slices, torch.arange(len(particles)), noise_precision=noise_precision,
+                class_log_weights=class_log_weights):
+            best.append(res.best_pose_index.cpu())
+            prob.append(res.best_pose_probability.double().cpu())
+            nll.append(res.nll.double().cpu())
+    best = torch.cat(best)
+    return PoseAssignment(best, torch.cat(prob), torch.cat(nll), model.class_of(best).cpu())
 
 
 def write_poses(path: Path, run: PreparedRun, poses: PoseAssignment) -> None:

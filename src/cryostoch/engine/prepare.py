@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.config import MASK_KINDS, ReconstructionConfig
 from cryostoch.engine.preprocess import (
     PreparedParticles,
     ResampledDataset,
@@ -25,13 +26,17 @@ from cryostoch.engine.preprocess import (
 )
 from cryostoch.engine.progress import progress_bar
 from cryostoch.errors import InputError
+from cryostoch.fourier.resample import resample_volume
 from cryostoch.geometry.quadrature import max_radius_px, orientation_quadrature
 from cryostoch.geometry.symmetry import (
+    is_signed_permutation_group,
     point_group,
     restrict_orientation_quadrature,
     symmetrize_volume,
+    voxel_permutation,
 )
 from cryostoch.io.dataset import ParticleDataset, open_particles
+from cryostoch.io.mrc import read_map
 from cryostoch.io.star import read_class_assignments
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 
@@ -78,6 +83,22 @@ def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> 
     return WorkingGeometry(box, pixel, radius, particle_radius_px)
 
 
+def read_mask(path: str, box: int) -> Tensor:
+    """(N, N, N) float64 mask from an MRC file, resampled to the working box, in [0, 1]."""
+    if not Path(path).exists():
+        raise InputError(path, "no such mask file (use --mask auto, sphere or none)")
+    mask, _ = read_map(path)
+    if mask.dim() != 3 or len(set(mask.shape)) != 1:
+        raise InputError(path, f"a mask must be a cubic map, got {tuple(mask.shape)}")
+    mask = mask.to(torch.float64)
+    if mask.shape[-1] != box:
+        mask = resample_volume(mask, box)
+    mask = mask.clamp(0, 1)
+    if not float(mask.max()) > 0:
+        raise InputError(path, "the mask is empty")
+    return mask
+
+
 def select_particles(config: ReconstructionConfig, dataset: ParticleDataset) -> ParticleDataset:
     """Optional 2-D class selection and half-set split."""
     rows = np.arange(len(dataset))
@@ -114,6 +135,8 @@ class PreparedRun:
     test_rows: np.ndarray  # held-out rows, sorted
     train: PreparedParticles
     test: PreparedParticles | None
+    symmetrize: Symmetrizer  # the point group's average of a map
+    given_mask: Tensor | None  # (N, N, N) float64 from --mask MASK.mrc, None otherwise
 
     @property
     def n_train(self) -> int:
@@ -137,22 +160,20 @@ class PreparedRun:
         """
         if self.test is None:
             return None
-        model, test = self.model, self.test
         total = 0.0
         with torch.no_grad():
-            slices = model.slices(volume.detach())
-            for start in range(0, len(test), 100):
-                rows = torch.arange(start, min(start + 100, len(test)))
-                precision = None if noise_precision is None \
-                    else noise_precision[test.optics_index[rows]]
-                blocks = test.blocks[start : start + 100].to(model.device)
-                total += float(model.evaluate(slices, blocks, test.ctf.index(rows),
-                                              noise_precision=precision,
-                                              class_log_weights=class_log_weights).nll.sum())
-        return total / len(test)
+            slices = self.model.slices(volume.detach())
+            for _, _, result in self.test.evaluate_chunks(
+                    self.model, slices, torch.arange(len(self.test)), chunk_size=100,
+                    noise_precision=noise_precision, class_log_weights=class_log_weights):
+                total += float(result.nll.sum())
+        return total / len(self.test)
 
-    def make_model(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:
-        """A likelihood at another cutoff and posterior temperature (noise sigma sqrt(T))."""
+    def model_at(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:
+        """The likelihood at a cutoff and posterior temperature (noise sigma sqrt(T)): the
+        final-cutoff `model` itself when they are the final ones."""
+        if radius_px == self.geometry.cutoff_radius_px and temperature == 1:
+            return self.model
         return make_model(self.config, self.geometry, radius_px, temperature)
 
 
@@ -183,14 +204,24 @@ def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_p
                               orientations=orientations)
 
 
-def symmetrize(volume: Tensor, symmetry: str) -> Tensor:
-    """The map (N, N, N), or each class of (K, N, N, N), averaged over the point group."""
-    group = point_group(symmetry)
-    if group.order == 1:
-        return volume
-    if volume.dim() == 3:
-        return symmetrize_volume(volume, group)
-    return torch.stack([symmetrize_volume(v, group) for v in volume])
+class Symmetrizer:
+    """Averages maps over the run's point group. It runs on every gradient, so the voxel
+    permutation of an axis-permuting group (D2, ...) is built once, not per call."""
+
+    def __init__(self, symmetry: str, box_size: int, device: torch.device) -> None:
+        self.group = point_group(symmetry)
+        self._permutation = None
+        if self.group.order > 1 and is_signed_permutation_group(self.group):
+            self._permutation = voxel_permutation(self.group, box_size, device)
+
+    def __call__(self, volume: Tensor) -> Tensor:
+        """The map (N, N, N), or each class of (K, N, N, N), averaged over the group."""
+        if self.group.order == 1:
+            return volume
+        if volume.dim() == 3:
+            return symmetrize_volume(volume, self.group, permutation=self._permutation)
+        return torch.stack([symmetrize_volume(v, self.group, permutation=self._permutation)
+                            for v in volume])
 
 
 def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> PreparedRun:
@@ -203,6 +234,8 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
         raise InputError(config.particles, "no CTF parameters: reconstruction needs them")
     dataset = select_particles(config, dataset)
     geometry = working_geometry(config, dataset)
+    # read before the preprocessing, so that a bad mask file fails at once
+    given_mask = None if config.mask in MASK_KINDS else read_mask(config.mask, geometry.box_size)
     model = make_model(config, geometry, geometry.cutoff_radius_px)
     particles = _preprocess(config, dataset, geometry, model, progress)
     n = len(particles)
@@ -220,7 +253,8 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
         if test is not None:
             test.blocks = test.blocks.to(device)
     return PreparedRun(config, dataset, geometry, model, particles, train_rows, test_rows,
-                       train, test)
+                       train, test, Symmetrizer(config.symmetry, geometry.box_size, device),
+                       given_mask)
 
 
 def _preprocess(config: ReconstructionConfig, dataset: ParticleDataset,

@@ -13,6 +13,7 @@ plus the blocks (a few kB per image).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from cryostoch.errors import InputError
 from cryostoch.io.dataset import ParticleDataset
-from cryostoch.model.likelihood import MarginalLikelihood
+from cryostoch.model.likelihood import LikelihoodResult, MarginalLikelihood
 from cryostoch.model.noise import (
     NoiseSpectrum,
     background_power,
@@ -63,6 +64,25 @@ class PreparedParticles:
             self.optics_index[rows_t],
             self.background_noise,
         )
+
+    def noise_precision(self, table: Tensor | None, rows: Tensor) -> Tensor | None:
+        """(b, M) noise precision of particles `rows` (b,) from a (G, M) per-group `table`
+        (None: white noise, None back)."""
+        return None if table is None else table[self.optics_index[rows]]
+
+    def evaluate_chunks(self, model: MarginalLikelihood, slices: Tensor, rows: Tensor, *,
+                        noise_precision: Tensor | None = None,
+                        class_log_weights: Tensor | None = None, statistics: bool = False,
+                        chunk_size: int = 200) -> Iterator[tuple[Tensor, Tensor, LikelihoodResult]]:
+        """`model.evaluate` of particles `rows` (n,) against `slices` in chunks, yielding
+        (chunk rows (b,), their blocks on the model's device, the result). noise_precision:
+        (G, M) per optics group or None."""
+        for chunk in rows.split(chunk_size):
+            blocks = self.blocks[chunk].to(model.device)
+            yield chunk, blocks, model.evaluate(
+                slices, blocks, self.ctf.index(chunk), statistics=statistics,
+                noise_precision=self.noise_precision(noise_precision, chunk),
+                class_log_weights=class_log_weights)
 
 
 def estimate_normalisation(

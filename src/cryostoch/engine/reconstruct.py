@@ -27,7 +27,7 @@ from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
-from cryostoch.engine.prepare import PreparedRun, prepare_run, symmetrize
+from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.schedule import Schedule, Stage
 from cryostoch.errors import InputError
@@ -85,21 +85,17 @@ class StageModel:
 
 class StageModels:
     """The likelihood, preconditioner and noise precision of the current stage, rebuilt when
-    the stage (or the noise model) changes."""
+    the stage changes (the noise model only changes then too)."""
 
     def __init__(self, run: PreparedRun, noise_and_mask: NoiseAndMask) -> None:
         self.run = run
         self.noise_and_mask = noise_and_mask
         self._current: StageModel | None = None
 
-    def invalidate(self) -> None:
-        self._current = None
-
     def get(self, stage: Stage) -> StageModel:
         if self._current is None or self._current.stage != stage:
             run = self.run
-            final = stage.radius_px == run.geometry.cutoff_radius_px and stage.temperature == 1
-            model = run.model if final else run.make_model(stage.radius_px, stage.temperature)
+            model = run.model_at(stage.radius_px, stage.temperature)
             precision = self.noise_and_mask.precision(model)
             preconditioner = None
             if run.config.uses_fourier_preconditioner:
@@ -179,16 +175,15 @@ class Reconstruction:
             if self.config.lr is None:
                 self.optimizer.recalibrate()
             with torch.no_grad():  # no drift away from the group (rounding, the mask's edge)
-                self.volume.copy_(symmetrize(self.volume.detach(), self.config.symmetry))
+                self.volume.copy_(self.prepared.symmetrize(self.volume.detach()))
             self.noise_and_mask.follow(self.volume.detach())
             self.noise_and_mask.apply_(self.volume)
         self.state.stage = key
         if changed and self.config.noise_update:
-            final = stage.radius_px == self.prepared.geometry.cutoff_radius_px
-            model = self.prepared.model if final else self.prepared.make_model(stage.radius_px)
+            model = self.prepared.model_at(stage.radius_px)
+            # before `stages.get` below builds the new stage with the new precision
             self.noise_and_mask.reestimate(self.prepared, model, self.volume,
                                            self._class_log_weights())
-            self.stages.invalidate()
         current = self.stages.get(stage)
         if changed and self.config.classes > 1:
             generator = torch.Generator().manual_seed(self.config.seed + self.state.iteration)
@@ -213,8 +208,7 @@ class Reconstruction:
         blocks = model.crop_blocks(prepared.train.blocks[index]).to(prepared.device,
                                                                     non_blocking=True)
         ctf = prepared.train.ctf.index(index)
-        precision = None if current.noise_precision is None \
-            else current.noise_precision[prepared.train.optics_index[index]]
+        precision = prepared.train.noise_precision(current.noise_precision, index)
         class_log_weights = self._class_log_weights()
 
         def closure() -> Tensor:
@@ -224,7 +218,7 @@ class Reconstruction:
                                       noise_precision=precision,
                                       class_log_weights=class_log_weights)
             # the gradient of f(S V) for the symmetrizing projection S: the map stays symmetric
-            self.volume.grad = symmetrize(out.gradient, self.config.symmetry)
+            self.volume.grad = prepared.symmetrize(out.gradient)
             return out.value
 
         return closure

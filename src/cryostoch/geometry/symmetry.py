@@ -155,29 +155,48 @@ def is_signed_permutation_group(group: PointGroup) -> bool:
     return bool(torch.all((m.abs() < 1e-9) | ((m.abs() - 1).abs() < 1e-9)))
 
 
-def _symmetrize_by_permutation(volume: Tensor, group: PointGroup) -> Tensor:
-    """Exact (1/|G|) sum_g V(g^T x) for a signed-permutation group: V (N, N, N) [z, y, x].
+@dataclass(frozen=True)
+class VoxelPermutation:
+    """Where every voxel of an (N, N, N) box reads from under each element of a signed-
+    permutation group: source (G, N^3) flat indices and inside (G, N^3) (False where the
+    element's image of the voxel leaves the box). Depends only on the group and the box, so a
+    run builds it once."""
 
-    Voxel x (relative to the centre N//2) reads voxel g^T x; for even N the outermost plane's
-    image lies outside the box and reads 0, as interpolation with zero padding would.
-    """
-    n = volume.shape[-1]
-    c = n // 2
-    coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=volume.device) - c,) * 3,
+    source: Tensor
+    inside: Tensor
+
+
+def voxel_permutation(group: PointGroup, box_size: int, device=None) -> VoxelPermutation:
+    """Voxel x (relative to the centre N//2, [z, y, x] layout) reads voxel g^T x; for even N the
+    outermost plane's image lies outside the box and reads 0, as interpolation with zero padding
+    would."""
+    n, c = box_size, box_size // 2
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) - c,) * 3,
                                         indexing="ij")[::-1], dim=-1)  # (N, N, N, 3) as x, y, z
+    sources, insides = [], []
+    for g in group.matrices.round().to(device=device, dtype=torch.long):
+        source = coords @ g  # row vector x^T g = (g^T x)^T
+        insides.append(((source >= -c) & (source < n - c)).all(-1).reshape(-1))
+        sx, sy, sz = (source + c).clamp(0, n - 1).unbind(-1)
+        sources.append(((sz * n + sy) * n + sx).reshape(-1))
+    return VoxelPermutation(torch.stack(sources), torch.stack(insides))
+
+
+def _symmetrize_by_permutation(volume: Tensor, group: PointGroup,
+                               permutation: VoxelPermutation | None) -> Tensor:
+    """Exact (1/|G|) sum_g V(g^T x) for a signed-permutation group: V (N, N, N) [z, y, x]."""
+    if permutation is None:
+        permutation = voxel_permutation(group, volume.shape[-1], volume.device)
     flat = volume.reshape(-1)
     total = torch.zeros_like(flat)
-    for g in group.matrices.round().to(device=volume.device, dtype=torch.long):
-        source = coords @ g  # row vector x^T g = (g^T x)^T
-        inside = ((source >= -c) & (source < n - c)).all(-1).reshape(-1)
-        sx, sy, sz = (source + c).clamp(0, n - 1).unbind(-1)
-        index = ((sz * n + sy) * n + sx).reshape(-1)
+    for index, inside in zip(permutation.source, permutation.inside, strict=True):
         total += torch.where(inside, flat[index], torch.zeros_like(flat))
     return (total / group.order).reshape(volume.shape)
 
 
 def symmetrize_volume(
-    volume: Tensor, group: PointGroup, *, oversampling: int = 2, batch: int = 8
+    volume: Tensor, group: PointGroup, *, oversampling: int = 2, batch: int = 8,
+    permutation: VoxelPermutation | None = None,
 ) -> Tensor:
     """``(N, N, N)`` average over the group of the rotated map, ``(1/|G|) sum_g V(g^T x)``, about
     the box centre ``N // 2``; for the same result as RELION's ``symmetriseMap``.
@@ -186,7 +205,9 @@ def symmetrize_volume(
     upsampling by ``oversampling`` (``rotate_volume``): nearly exact for maps sampled finer
     than Nyquist, cheap for any group, and with no wrap-around (a Fourier-space rotation needs
     the same interpolation on a padded grid). The identity term is the map itself, exactly.
-    ``batch``: rotations resampled at once (memory).
+    ``batch``: rotations resampled at once (memory). Groups of signed permutation matrices
+    (C2, C4, D2, ...) permute voxels exactly instead; ``permutation`` (`voxel_permutation`)
+    saves rebuilding their index maps on every call.
     """
     # imported here: cryostoch.evaluate depends on this package, not the other way round
     from cryostoch.evaluate.transform import rotate_volume
@@ -194,7 +215,7 @@ def symmetrize_volume(
     if volume.dim() != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"volume must have shape (N, N, N), got {tuple(volume.shape)}")
     if is_signed_permutation_group(group):
-        return _symmetrize_by_permutation(volume, group)
+        return _symmetrize_by_permutation(volume, group, permutation)
     total = volume.clone()
     others = group.matrices[1:]  # matrices[0] is the identity
     for chunk in others.split(max(1, int(batch))):

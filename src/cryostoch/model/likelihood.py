@@ -361,11 +361,6 @@ class MarginalLikelihood:
         return data_op, quad_lhs
 
     # --------------------------------------------------------------------------- poses
-    def decode_pose(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Flat pose index -> (direction, in-plane, shift) indices; with K classes the
-        direction index runs over K * D (class-major, see `class_of`)."""
-        return self.grid.decode(index)
-
     def class_of(self, index: Tensor) -> Tensor:
         """(n,) flat pose indices -> (n,) 0-based class of each."""
         return self.grid.decode(index)[0] // self.n_directions

@@ -23,6 +23,11 @@ from cryostoch.fourier.grids import HalfPlaneCoefficients, fft2_grid, radial_ind
 from cryostoch.fourier.transforms import rfft2c
 
 
+def coefficient_shells(coefficients: HalfPlaneCoefficients) -> Tensor:
+    """(M,) long: the shell round(|k|) of every coefficient inside the cutoff."""
+    return torch.sqrt(coefficients.kx**2 + coefficients.ky**2).round().long()
+
+
 @dataclass(frozen=True)
 class NoiseSpectrum:
     """variance: (G, S) float64, sigma^2 of optics group g in shell s (Fourier pixels of the
@@ -47,8 +52,8 @@ class NoiseSpectrum:
     def precision(self, coefficients: HalfPlaneCoefficients, dtype: torch.dtype
                   ) -> Tensor:
         """(G, M) precision 1 / sigma^2 of every group at the coefficients inside a cutoff."""
-        shells = torch.sqrt(coefficients.kx**2 + coefficients.ky**2).round().long()
-        shells = shells.clamp(max=self.variance.shape[1] - 1).to(self.variance.device)
+        shells = coefficient_shells(coefficients).clamp(max=self.variance.shape[1] - 1)
+        shells = shells.to(self.variance.device)
         return (1.0 / self.variance[:, shells]).to(device=coefficients.kx.device, dtype=dtype)
 
 
@@ -126,7 +131,7 @@ def residual_power(slices: Tensor, data_sums: Tensor, ctf2_sums: Tensor, image_p
 def shell_means(values: Tensor, coefficients: HalfPlaneCoefficients, n_shells: int) -> Tensor:
     """(S,) mean of per-coefficient `values` (M,) in each shell round(|k|); NaN where a shell
     has no coefficient (beyond the cutoff)."""
-    shells = torch.sqrt(coefficients.kx**2 + coefficients.ky**2).round().long().cpu()
+    shells = coefficient_shells(coefficients).cpu()
     sums = torch.zeros(n_shells, dtype=torch.float64).index_add_(0, shells, values.double().cpu())
     counts = torch.bincount(shells, minlength=n_shells).double()
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)

@@ -15,18 +15,6 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from cryostoch.fourier.grids import fft3_grid
-
-
-def spherical_mask(box_size: int, radius_px: float, edge_px: float = 3.0, *,
-                   dtype: torch.dtype = torch.float64, device=None) -> Tensor:
-    """(N, N, N): 1 within `radius_px` of the box centre N//2, a raised-cosine edge of
-    `edge_px` outside it, 0 beyond."""
-    z, y, x = fft3_grid(box_size, device=device)
-    r = torch.sqrt(x * x + y * y + z * z)
-    ramp = ((r - radius_px) / edge_px).clamp(0, 1)
-    return (0.5 + 0.5 * torch.cos(torch.pi * ramp)).to(dtype)
-
 
 def dynamic_mask(volume: Tensor, sphere: Tensor, *, threshold_fraction: float = 0.15,
                  dilate_px: float = 3.0, edge_px: float = 4.0) -> Tensor:
