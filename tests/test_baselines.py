@@ -367,7 +367,8 @@ def test_cli_runs_end_to_end(monkeypatch, capsys, tmp_path, particle_set, method
     star, _ = particle_set
     out = tmp_path / method
     status, stdout, _ = cli(monkeypatch, capsys, method, star, "--out", out, "--iterations", 2,
-                            "--max-freq", 0.3, "--test-size", 50, "--quiet")
+                            "--max-freq", 0.3, "--test-size", 50, "--shift-range-a", 0,
+                            "--quiet")
     assert status == 0, stdout
     for name in ("map.mrc", "metrics.csv", "poses.star", "report.png", "config.json"):
         assert (out / name).is_file(), name
@@ -403,7 +404,7 @@ def test_baseline_starts_from_the_same_density_as_reconstruct(tmp_path, particle
 
     star, _ = particle_set
     recon = ReconstructionConfig(particles=str(star), out_dir=str(tmp_path / "a"),
-                                 max_freq=0.3, test_size=50, seed=3)
+                                 max_freq=0.3, test_size=50, seed=3, shift_range_a=0.0)
     stochastic = Reconstruction(recon, progress=False)
     baseline = BaselineRun(BaselineConfig("em", recon, iterations=1), progress=False)
     assert torch.equal(stochastic.volume.detach(), baseline.volume)

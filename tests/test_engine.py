@@ -38,8 +38,9 @@ def tiny_set(tmp_path_factory) -> Path:
 
 
 def tiny_config(particles: Path, out: Path, **kw) -> ReconstructionConfig:
+    # the simulated particles are centred: no shift search (its default is 8% of the box)
     base = dict(particles=str(particles), out_dir=str(out), max_freq=0.5, test_size=50,
-                epochs=1.0, batch_size=50, seed=3)
+                epochs=1.0, batch_size=50, seed=3, shift_range_a=0.0)
     base.update(kw)
     return ReconstructionConfig(**base)
 
@@ -112,7 +113,7 @@ def test_resume_after_the_process_was_killed(tiny_set, tmp_path):
     def command(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "cryostoch.cli.main", "reconstruct", str(tiny_set),
                 "--out", str(out), "--max-freq", "0.5", "--test-size", "50", "--batch-size",
-                "50", "--epochs", "4", "--quiet", *extra]
+                "50", "--epochs", "4", "--shift-range-a", "0", "--quiet", *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     ref = tmp_path / "ref"
@@ -188,7 +189,8 @@ def test_one_epoch_from_a_random_start_recovers_the_phantom(tmp_path):
     max_freq = 0.25
     result = reconstruct(ReconstructionConfig(particles=str(star), out_dir=str(tmp_path / "r"),
                                               max_freq=max_freq, epochs=1.0, seed=5,
-                                              write_poses=False), progress=False)
+                                              shift_range_a=0.0, write_poses=False),
+                        progress=False)
     truth, pixel = read_map(tmp_path / "data" / "ground_truth.mrc")
     report = fsc_report(truth, result.volume, pixel_size_a=pixel, align=True)
     cutoff_shell = max_freq * 64 / 2
@@ -313,10 +315,13 @@ def test_coloured_noise_and_mask_recover_a_map_that_white_noise_misses(tmp_path)
     assert main(args) == 0
     star = tmp_path / "sim" / "particles.star"
     truth, pixel = read_map(tmp_path / "sim" / "ground_truth.mrc")
+    # reduced size: one epoch at a fixed 40 A cutoff, and no shift search (the particles are
+    # centred); the models' defaults (noise, mask, classes) are what is compared
+    reduced = dict(max_freq=0.25, epochs=1.0, shift_range_a=0.0)
     resolution = {}
     for name, extra in (("white", dict(noise_model="white", mask="none")), ("defaults", {})):
         result = reconstruct(ReconstructionConfig(particles=str(star), out_dir=str(tmp_path / name),
-                                                  max_freq=0.25, **extra), progress=False)
+                                                  **reduced, **extra), progress=False)
         report = fsc_report(truth, result.volume, pixel_size_a=pixel, align=True)
         resolution[name] = report.fsc.resolution_at(0.5)
     cutoff_a = 64 * 5 / (0.25 * 32)
@@ -324,7 +329,7 @@ def test_coloured_noise_and_mask_recover_a_map_that_white_noise_misses(tmp_path)
     assert resolution["white"] > 1.4 * resolution["defaults"], resolution
     # with three classes junk goes to classes of its own
     reconstruct(ReconstructionConfig(particles=str(star), out_dir=str(tmp_path / "k3"),
-                                     max_freq=0.25, classes=3), progress=False)
+                                     **reduced, classes=3), progress=False)
     info = json.loads((tmp_path / "k3" / "config.json").read_text())
     largest = info["classes"][0]["class"]
     poses = starfile.read(tmp_path / "k3" / "poses.star", always_dict=True)["particles"]

@@ -25,10 +25,12 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
     """Input, output, working box, cutoff, start, held-out set, selection and device."""
     parser.add_argument("particles", help="RELION STAR or cryoSPARC .cs file of particles")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--max-freq", type=float, default=0.10,
-                        help="likelihood cutoff as a fraction of Nyquist (default 0.10)")
+    parser.add_argument("--max-freq", type=float, default=None,
+                        help="likelihood cutoff as a fraction of Nyquist (default: see "
+                             "--resolution-a)")
     parser.add_argument("--resolution-a", type=float, default=None,
-                        help="likelihood cutoff in Angstrom (overrides --max-freq)")
+                        help="likelihood cutoff in Angstrom (overrides --max-freq; default: a "
+                             "fifth of the particle diameter, 36 A for a 180 A particle)")
     parser.add_argument("--box", type=int, default=None,
                         help="Fourier-crop the images to this working box first")
     parser.add_argument("--init", default="random", help="'random' (sum of spheres) or a map")
@@ -36,8 +38,9 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
-    parser.add_argument("--shift-range-a", type=float, default=0.0,
-                        help="radius of the shift search in Angstrom (0: no shifts)")
+    parser.add_argument("--shift-range-a", type=float, default=None,
+                        help="radius of the shift search in Angstrom (0: no shifts; default "
+                             "8%% of the box, as auto-picked particles sit off-centre)")
     parser.add_argument("--shift-sigma-a", type=float, default=None,
                         help="sigma of the normal shift prior (default: half the range)")
     parser.add_argument("--particle-diameter-a", type=float, default=None,

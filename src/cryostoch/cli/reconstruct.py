@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_particle_options(parser)
     parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZER_NAMES,
                         help=f"stochastic optimiser (default {DEFAULT_OPTIMIZER})")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="passes over the data (default: one, and at least 300 minibatch "
+                             "steps: many passes over a small data set)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="minibatch size (default 100; 300 for hf)")
     parser.add_argument("--lr", type=float, default=None,

@@ -21,22 +21,39 @@ MASK_KINDS = ("auto", "sphere", "none")
 # The paper's minibatch sizes: 100 for every method except Hessian-free (300).
 DEFAULT_BATCH_SIZE = {"hf": 300}
 
+# Defaults chosen from the data when an option is left out (measured on the real
+# beta-galactosidase particles and simulated hazards; README, "Defaults chosen from the data").
+# Particle diameter: pickers box a particle with a margin, so 80% of the box.
+DEFAULT_DIAMETER_BOX_FRACTION = 0.8
+# Cutoff: a fifth of the particle diameter (36 A for a 180 A particle). The exhaustive search
+# costs as the fifth power of diameter / resolution, so this fixes the cost per image for any
+# particle size (about 6 Fourier pixels of a box 1.25x the particle).
+DEFAULT_CUTOFF_PER_DIAMETER = 1 / 5
+# Shifts: auto-picked particles sit off-centre by up to ~8% of the box (beta-galactosidase:
+# 90% within 16.9 A of RELION's 2-D alignment in a 226 A box, the largest 31 A).
+DEFAULT_SHIFT_BOX_FRACTION = 0.08
+# Length: at least this many minibatch steps (and one epoch), so that small data sets get as
+# many updates as large ones need (a few hundred, as cryoSPARC's ab initio runs).
+DEFAULT_MIN_STEPS = 300
+
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """Everything that determines a reconstruction (and so its checkpoint compatibility).
 
     Resolution: `max_freq` is the likelihood cutoff as a fraction of Nyquist of the *working*
-    box; `resolution_a`, if given, overrides it. `box_size` (optional) Fourier-crops the
-    images to a smaller working box first. Shifts: `shift_range_a` is the radius of the
-    shift disc (0: no shift marginalisation), `shift_sigma_a` the prior's sigma.
+    box; `resolution_a`, if given, overrides it; with neither, the cutoff is a fixed fraction
+    of the particle diameter. `box_size` (optional) Fourier-crops the images to a smaller
+    working box first. Shifts: `shift_range_a` is the radius of the shift disc (0: no shift
+    marginalisation; None: a fraction of the box), `shift_sigma_a` the prior's sigma. `epochs`
+    None: one epoch and at least DEFAULT_MIN_STEPS minibatch steps.
     """
 
     particles: str
     out_dir: str
     optimizer: str = "sgd"
-    epochs: float = 1.0
-    max_freq: float = 0.10
+    epochs: float | None = None  # None: one epoch and at least DEFAULT_MIN_STEPS steps
+    max_freq: float | None = None  # None (and no resolution_a): from the particle diameter
     resolution_a: float | None = None
     box_size: int | None = None
     batch_size: int | None = None
@@ -50,7 +67,7 @@ class ReconstructionConfig:
     device: str = "cpu"
     dtype: str = "float32"
     snapshots: tuple[int, ...] = ()
-    shift_range_a: float = 0.0
+    shift_range_a: float | None = None  # None: DEFAULT_SHIFT_BOX_FRACTION of the box
     shift_sigma_a: float | None = None
     particle_diameter_a: float | None = None
     invert: bool | None = None
@@ -81,9 +98,9 @@ class ReconstructionConfig:
         problems = []
         if self.optimizer not in OPTIMIZER_NAMES:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             problems.append("epochs must be positive")
-        if not 0 < self.max_freq <= 0.9:
+        if self.max_freq is not None and not 0 < self.max_freq <= 0.9:
             problems.append("max-freq must be in (0, 0.9] (a fraction of Nyquist)")
         if self.resolution_a is not None and not self.resolution_a > 0:
             problems.append("resolution-a must be positive")
@@ -103,8 +120,8 @@ class ReconstructionConfig:
             problems.append("dtype must be float32 or float64")
         if any(s <= 0 for s in self.snapshots):
             problems.append("snapshots must be positive gradient-evaluation counts")
-        if self.shift_range_a < 0:
-            problems.append("shift-range-a must be >= 0")
+        if self.shift_range_a is not None and not 0 <= self.shift_range_a < math.inf:
+            problems.append("shift-range-a must be >= 0 and finite")
         if self.shift_sigma_a is not None and not self.shift_sigma_a > 0:
             problems.append("shift-sigma-a must be positive")
         if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:

@@ -77,6 +77,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
             out_dir=str(out / "reconstruction"),
             max_freq=config.max_freq,
             epochs=config.epochs,
+            shift_range_a=0.0,  # the simulated particles are centred
             seed=config.seed,
             device=config.device,
         ),

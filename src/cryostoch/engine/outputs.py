@@ -18,6 +18,7 @@ from torch import Tensor
 
 from cryostoch import __version__
 from cryostoch.engine.prepare import PreparedRun
+from cryostoch.engine.schedule import run_epochs
 from cryostoch.fourier.resample import resample_volume
 from cryostoch.io.mrc import write_map
 
@@ -69,6 +70,10 @@ def run_info(run: PreparedRun) -> dict:
         "working_pixel_size_a": geometry.pixel_size_a,
         "cutoff_radius_px": geometry.cutoff_radius_px,
         "cutoff_resolution_a": geometry.cutoff_resolution_a,
+        "shift_range_a": geometry.shift_range_a,
+        "particle_diameter_a": 2 * geometry.particle_radius_px * geometry.pixel_size_a,
+        "epochs": run_epochs(run.config, run.n_train),
+        "chosen_from_data": list(geometry.chosen),
         "quadrature": {"directions": model.n_directions, "inplane": model.n_inplane,
                        "shifts": model.n_shifts},
         "particles": {"total": len(run.particles), "train": run.n_train,

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryostoch.engine.config import MASK_KINDS, ReconstructionConfig
+from cryostoch.engine.config import (
+    DEFAULT_CUTOFF_PER_DIAMETER,
+    DEFAULT_DIAMETER_BOX_FRACTION,
+    DEFAULT_SHIFT_BOX_FRACTION,
+    MASK_KINDS,
+    ReconstructionConfig,
+)
 from cryostoch.engine.preprocess import (
     PreparedParticles,
     ResampledDataset,
@@ -51,6 +57,8 @@ class WorkingGeometry:
     pixel_size_a: float
     cutoff_radius_px: float  # final likelihood cutoff, Fourier pixels of the working box
     particle_radius_px: float
+    shift_range_a: float  # radius of the shift search (0: none)
+    chosen: tuple[str, ...] = ()  # how each value left to the defaults was chosen (logged)
 
     @property
     def cutoff_resolution_a(self) -> float:
@@ -61,26 +69,42 @@ class WorkingGeometry:
 
 
 def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> WorkingGeometry:
-    """Working box, pixel size, cutoff radius and particle radius from the options."""
+    """Working box, pixel size, cutoff, particle radius and shift range: from the options,
+    or, for those left out, from the data's box (config.py's DEFAULT_* constants)."""
     box = config.box_size or dataset.box_size
     if box > dataset.box_size:
         raise InputError("--box", f"{box} is larger than the data's box {dataset.box_size}")
     pixel = dataset.pixel_size_a * dataset.box_size / box
+    extent_a = box * pixel
+    chosen = []
+    diameter_a = config.particle_diameter_a
+    if diameter_a is None:
+        diameter_a = DEFAULT_DIAMETER_BOX_FRACTION * extent_a
+        chosen.append(f"particle diameter {diameter_a:.0f} A "
+                      f"({DEFAULT_DIAMETER_BOX_FRACTION:.0%} of the box; --particle-diameter-a)")
     if config.resolution_a is not None:
-        radius = box * pixel / config.resolution_a
+        radius = extent_a / config.resolution_a
         if radius > box / 2 - 3:
             raise InputError(
                 "--resolution-a",
                 f"{config.resolution_a} A is finer than the working box allows "
                 f"(Nyquist {2 * pixel:.2f} A at {pixel:.3f} A/px)",
             )
-    else:
+    elif config.max_freq is not None:
         radius = max_radius_px(box, config.max_freq)
+    else:
+        radius = min(extent_a / (DEFAULT_CUTOFF_PER_DIAMETER * diameter_a), box / 2 - 3)
+        chosen.append(f"cutoff {extent_a / radius:.1f} A (the particle diameter / "
+                      f"{1 / DEFAULT_CUTOFF_PER_DIAMETER:g}; --resolution-a)")
     if radius < 2:
         raise InputError("--max-freq", f"cutoff of {radius:.2f} Fourier pixels is too coarse")
-    diameter_a = config.particle_diameter_a or 0.8 * box * pixel
+    shift_range_a = config.shift_range_a
+    if shift_range_a is None:
+        shift_range_a = DEFAULT_SHIFT_BOX_FRACTION * extent_a
+        chosen.append(f"shifts within {shift_range_a:.1f} A "
+                      f"({DEFAULT_SHIFT_BOX_FRACTION:.0%} of the box; --shift-range-a)")
     particle_radius_px = min(0.5 * diameter_a / pixel, box / 2 - 2)
-    return WorkingGeometry(box, pixel, radius, particle_radius_px)
+    return WorkingGeometry(box, pixel, radius, particle_radius_px, shift_range_a, tuple(chosen))
 
 
 def read_mask(path: str, box: int) -> Tensor:
@@ -180,7 +204,7 @@ class PreparedRun:
 def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_px: float,
                temperature: float = 1.0) -> MarginalLikelihood:
     pixel = geometry.pixel_size_a
-    sigma_a = config.shift_sigma_a or max(config.shift_range_a / 2, pixel)
+    sigma_a = config.shift_sigma_a or max(geometry.shift_range_a / 2, pixel)
     likelihood = LikelihoodConfig(
         box_size=geometry.box_size,
         pixel_size_a=pixel,
@@ -188,7 +212,7 @@ def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_p
         noise_sigma=math.sqrt(temperature),
         volume_oversampling=config.volume_oversampling,
         image_oversampling=config.image_oversampling,
-        shift_radius_px=config.shift_range_a / pixel,
+        shift_radius_px=geometry.shift_range_a / pixel,
         shift_sigma_px=sigma_a / pixel,
         memory_budget_mb=config.memory_budget_mb,
         n_classes=config.classes,
@@ -234,6 +258,8 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
         raise InputError(config.particles, "no CTF parameters: reconstruction needs them")
     dataset = select_particles(config, dataset)
     geometry = working_geometry(config, dataset)
+    for choice in geometry.chosen:
+        log.info("from the data: %s", choice)
     # read before the preprocessing, so that a bad mask file fails at once
     given_mask = None if config.mask in MASK_KINDS else read_mask(config.mask, geometry.box_size)
     model = make_model(config, geometry, geometry.cutoff_radius_px)

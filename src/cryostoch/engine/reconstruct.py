@@ -123,6 +123,10 @@ class Reconstruction:
         self.prepared = prepare_run(config, progress=progress)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
+        if config.epochs is None:
+            log.info("from the data: %.3g epochs (%d minibatch steps; --epochs)",
+                     self.schedule.total_images / self.prepared.n_train,
+                     math.ceil(self.schedule.total_images / config.effective_batch_size))
         self.noise_and_mask = NoiseAndMask(self.prepared)
         self.stages = StageModels(self.prepared, self.noise_and_mask)
         self.prior = PriorConfig(config.lambda_plus, config.lambda_minus, config.prior_beta)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.config import DEFAULT_MIN_STEPS, ReconstructionConfig
+
+
+def run_epochs(config: ReconstructionConfig, n_train: int) -> float:
+    """The configured epochs, or by default one epoch and at least DEFAULT_MIN_STEPS
+    minibatch steps (many epochs of a small data set, one of a large one)."""
+    if config.epochs is not None:
+        return config.epochs
+    return max(1.0, DEFAULT_MIN_STEPS * config.effective_batch_size / n_train)
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Schedule:
     @staticmethod
     def from_config(config: ReconstructionConfig, final_radius_px: float, n_train: int
                     ) -> Schedule:
-        return Schedule(final_radius_px, int(round(config.epochs * n_train)),
+        return Schedule(final_radius_px, int(round(run_epochs(config, n_train) * n_train)),
                         config.start_freq_fraction, config.marching_fraction,
                         config.marching_stages, config.start_temperature)
 
