@@ -52,7 +52,7 @@ def test_a_small_box_keeps_the_cutoff_inside_the_box():
 
 
 def test_epochs_give_at_least_the_minimum_number_of_steps():
-    assert run_epochs(config(), 2274) == pytest.approx(300 * 100 / 2274)
+    assert run_epochs(config(), 2274) == pytest.approx(150 * 100 / 2274)
     assert run_epochs(config(), 100_000) == 1.0
-    assert run_epochs(config(optimizer="hf"), 30_000) == pytest.approx(3.0)  # batches of 300
+    assert run_epochs(config(optimizer="hf"), 15_000) == pytest.approx(3.0)  # batches of 300
     assert run_epochs(config(epochs=0.5), 2274) == 0.5

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZER_NAMES,
                         help=f"stochastic optimiser (default {DEFAULT_OPTIMIZER})")
     parser.add_argument("--epochs", type=float, default=None,
-                        help="passes over the data (default: one, and at least 300 minibatch "
+                        help="passes over the data (default: one, and at least 150 minibatch "
                              "steps: many passes over a small data set)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="minibatch size (default 100; 300 for hf)")
@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="maps reconstructed at once; each particle's class is marginalised "
                              "with its pose, so junk and ice can go to classes of their own "
                              "(default 1)")
-    parser.add_argument("--start-temperature", type=float, default=8.0,
+    parser.add_argument("--start-temperature", type=float, default=1.0,
                         help="posterior temperature at the start, annealed to 1 over the first "
-                             "half of the run (default 8; 1 switches tempering off)")
+                             "half of the run (default 1: no tempering; 8 helps short runs)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
                         help="gradient-evaluation counts at which to save maps, e.g. 5000,50000")

@@ -78,6 +78,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
             max_freq=config.max_freq,
             epochs=config.epochs,
             shift_range_a=0.0,  # the simulated particles are centred
+            # one epoch for speed: a run that short reaches the cutoff only with tempering
+            start_temperature=8.0,
             seed=config.seed,
             device=config.device,
         ),
