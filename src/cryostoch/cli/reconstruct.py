@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-temperature", type=float, default=8.0,
                         help="posterior temperature at the start, annealed to 1 over the first "
                              "half of the run (default 8; 1 switches tempering off)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
                         help="gradient-evaluation counts at which to save maps, e.g. 5000,50000")
     parser.add_argument("--test-every", type=int, default=20,

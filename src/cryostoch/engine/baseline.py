@@ -33,8 +33,8 @@ from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
-from cryostoch.engine.run_folder import open_run_folder, remove_if_empty
 from cryostoch.engine.reconstruct import RunState
+from cryostoch.engine.run_folder import open_run_folder, remove_if_empty
 from cryostoch.engine.schedule import Schedule
 from cryostoch.errors import InputError
 
