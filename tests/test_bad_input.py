@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -394,3 +395,77 @@ def test_memory_estimate_tracks_the_quadrature():
 ])
 def test_random_init_follows_the_shared_option_rules(tmp_path, capsys, argv, option):
     refused(capsys, [*argv, "--out", str(tmp_path / "init.mrc")], option)
+
+
+# ------------------------------------------------------------------ small things (13-17)
+@pytest.mark.parametrize("extra", [[], ["--box", "28", "--max-freq", "0.2"], ["baseline"]])
+def test_nan_pixel_names_the_image_as_the_file_does(sim, tmp_path, capsys, extra):
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    data = mrcfile.read(sim / "particles.mrcs").copy()
+    data[150, 3, 4] = np.nan
+    write_volume(folder / "particles.mrcs", data)
+    shutil.copy(sim / "particles.star", folder / "particles.star")
+    star, out = folder / "particles.star", tmp_path / "run"
+    if extra == ["baseline"]:
+        argv = ["baseline", "em", str(star), "--out", str(out), "--max-freq", "0.15",
+                "--test-size", "5", "--iterations", "1", "--quiet"]
+    else:
+        argv = ["reconstruct", str(star), "--out", str(out), *FAST, *extra]
+    refused(capsys, argv, str(star), "image 151@particles.mrcs", "row 151", "NaN")
+    assert not out.exists()
+
+
+def test_disk_full_while_writing_outputs(sim, tmp_path, capsys, monkeypatch):
+    """A write that fails at the end: one line, and no map.mrc nor temporaries left."""
+    import errno
+
+    import cryostoch.engine.outputs as outputs
+
+    def full(path, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(outputs, "write_metrics", full)
+    out = tmp_path / "run"
+    refused(capsys, reconstruct_argv(sim, out), "No space left on device")
+    assert not (out / "map.mrc").exists() and not (out / "config.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_killed_simulation_leftovers_are_cleaned(tmp_path):
+    out = tmp_path / "sim"
+    out.mkdir()
+    stale = out / ".particles.mrcs.abc123.partial"  # what a kill -9 leaves
+    stale.write_bytes(b"half a stack")
+    assert main(["simulate", "--volume", "phantom", "--n-particles", "10", "--box", "32",
+                 "--pixel-size-a", "8", "--out", str(out), "--montage", "0", "--quiet"]) == 0
+    assert not stale.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_random_bytes_cs_file(tmp_path, capsys):
+    path = tmp_path / "particles.cs"
+    path.write_bytes(np.random.default_rng(1).bytes(3000))
+    message = refused(capsys, ["info", str(path)], str(path), "not a numpy array file")
+    assert "pickle" not in message
+
+
+def test_warnings_do_not_come_with_an_error(sim, tmp_path, capsys, monkeypatch):
+    """A warning raised on the way to an InputError is not printed beside the one line."""
+    import cryostoch.engine.checks as checks
+
+    original = checks.check_before_work
+
+    def warn_then_check(*args):
+        np.log(np.zeros(1))  # numpy: RuntimeWarning, divide by zero
+        warnings.warn("on the way", RuntimeWarning, stacklevel=1)
+        original(*args)
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr("cryostoch.engine.prepare.check_before_work", warn_then_check)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = to_stderr  # as outside pytest, which records them instead
+        refused(capsys, reconstruct_argv(sim, tmp_path / "run", "--epochs", "1e-9"), "--epochs")

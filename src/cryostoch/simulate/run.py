@@ -186,6 +186,10 @@ def _prepare_out_dir(config: SimulationConfig) -> Path:
     # looks complete.
     for name in existing:
         (out / name).unlink()
+    # hidden temporaries (`atomic_path`, the stack writer) of a killed simulation
+    for name in OUTPUT_NAMES:
+        for stale in out.glob(f".{name}.*.partial"):
+            stale.unlink(missing_ok=True)
     return out
 
 
