@@ -1,8 +1,9 @@
 """Bad input, faults and stale outputs (issue 14): one line naming the file or option, exit 2,
 and nothing left behind that looks like a finished result.
 
-One tiny simulated set (box 32, 200 particles) serves every test; runs use a few hundred
-gradient evaluations at a coarse cutoff, so the whole file takes well under two minutes.
+One tiny simulated set (box 32, 200 particles; `bad_input_support`) serves every test; runs
+use a few hundred gradient evaluations at a coarse cutoff, so the file takes seconds. Bad maps
+and impossible runs (fsc, --init, no work, shift range, memory) are in test_bad_input_maps.py.
 """
 
 from __future__ import annotations
@@ -17,56 +18,31 @@ import mrcfile
 import numpy as np
 import pytest
 
+from bad_input_support import (
+    FAST,
+    edited_star,
+    reconstruct_argv,
+    refused,
+    write_volume,
+)
 from cryostoch.cli.main import main
 
-FAST = ["--epochs", "0.05", "--max-freq", "0.15", "--test-size", "5", "--quiet"]
 
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    """particles.star (+ .mrcs, ground_truth.mrc) of 200 box-32 particles at 8 A."""
-    out = tmp_path_factory.mktemp("bad_input") / "sim"
-    assert main(["simulate", "--volume", "phantom", "--n-particles", "200", "--box", "32",
-                 "--pixel-size-a", "8", "--out", str(out), "--montage", "0", "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished(sim, tmp_path_factory) -> Path:
-    """A finished reconstruction of `sim` (do not modify: copy it)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["reconstruct", str(sim / "particles.star"), "--out", str(out), *FAST]) == 0
-    return out
-
-
-def refused(capsys, argv: list[str], *names: str) -> str:
-    """Run the CLI and check the convention: exit 2, exactly one error line, naming `names`."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("cryostoch: error:")]
-    assert code == 2, err
-    assert len(errors) == 1, err
-    assert "Traceback" not in err and "Warning" not in err, err
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
-
-
-def reconstruct_argv(sim: Path, out: Path, *extra: str) -> list[str]:
-    return ["reconstruct", str(sim / "particles.star"), "--out", str(out), *FAST, *extra]
-
-
-# ------------------------------------------------------------------ options (10, 18)
+# -------------------------------------------------------------- options (10, 18)
 @pytest.mark.parametrize(("extra", "names"), [
     (["--lr", "inf"], ["lr", "finite"]),
     (["--lambda-plus", "nan"], ["lambda-plus", "finite"]),
     (["--shift-range-a", "inf"], ["shift-range-a", "finite"]),
     (["--device", "foo"], ["device", "foo"]),
     (["--seed", "-1"], ["seed"]),
+    (["--resolution-a", "inf"], ["resolution-a", "finite"]),
 ])
 def test_bad_options_refused_before_any_work(sim, tmp_path, capsys, extra, names):
     out = tmp_path / "out"
     refused(capsys, reconstruct_argv(sim, out, *extra), *names)
+    if extra[0] not in ("--lr", "--lambda-plus"):  # the options the baselines share
+        refused(capsys, ["baseline", "em", str(sim / "particles.star"), "--out", str(out),
+                         "--max-freq", "0.15", "--quiet", *extra], *names)
     assert not out.exists()
 
 
@@ -195,19 +171,6 @@ def test_every_optimizer_state_loads_weights_only(tmp_path, name):
 
 
 # ------------------------------------------------- particle files, every reader (5, 7, 15)
-def edited_star(sim: Path, folder: Path, edit) -> Path:
-    """A copy of the simulated particles.star with `edit(blocks)` applied, beside a link to
-    its stack."""
-    import starfile
-
-    blocks = starfile.read(sim / "particles.star", always_dict=True)
-    edit(blocks)
-    folder.mkdir(exist_ok=True)
-    (folder / "particles.mrcs").symlink_to(sim / "particles.mrcs")
-    starfile.write(blocks, folder / "particles.star")
-    return folder / "particles.star"
-
-
 def _set(block: str, column: str, row: int, value: float):
     def edit(blocks):
         blocks[block].loc[row, column] = value
@@ -279,124 +242,6 @@ def test_info_of_a_folder(sim, capsys):
 
 
 # ------------------------------------------------------------------ maps: fsc (1, 12)
-def write_volume(path: Path, data: np.ndarray, voxel_a: float = 8.0) -> Path:
-    with warnings.catch_warnings(), mrcfile.new(path, overwrite=True) as mrc:
-        warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile warns of the NaN we want
-        mrc.set_data(data.astype(np.float32))
-        mrc.voxel_size = voxel_a
-    return path
-
-
-@pytest.mark.parametrize(("fill", "problem"), [(np.nan, "NaN"), (0.0, "every voxel is 0")])
-@pytest.mark.parametrize("align", [False, True])
-def test_fsc_refuses_nan_and_empty_maps(sim, tmp_path, capsys, fill, problem, align):
-    bad = write_volume(tmp_path / "bad.mrc", np.full((32, 32, 32), fill))
-    truth = str(sim / "ground_truth.mrc")
-    extra = ["--align"] if align else []
-    refused(capsys, ["fsc", truth, str(bad), *extra], str(bad), problem)
-    refused(capsys, ["fsc", str(bad), truth, *extra], str(bad), problem)
-
-
-def test_fsc_out_that_is_a_folder(sim, tmp_path, capsys):
-    truth = str(sim / "ground_truth.mrc")
-    refused(capsys, ["fsc", truth, truth, "--out", str(tmp_path)], "--out", "is a folder")
-    assert not [p for p in tmp_path.iterdir() if "part" in p.name]
-
-
-# --------------------------------------------------------------------- --init (4, 12, 14)
-@pytest.mark.parametrize(("shape", "voxel_a", "problem"), [
-    ((1, 32, 32), 8.0, "not a cubic map"),
-    ((40, 32, 32), 8.0, "not a cubic map"),
-    ((48, 48, 48), 8.0, "spans 48 x 8"),  # same voxel size, a larger box: not squeezed
-    ((32, 32, 32), 4.0, "spans 32 x 4"),
-])
-def test_init_map_of_the_wrong_shape_or_size(sim, tmp_path, capsys, shape, voxel_a, problem):
-    init = write_volume(tmp_path / "init.mrc", np.random.default_rng(0).random(shape), voxel_a)
-    out = tmp_path / "run"
-    refused(capsys, reconstruct_argv(sim, out, "--init", str(init)), str(init), problem)
-    assert not out.exists()
-
-
-def test_init_map_with_nan(sim, tmp_path, capsys):
-    data = np.random.default_rng(0).random((32, 32, 32))
-    data[3, 4, 5] = np.nan
-    init = write_volume(tmp_path / "init.mrc", data)
-    refused(capsys, reconstruct_argv(sim, tmp_path / "run", "--init", str(init)),
-            str(init), "NaN")
-
-
-def test_init_map_of_another_sampling_is_resampled(sim, tmp_path):
-    """A map of the same physical box at half the voxel size is accepted."""
-    from cryostoch.fourier.resample import resample_volume
-    from cryostoch.io.mrc import read_map
-
-    truth, _ = read_map(sim / "ground_truth.mrc")
-    fine = write_volume(tmp_path / "fine.mrc", resample_volume(truth.double(), 64).numpy(), 4.0)
-    assert main(reconstruct_argv(sim, tmp_path / "run", "--init", str(fine))) == 0
-
-
-# ---------------------------------------------------------- zero work, shifts (6, 10, 11)
-def test_runs_without_work_are_refused(sim, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["reconstruct", str(sim / "particles.star"), "--out", str(out), "--max-freq", "0.15",
-            "--quiet"]
-    refused(capsys, [*argv, "--epochs", "1e-9", "--test-size", "5"], "--epochs")
-    refused(capsys, [*argv, "--test-size", "200"], "--test-size", "none for training")
-    one = edited_star(sim, tmp_path / "one", lambda b: b.update(particles=b["particles"][:1]))
-    refused(capsys, ["reconstruct", str(one), "--out", str(out), "--max-freq", "0.15",
-                     "--test-size", "0", "--epochs", "0.05", "--quiet"], "--epochs")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("shift", ["128", "1e6"])
-def test_shift_range_wider_than_the_box(sim, tmp_path, capsys, shift):
-    refused(capsys, reconstruct_argv(sim, tmp_path / "run", "--shift-range-a", shift),
-            "--shift-range-a", "edge of the box")
-
-
-def test_cutoff_too_close_to_nyquist(sim, tmp_path, capsys):
-    refused(capsys, ["reconstruct", str(sim / "particles.star"), "--out", str(tmp_path / "r"),
-                     "--max-freq", "0.9", "--quiet"], "--max-freq", "Nyquist")
-
-
-def test_memory_estimated_before_allocating(sim, tmp_path, capsys, monkeypatch):
-    import cryostoch.engine.checks as checks
-
-    monkeypatch.setattr(checks, "available_bytes", lambda device: 50 * 2**20)
-    out = tmp_path / "run"
-    message = refused(capsys, reconstruct_argv(sim, out), "--max-freq", "GB of memory")
-    assert "--box" in message
-    assert not out.exists()
-    refused(capsys, ["random-init", "--box", "4000", "--pixel-size-a", "1", "--out",
-                     str(tmp_path / "init.mrc")], "--box", "GB of memory")
-    assert not (tmp_path / "init.mrc").exists()
-
-
-def test_memory_estimate_tracks_the_quadrature():
-    """More directions, angles, shifts or particles: a larger estimate; the paper's setting
-    (box 128 at 16% of Nyquist, 50,000 images) within a few GB."""
-    from cryostoch.engine.checks import estimate_peak_bytes
-    from cryostoch.engine.config import ReconstructionConfig
-
-    def estimate(radius_px, shift_a=0.0, n=50_000):
-        config = ReconstructionConfig(particles="p.star", out_dir="o", shift_range_a=shift_a)
-        return estimate_peak_bytes(config, 128, 2.8, radius_px, n)
-
-    paper = estimate(10.24)
-    assert 0.3e9 < paper < 4e9
-    assert estimate(20.0) > paper and estimate(10.24, 11.2) > paper
-    assert estimate(10.24, n=500_000) > paper
-    assert estimate(57.6) > 50e9  # box 128 at 90% of Nyquist: refused on most machines
-
-
-@pytest.mark.parametrize(("argv", "option"), [
-    (["random-init", "--box", "33", "--pixel-size-a", "1"], "--box"),
-    (["random-init", "--box", "32", "--pixel-size-a", "1", "--seed", "-1"], "--seed"),
-])
-def test_random_init_follows_the_shared_option_rules(tmp_path, capsys, argv, option):
-    refused(capsys, [*argv, "--out", str(tmp_path / "init.mrc")], option)
-
-
 # ------------------------------------------------------------------ small things (13-17)
 @pytest.mark.parametrize("extra", [[], ["--box", "28", "--max-freq", "0.2"], ["baseline"]])
 def test_nan_pixel_names_the_image_as_the_file_does(sim, tmp_path, capsys, extra):
@@ -469,3 +314,27 @@ def test_warnings_do_not_come_with_an_error(sim, tmp_path, capsys, monkeypatch):
         warnings.simplefilter("always")
         warnings.showwarning = to_stderr  # as outside pytest, which records them instead
         refused(capsys, reconstruct_argv(sim, tmp_path / "run", "--epochs", "1e-9"), "--epochs")
+
+
+@pytest.mark.parametrize("kind", ["particles", "stack"])
+def test_class_file_that_is_not_a_classification(sim, tmp_path, capsys, kind):
+    class_file = sim / ("particles.star" if kind == "particles" else "particles.mrcs")
+    out = tmp_path / "run"
+    refused(capsys, reconstruct_argv(sim, out, "--class-file", str(class_file),
+                                     "--keep-classes", "1"), str(class_file))
+    assert not out.exists()
+
+
+def test_failed_simulation_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import cryostoch.simulate.run as run
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run, "write_particle_stack", full)
+    out = tmp_path / "sim"
+    refused(capsys, ["simulate", "--volume", "phantom", "--n-particles", "10", "--box", "32",
+                     "--pixel-size-a", "8", "--out", str(out), "--quiet"], "No space left")
+    assert not out.exists()
