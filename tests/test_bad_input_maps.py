@@ -108,8 +108,8 @@ def test_memory_estimate_tracks_the_quadrature():
     from cryostoch.engine.config import ReconstructionConfig
 
     def estimate(radius_px, shift_a=0.0, n=50_000):
-        config = ReconstructionConfig(particles="p.star", out_dir="o", shift_range_a=shift_a)
-        return estimate_peak_bytes(config, 128, 2.8, radius_px, n)
+        config = ReconstructionConfig(particles="p.star", out_dir="o")
+        return estimate_peak_bytes(config, 128, 2.8, radius_px, shift_a, n)
 
     paper = estimate(10.24)
     assert 0.3e9 < paper < 4e9

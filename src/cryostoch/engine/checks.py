@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.schedule import run_epochs
 from cryostoch.errors import InputError
 from cryostoch.fourier.grids import half_plane_coefficients
 from cryostoch.fourier.resample import resample_volume
@@ -52,9 +53,10 @@ def check_work(config: ReconstructionConfig, n_particles: int) -> None:
     if n_train < 1:
         raise InputError("--test-size", f"{config.test_size} held-out images leave none for "
                          f"training (the selection has {n_particles} particles)")
-    if round(config.epochs * n_train) < 1:
-        raise InputError("--epochs", f"{config.epochs:g} epochs of {n_train} training images is "
-                         "less than one image: the run would only write its random start")
+    epochs = run_epochs(config, n_train)
+    if round(epochs * n_train) < 1:
+        raise InputError("--epochs", f"{epochs:g} epochs of {n_train} training images is less "
+                         "than one image: the run would only write its random start")
 
 
 def check_cutoff(radius_px: float, box: int) -> None:
@@ -65,25 +67,25 @@ def check_cutoff(radius_px: float, box: int) -> None:
                          "use a lower --max-freq")
 
 
-def check_shift_range(config: ReconstructionConfig, box: int, pixel_size_a: float) -> None:
+def check_shift_range(shift_range_a: float, box: int, pixel_size_a: float) -> None:
     """InputError if the shift disc reaches the edge of the working box."""
     half_box_a = box * pixel_size_a / 2
-    if config.shift_range_a >= half_box_a:
-        raise InputError("--shift-range-a", f"{config.shift_range_a:g} A reaches past the edge "
+    if shift_range_a >= half_box_a:
+        raise InputError("--shift-range-a", f"{shift_range_a:g} A reaches past the edge "
                          f"of the box ({box} x {pixel_size_a:.3g} A: at most {half_box_a:.4g} "
                          "A from the centre)")
 
 
 def quadrature_sizes(config: ReconstructionConfig, box: int, pixel_size_a: float,
-                     radius_px: float) -> dict[str, int]:
+                     radius_px: float, shift_range_a: float) -> dict[str, int]:
     """Directions (all classes), in-plane angles, shifts and Fourier coefficients of the
     likelihood at `radius_px`, counted without building the operators."""
     step = angular_step_rad(radius_px)
     directions = math.ceil((DIRECTION_DENSITY_FACTOR / step) ** 2)
     directions = math.ceil(directions / point_group(config.symmetry).order)
     pixel = pixel_size_a
-    sigma_a = config.shift_sigma_a or max(config.shift_range_a / 2, pixel)
-    shifts = shift_quadrature(config.shift_range_a / pixel, default_shift_step_px(box, radius_px),
+    sigma_a = config.shift_sigma_a or max(shift_range_a / 2, pixel)  # as make_model
+    shifts = shift_quadrature(shift_range_a / pixel, default_shift_step_px(box, radius_px),
                               sigma_a / pixel).shifts_px.shape[0]
     return {"directions": directions * config.classes,
             "inplane": math.ceil(2 * math.pi / step), "shifts": int(shifts),
@@ -91,7 +93,7 @@ def quadrature_sizes(config: ReconstructionConfig, box: int, pixel_size_a: float
 
 
 def estimate_peak_bytes(config: ReconstructionConfig, box: int, pixel_size_a: float,
-                        radius_px: float, n_particles: int) -> int:
+                        radius_px: float, shift_range_a: float, n_particles: int) -> int:
     """Peak memory of a run's largest arrays, in bytes (an estimate within about 2x).
 
     The image side's interpolation matrix (16 taps per rotated point, built in COO then
@@ -100,7 +102,7 @@ def estimate_peak_bytes(config: ReconstructionConfig, box: int, pixel_size_a: fl
     preprocessed image blocks of every particle. Calibrated against the peak RSS of runs at
     box 64 (cutoffs 0.3 and 0.5 of Nyquist, with and without shifts).
     """
-    s = quadrature_sizes(config, box, pixel_size_a, radius_px)
+    s = quadrature_sizes(config, box, pixel_size_a, radius_px, shift_range_a)
     real = 8 if config.dtype == "float64" else 4
     m, p, d, t = s["coefficients"], s["inplane"], s["directions"], s["shifts"]
     image_side = p * m * (16 * 24 * 3 + 16) + p * t * m * 2 * real
@@ -137,12 +139,14 @@ def refuse_if_short(option: str, needed_bytes: int, device: torch.device, change
 
 
 def check_memory(config: ReconstructionConfig, box: int, pixel_size_a: float,
-                 radius_px: float, n_particles: int) -> None:
+                 radius_px: float, shift_range_a: float, n_particles: int) -> None:
     """InputError, before anything large is allocated, if the run would need more memory
     than the device has free."""
-    option = "--resolution-a" if config.resolution_a is not None else "--max-freq"
-    refuse_if_short(option, estimate_peak_bytes(config, box, pixel_size_a, radius_px,
-                                                n_particles), torch.device(config.device),
+    option = "--max-freq" if config.max_freq is not None and config.resolution_a is None \
+        else "--resolution-a"
+    needed = estimate_peak_bytes(config, box, pixel_size_a, radius_px, shift_range_a,
+                                 n_particles)
+    refuse_if_short(option, needed, torch.device(config.device),
                     f"use a coarser cutoff ({option}), a smaller working box (--box), a "
                     "narrower --shift-range-a or fewer particles")
 
@@ -172,8 +176,8 @@ def check_before_work(config: ReconstructionConfig, dataset: ParticleDataset,
     """Every check above, for the selected particles and the working geometry."""
     check_work(config, len(dataset))
     check_cutoff(geometry.cutoff_radius_px, geometry.box_size)
-    check_shift_range(config, geometry.box_size, geometry.pixel_size_a)
+    check_shift_range(geometry.shift_range_a, geometry.box_size, geometry.pixel_size_a)
     if config.init != "random":
         read_init_map(config, dataset.box_size, dataset.pixel_size_a, geometry.box_size)
     check_memory(config, geometry.box_size, geometry.pixel_size_a, geometry.cutoff_radius_px,
-                 len(dataset))
+                 geometry.shift_range_a, len(dataset))

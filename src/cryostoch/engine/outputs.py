@@ -19,8 +19,8 @@ from torch import Tensor
 
 from cryostoch import __version__
 from cryostoch.engine.prepare import PreparedRun
-from cryostoch.engine.schedule import run_epochs
 from cryostoch.engine.run_folder import StagedOutputs
+from cryostoch.engine.schedule import run_epochs
 from cryostoch.errors import InputError
 from cryostoch.fourier.resample import resample_volume
 from cryostoch.io.mrc import write_map
