@@ -66,6 +66,14 @@ def test_finished_folder_refused_unless_overwrite(sim, finished, tmp_path, capsy
     refused(capsys, reconstruct_argv(sim, out, "--overwrite", "--resume"), "--overwrite")
 
 
+def test_resume_without_a_checkpoint_keeps_the_old_run(sim, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "checkpoint.pt").unlink()
+    refused(capsys, reconstruct_argv(sim, out, "--resume"), str(out), "no checkpoint.pt")
+    assert (out / "map.mrc").exists()
+
+
 def test_overwrite_replaces_every_output(sim, finished, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)

@@ -61,6 +61,9 @@ def open_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False)
         more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
         raise InputError(out, f"already holds a run ({names}{more}): use --overwrite to "
                          "replace it, --resume to continue it, or another --out")
+    if resume and existing and not (out / CHECKPOINT_NAME).exists():
+        raise InputError(out, "holds a run's outputs but no checkpoint.pt to resume from: use "
+                         "--overwrite to start again, or another --out")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
