@@ -219,6 +219,7 @@ def check_ctf_values(adapter: ParticleSource, values: dict[str, np.ndarray]) -> 
         check_positive(adapter.source, adapter.ctf_name(field), values[field])
         _check_range(adapter, field, values[field], (0.0, MAX_DEFOCUS_A),
                      f"expected Angstrom of underfocus, at most {MAX_DEFOCUS_A:g}")
+    check_positive(adapter.source, adapter.ctf_name("voltage_kv"), values["voltage_kv"])
     _check_range(adapter, "voltage_kv", values["voltage_kv"], VOLTAGE_RANGE_KV,
                  f"expected kV, between {VOLTAGE_RANGE_KV[0]:g} and {VOLTAGE_RANGE_KV[1]:g}")
     _check_range(adapter, "spherical_aberration_mm", values["spherical_aberration_mm"],
