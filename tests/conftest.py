@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+# fixtures of the bad-input tests: `sim` (a tiny simulated set) and `finished` (a run of it)
+from bad_input_support import finished, sim  # noqa: F401, E402, I001
 from cryostoch.operators.ctf import CtfParameters
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -42,8 +42,9 @@ def test_info_betagal_star(capsys, shared_data):
 def test_info_cs_metadata_only(capsys, shared_data):
     path = shared_data / "formats" / "cryosparc_P12_J24_001_particles.cs"
     raw = np.load(path)
-    status, out, _ = info(capsys, path)
-    assert status == 0
+    status, out, err = info(capsys, path)
+    assert status == 2  # described, but the stacks it names are not there
+    assert err.count("\n") == 1 and str(path) in err and "image stack" in err
     assert "cryoSPARC" in out and "2,019" in out and "180 px" in out and "2.95 A" in out
     assert "present" in out  # poses
     assert "missing" in out and "Usable:             no" in out
@@ -52,8 +53,8 @@ def test_info_cs_metadata_only(capsys, shared_data):
 
 
 def test_info_mixed_optics(capsys, shared_data):
-    status, out, _ = info(capsys, shared_data / "formats" / "relion31.6opticsgroups.star")
-    assert status == 0
+    status, out, err = info(capsys, shared_data / "formats" / "relion31.6opticsgroups.star")
+    assert status == 2 and "139 missing" in err  # its stacks are not in the reference data
     assert "Optics groups:      6" in out and "1.24 A, 1.25 A" in out
     assert "different pixel sizes" in out
 

@@ -329,9 +329,10 @@ def test_cli_fsc_aligns_and_writes_outputs(tmp_path, fsc_command, capsys):
 
 def test_cli_fsc_rejects_mismatched_maps(tmp_path, fsc_command, capsys):
     pa, pb, pc = tmp_path / "a.mrc", tmp_path / "b.mrc", tmp_path / "c.mrc"
-    write_mrc(pa, torch.zeros(16, 16, 16), 2.0)
-    write_mrc(pb, torch.zeros(20, 20, 20), 2.0)
-    write_mrc(pc, torch.zeros(16, 16, 16), 2.5)
+    g = torch.Generator().manual_seed(0)  # not zeros: an empty map is refused on its own
+    write_mrc(pa, torch.rand(16, 16, 16, generator=g), 2.0)
+    write_mrc(pb, torch.rand(20, 20, 20, generator=g), 2.0)
+    write_mrc(pc, torch.rand(16, 16, 16, generator=g), 2.5)
     png = tmp_path / "fsc.png"
     assert fsc_command(["fsc", str(pa), str(pb), "--out", str(png)]) == 2
     err = capsys.readouterr().err.strip()

@@ -75,9 +75,9 @@ def test_resume_reuses_finished_runs_and_continues_the_rest(finished_study, monk
     original_init = experiment_module.Reconstruction.__init__
     started = []
 
-    def tracked_init(self, config, *, resume=False, progress=True):
+    def tracked_init(self, config, *, resume=False, overwrite=False, progress=True):
         started.append((Path(config.out_dir).name, resume))
-        original_init(self, config, resume=resume, progress=progress)
+        original_init(self, config, resume=resume, overwrite=overwrite, progress=progress)
 
     monkeypatch.setattr(experiment_module.Reconstruction, "__init__", tracked_init)
     report = run_experiment(tiny_study(out), progress=False, resume=True)

@@ -96,6 +96,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: torch's choice; 1 can be faster "
                              "on a machine busy with other jobs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier run in the --out folder (without "
+                             "it, such a folder is refused)")
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = config_from_args(args)
     apply_threads(args)
-    result = run_baseline(config, progress=not args.quiet)
+    result = run_baseline(config, overwrite=args.overwrite, progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"
     print(f"map: {result.map_path}")
     print(f"{config.label}: held-out NLL per image {nll} after {config.iterations} iterations "

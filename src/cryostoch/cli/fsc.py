@@ -36,12 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_output(path: Path | None, option: str) -> None:
-    if path is not None and not path.parent.is_dir():
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(option, f"{str(path)!r} is a folder: give the file to write")
+    if not path.parent.is_dir():
         raise InputError(option, f"folder {str(path.parent)!r} does not exist")
 
 
 def run(args: argparse.Namespace) -> int:
     from cryostoch.io import read_map
+    from cryostoch.io.mrc import check_map
 
     path_a, path_b = Path(args.map_a), Path(args.map_b)
     if args.aligned_out is not None and not args.align:
@@ -64,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
     map_a, pixel_a = read_map(path_a)
     map_b, pixel_b = read_map(path_b)
     for path, volume in ((path_a, map_a), (path_b, map_b)):
-        n = volume.shape[-1]
-        if tuple(volume.shape) != (n, n, n):
-            raise InputError(path, f"not a cubic map: shape (z, y, x) = {tuple(volume.shape)}")
+        check_map(path, volume)  # an all-NaN or all-zero map has no FSC to report
     if map_a.shape != map_b.shape:
         raise InputError(
             path_b,

@@ -40,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
     suffix = path.suffix.lower()
     if not path.exists():
         raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder: give a .star, .cs, .mrc or .mrcs file in it")
+    unusable = None
     if suffix in PARTICLE_SUFFIXES:
-        lines = describe_particles(path, args.project_root)
+        lines, unusable = describe_particles(path, args.project_root)
     elif suffix in MRC_SUFFIXES:
         lines = describe_mrc(path)
     else:
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
             path, f"unknown file type {suffix!r}: expected .star, .cs, .mrc, .mrcs or .map"
         )
     print("\n".join(lines))
+    if unusable is not None:  # described above, but nothing can be reconstructed from it
+        raise unusable
     return 0
 
 
@@ -69,7 +74,11 @@ def _number(value: float, unit: str = "") -> str:
     return f"{value:g}{unit}"
 
 
-def describe_particles(path: Path, project_root: Path | None) -> list[str]:
+def describe_particles(path: Path, project_root: Path | None
+                       ) -> tuple[list[str], InputError | None]:
+    """The description of a particle file, and the error when images it names are missing,
+    short or unreadable (None otherwise: metadata-only files and mixed optics are described
+    with exit 0)."""
     table = read_particle_table(path, project_root, check_images=False)
     lines = [_row("File", f"{path} ({_KINDS.get(table.kind, table.kind)})")]
     lines.append(_row("Particles", f"{len(table):,}"))
@@ -111,7 +120,9 @@ def describe_particles(path: Path, project_root: Path | None) -> list[str]:
         lines.append(_row("Usable", "yes"))
     except InputError as err:
         lines.append(_row("Usable", f"no: {err.problem}"))
-    return lines
+    if table.missing_stacks:  # named images that are missing, short or damaged: exit 2
+        return lines, InputError(path, f"image stacks: {_describe_stacks(table)}")
+    return lines, None
 
 
 def _describe_stacks(table: ParticleTable) -> str:

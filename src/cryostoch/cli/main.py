@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import warnings
 
 from cryostoch import __version__
 from cryostoch.errors import InputError
+
+# OSErrors that are faults of the place written to, not of the program: one line, exit 2.
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 # name -> module under cryostoch.cli; each module defines `add_arguments(parser)` and `run(args)`.
 SUBCOMMANDS: dict[str, str] = {
@@ -43,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args._run(args)
-    except InputError as err:
+        with warnings.catch_warnings(record=True) as caught:
+            result = args._run(args)
+    except InputError as err:  # the error alone: warnings on the way to it only distract
         print(f"cryostoch: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS:
+            raise
+        # disk full, read-only or forbidden: where and what, without a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"cryostoch: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cryostoch: interrupted", file=sys.stderr)
@@ -56,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    for warning in caught:  # shown once the command has succeeded
+        warnings.showwarning(warning.message, warning.category, warning.filename,
+                             warning.lineno)
     return int(result or 0)
 
 

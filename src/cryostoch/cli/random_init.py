@@ -32,12 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from cryostoch.engine.checks import refuse_if_short
     from cryostoch.io.mrc import write_map
     from cryostoch.simulate.init import random_spheres_volume
 
     box, pixel = args.box, args.pixel_size_a
-    if box < 8:
-        raise InputError("--box", f"must be an integer >= 8, got {box}")
+    if box < 16 or box % 2:  # as simulate and reconstruct
+        raise InputError("--box", f"must be an even number >= 16, got {box}")
     if not (math.isfinite(pixel) and pixel > 0):
         raise InputError("--pixel-size-a", f"must be a positive number, got {pixel}")
     if args.seed < 0:
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(out, f"folder {str(out.parent)!r} does not exist")
     if out.is_dir():
         raise InputError(out, "is a folder; give the path of the map to write")
+    # float64 coordinate grids and distances, measured at about 6 copies of the volume
+    refuse_if_short("--box", 6 * 8 * box**3, torch.device("cpu"), "use a smaller --box")
     radius_px = diameter / (2 * pixel)
     generator = torch.Generator().manual_seed(args.seed)
     volume = random_spheres_volume(box, radius_px, generator, n_spheres=args.n_spheres)

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-temperature", type=float, default=1.0,
                         help="posterior temperature at the start, annealed to 1 over the first "
                              "half of the run (default 1: no tempering; 8 helps short runs)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
                         help="gradient-evaluation counts at which to save maps, e.g. 5000,50000")
     parser.add_argument("--test-every", type=int, default=20,
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = config_from_args(args)
     apply_threads(args)
-    result = reconstruct(config, resume=args.resume, progress=not args.quiet)
+    result = reconstruct(config, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"
     print(f"map: {result.map_path}")
     print(f"held-out NLL per image: {nll}; {result.gradient_evaluations} gradient evaluations "

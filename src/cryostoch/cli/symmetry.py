@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from cryostoch.evaluate.symmetry import align_symmetry
     from cryostoch.geometry import point_group
     from cryostoch.io import read_map, write_map
+    from cryostoch.io.mrc import check_map
 
     try:
         group = point_group(args.group)
@@ -61,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(option, f"folder {str(Path(path).parent)!r} does not exist")
 
     volume, header_pixel = read_map(args.map)
+    check_map(args.map, volume)  # cubic, finite, not constant: as fsc and --init
     n = volume.shape[-1]
-    if tuple(volume.shape) != (n, n, n):
-        raise InputError(args.map, f"not a cubic map: shape (z, y, x) = {tuple(volume.shape)}")
     if n < 8:
         raise InputError(args.map, f"box {n} is too small to align")
     pixel = args.pixel_size_a if args.pixel_size_a is not None else header_pixel

@@ -34,6 +34,7 @@ from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish
 from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.reconstruct import RunState
+from cryostoch.engine.run_folder import open_run_folder, remove_if_empty
 from cryostoch.engine.schedule import Schedule
 from cryostoch.errors import InputError
 
@@ -102,7 +103,8 @@ class BaselineConfig:
 class BaselineRun:
     """A prepared baseline run; `run()` does `config.iterations` iterations and writes outputs."""
 
-    def __init__(self, config: BaselineConfig, *, progress: bool = True) -> None:
+    def __init__(self, config: BaselineConfig, *, overwrite: bool = False,
+                 progress: bool = True) -> None:
         self.baseline = config
         self.progress = progress
         self.last_iteration: IterationResult | None = None
@@ -110,7 +112,7 @@ class BaselineRun:
         # from the schedule's first stage) read as for a stochastic run of that length
         self.config = dataclasses.replace(config.reconstruction, epochs=float(config.iterations))
         self.out = self.config.out_path
-        self.out.mkdir(parents=True, exist_ok=True)
+        open_run_folder(self.out, overwrite=overwrite)
         self.prepared = prepare_run(self.config, progress=progress)
         schedule = Schedule.from_config(self.config, self.prepared.geometry.cutoff_radius_px,
                                         self.prepared.n_train)
@@ -193,9 +195,17 @@ class BaselineRun:
         return info
 
 
-def run_baseline(config: BaselineConfig, *, progress: bool = True) -> ReconstructionResult:
-    """Prepare the data and run the baseline; see `BaselineRun`."""
-    return BaselineRun(config, progress=progress).run()
+def run_baseline(config: BaselineConfig, *, overwrite: bool = False,
+                 progress: bool = True) -> ReconstructionResult:
+    """Prepare the data and run the baseline; see `BaselineRun`. A failed run leaves no
+    empty folder behind."""
+    existed = config.reconstruction.out_path.exists()
+    try:
+        return BaselineRun(config, overwrite=overwrite, progress=progress).run()
+    except BaseException:
+        if not existed:
+            remove_if_empty(config.reconstruction.out_path)
+        raise
 
 
 __all__ = ["METHOD_LABELS", "BaselineConfig", "BaselineRun", "run_baseline"]

@@ -38,6 +38,19 @@ DEFAULT_SHIFT_BOX_FRACTION = 0.08
 DEFAULT_MIN_STEPS = 150
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` is not a torch device this run can use, or None."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"device {device!r} is not a device: use cpu, cuda or cuda:N"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"device {device!r} is not supported: use cpu, cuda or cuda:N"
+    return None
+
+
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """Everything that determines a reconstruction (and so its checkpoint compatibility).
@@ -98,7 +111,10 @@ class ReconstructionConfig:
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [f"{name.replace('_', '-')} must be a finite number, got {value}"
+                    for name, value in self._float_fields() if not math.isfinite(value)]
+        if device_problem(self.device):
+            problems.append(device_problem(self.device))
         if self.optimizer not in OPTIMIZER_NAMES:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -119,12 +135,14 @@ class ReconstructionConfig:
             problems.append("prior beta must be >= 1")
         if self.test_size < 0:
             problems.append("test-size must be >= 0")
+        if self.seed < 0:  # as simulate and random-init
+            problems.append("seed must be >= 0")
         if self.dtype not in ("float32", "float64"):
             problems.append("dtype must be float32 or float64")
         if any(s <= 0 for s in self.snapshots):
             problems.append("snapshots must be positive gradient-evaluation counts")
-        if self.shift_range_a is not None and not 0 <= self.shift_range_a < math.inf:
-            problems.append("shift-range-a must be >= 0 and finite")
+        if self.shift_range_a is not None and self.shift_range_a < 0:
+            problems.append("shift-range-a must be >= 0")
         if self.shift_sigma_a is not None and not self.shift_sigma_a > 0:
             problems.append("shift-sigma-a must be positive")
         if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:
@@ -162,6 +180,13 @@ class ReconstructionConfig:
             problems.append("mask must be auto, sphere, none or an MRC file")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _float_fields(self) -> list[tuple[str, float]]:
+        """(name, value) of every number-valued field that is set: NaN and inf pass the
+        range checks below (every comparison with NaN is false), so they are refused here."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), float | int)
+                and not isinstance(getattr(self, f.name), bool)]
 
     @property
     def effective_batch_size(self) -> int:

@@ -83,6 +83,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
             seed=config.seed,
             device=config.device,
         ),
+        overwrite=True,  # as the simulation above: a demo folder is redone, not resumed
         progress=progress,
     )
     truth, pixel = read_map(simulation.ground_truth_path)

@@ -189,8 +189,10 @@ def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_fr
             continue
         log.info("%s: %s", out.name, name)
         start = time.perf_counter()
-        job = (BaselineRun(cfg, progress=progress) if is_baseline
-               else Reconstruction(cfg, resume=resume, progress=progress))
+        # a study replaces its own runs: a fresh start all of them, a resume the unfinished
+        # baselines (which keep no checkpoint)
+        job = (BaselineRun(cfg, overwrite=True, progress=progress) if is_baseline
+               else Reconstruction(cfg, resume=resume, overwrite=not resume, progress=progress))
         earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
         result = job.run()
         # wall time, data preparation included, plus any time spent before a resume

@@ -15,11 +15,11 @@ import math
 import torch
 from torch import Tensor
 
+from cryostoch.engine.checks import read_init_map
 from cryostoch.engine.prepare import PreparedRun
 from cryostoch.engine.preprocess import PreparedParticles
 from cryostoch.errors import InputError
-from cryostoch.fourier.resample import resample_volume, soft_low_pass
-from cryostoch.io.mrc import read_map
+from cryostoch.fourier.resample import soft_low_pass
 from cryostoch.model.likelihood import MarginalLikelihood
 from cryostoch.simulate.init import random_spheres_volume
 
@@ -62,9 +62,7 @@ def _start_density(run: PreparedRun, generator: torch.Generator) -> Tensor:
     if config.init == "random":
         return random_spheres_volume(box, run.geometry.particle_radius_px, generator,
                                      dtype=torch.float64, device=run.device)
-    volume, _ = read_map(config.init)
-    if volume.shape[-1] != box:
-        volume = resample_volume(volume.to(torch.float64), box)
+    volume = read_init_map(config, run.dataset.box_size, run.dataset.pixel_size_a, box)
     return volume.to(device=run.device, dtype=torch.float64)
 
 

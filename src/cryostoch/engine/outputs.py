@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from torch import Tensor
 
 from cryostoch import __version__
 from cryostoch.engine.prepare import PreparedRun
+from cryostoch.engine.run_folder import StagedOutputs
 from cryostoch.engine.schedule import run_epochs
+from cryostoch.errors import InputError
 from cryostoch.fourier.resample import resample_volume
 from cryostoch.io.mrc import write_map
 
@@ -39,16 +42,15 @@ class ReconstructionResult:
     metrics: list[dict]
 
 
-def write_maps(out: Path, run: PreparedRun, volume: Tensor) -> Path:
-    """map.mrc at the working box, and map_fullbox.mrc at the data's box when they differ."""
-    map_path = out / "map.mrc"
+def write_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor) -> None:
+    """map_fullbox.mrc at the data's box when it differs from the working box, then map.mrc
+    (asked for last: it is renamed last, marking a complete set)."""
     geometry, dataset = run.geometry, run.dataset
-    write_map(map_path, volume, geometry.pixel_size_a)
     if geometry.box_size != dataset.box_size:
-        write_map(out / "map_fullbox.mrc",
+        write_map(staged.path("map_fullbox.mrc"),
                   resample_volume(volume.double(), dataset.box_size).float(),
                   dataset.pixel_size_a)
-    return map_path
+    write_map(staged.path("map.mrc"), volume, geometry.pixel_size_a)
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
@@ -133,22 +135,37 @@ def write_poses(path: Path, run: PreparedRun, poses: PoseAssignment) -> None:
     write_particles_star(path, optics, table)
 
 
-def write_class_maps(out: Path, run: PreparedRun, volume: Tensor, classes: Tensor) -> dict:
+def write_class_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor,
+                     classes: Tensor) -> dict:
     """class_NN.mrc for every class of `volume` (K, N, N, N); returns what config.json records
     (class sizes, from each particle's most probable class (n,)), largest class first."""
     sizes = torch.bincount(classes, minlength=volume.shape[0])
     for c in range(volume.shape[0]):
-        write_map(out / f"class_{c + 1:02d}.mrc", volume[c], run.geometry.pixel_size_a)
+        write_map(staged.path(f"class_{c + 1:02d}.mrc"), volume[c], run.geometry.pixel_size_a)
     order = torch.argsort(sizes, descending=True, stable=True)
     return {"classes": [{"class": int(c) + 1, "particles": int(sizes[c]),
                          "map": f"class_{int(c) + 1:02d}.mrc"} for c in order]}
+
+
+def check_finite_result(run: PreparedRun, volume: Tensor, poses: PoseAssignment | None,
+                        metrics: list[dict]) -> None:
+    """InputError if the final map diverged: non-finite voxels, or a held-out or per-particle
+    NLL that is not finite (a map of 1e29 is finite but its likelihood is not)."""
+    last_test = metrics[-1]["test_nll"] if metrics else None
+    bad = not bool(torch.isfinite(volume).all()) or (
+        last_test is not None and not math.isfinite(last_test)) or (
+        poses is not None and not bool(torch.isfinite(poses.nll).all()))
+    if bad:
+        raise InputError(run.config.particles, "the reconstruction diverged (the final map or "
+                         "its likelihood is not finite); no map written: lower --lr")
 
 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
            gradient_evaluations: int, seconds: float, info: dict, title: str,
            noise_precision: Tensor | None = None,
            class_log_weights: Tensor | None = None) -> ReconstructionResult:
-    """Write every output of a finished run and return its summary.
+    """Write every output of a finished run (all at once, map.mrc last: `StagedOutputs`) and
+    return its summary. InputError, with nothing written, if the run diverged.
 
     volume: (N, N, N) final map, or (K, N, N, N) with classes (map.mrc is then the largest
     class), in the run's dtype and device; info: what config.json holds (see `run_info`).
@@ -158,17 +175,19 @@ def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
     poses = None
     if run.config.write_poses or volume.dim() == 4:
         poses = assign_poses(run, volume, noise_precision, class_log_weights)
+    check_finite_result(run, volume.detach(), poses, metrics)
     all_maps = volume.detach().float().cpu()
     map_volume = all_maps
-    if volume.dim() == 4:
-        info = info | write_class_maps(out, run, all_maps, poses.classes)
-        map_volume = all_maps[info["classes"][0]["class"] - 1]
-    map_path = write_maps(out, run, map_volume)
-    write_metrics(out / "metrics.csv", metrics)
-    (out / "config.json").write_text(json.dumps(info, indent=2, default=str))
-    if run.config.write_poses:
-        write_poses(out / "poses.star", run, poses)
+    with StagedOutputs(out) as staged:
+        if volume.dim() == 4:
+            info = info | write_class_maps(staged, run, all_maps, poses.classes)
+            map_volume = all_maps[info["classes"][0]["class"] - 1]
+        write_metrics(staged.path("metrics.csv"), metrics)
+        if run.config.write_poses:
+            write_poses(staged.path("poses.star"), run, poses)
+        reconstruction_report(staged.path("report.png"), map_volume, metrics, title=title)
+        staged.path("config.json").write_text(json.dumps(info, indent=2, default=str))
+        write_maps(staged, run, map_volume)
     final = next((m["test_nll"] for m in reversed(metrics) if m["test_nll"] is not None), None)
-    reconstruction_report(out / "report.png", map_volume, metrics, title=title)
-    return ReconstructionResult(out, map_path, map_volume, final, gradient_evaluations,
+    return ReconstructionResult(out, out / "map.mrc", map_volume, final, gradient_evaluations,
                                 seconds, metrics)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryostoch.engine.checks import check_before_work
 from cryostoch.engine.config import (
     DEFAULT_CUTOFF_PER_DIAMETER,
     DEFAULT_DIAMETER_BOX_FRACTION,
@@ -260,15 +261,12 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
     geometry = working_geometry(config, dataset)
     for choice in geometry.chosen:
         log.info("from the data: %s", choice)
+    check_before_work(config, dataset, geometry)  # issue 14: fail before any heavy work
     # read before the preprocessing, so that a bad mask file fails at once
     given_mask = None if config.mask in MASK_KINDS else read_mask(config.mask, geometry.box_size)
     model = make_model(config, geometry, geometry.cutoff_radius_px)
     particles = _preprocess(config, dataset, geometry, model, progress)
-    n = len(particles)
-    if n <= config.test_size:
-        raise InputError(config.particles,
-                         f"{n} particles leave none for training after {config.test_size} "
-                         "held-out test images")
+    n = len(particles)  # more than config.test_size: `check_before_work`
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919))
     test_rows = perm[: config.test_size].sort().values.numpy()
     train_rows = perm[config.test_size :].sort().values.numpy()

@@ -105,6 +105,7 @@ def estimate_normalisation(
     for start in range(0, count, chunk_size):
         rows = sample[start : start + chunk_size]
         images = dataset.read_images(rows).to(torch.float64)
+        check_finite_images(dataset, rows, images)
         _, std = background_statistics(images, particle_radius_px)
         stds.append(std)
         ctf = dataset.ctf.index(torch.as_tensor(rows)) if dataset.ctf is not None else None
@@ -112,8 +113,6 @@ def estimate_normalisation(
             contrast_score(images, ctf, dataset.pixel_size_a, particle_radius_px)
         )
     std_all = torch.cat(stds)
-    if not torch.isfinite(std_all).all():
-        raise InputError(dataset.source_path, "images contain NaN or infinite values")
     noise_sigma = float(std_all.median())
     if not noise_sigma > 0:
         raise InputError(dataset.source_path, "images have zero background variance (blank?)")
@@ -123,6 +122,16 @@ def estimate_normalisation(
     else:
         sign = -1 if invert else 1
     return NormalisationStatistics(noise_sigma, sign, score, count)
+
+
+def check_finite_images(dataset, rows, images: Tensor) -> None:
+    """InputError naming the first image (as the file names it) with a NaN or inf pixel;
+    `rows` (B,) are the images' indices in `dataset`, images (B, N, N)."""
+    bad = ~torch.isfinite(images).flatten(1).all(1)
+    if bool(bad.any()):
+        first = int(rows[int(torch.nonzero(bad)[0])])
+        raise InputError(dataset.source_path,
+                         f"{dataset.image_label(first)} has NaN or infinite pixels")
 
 
 def prepare_particles(
@@ -155,9 +164,7 @@ def prepare_particles(
     done = 0
     for rows, images in dataset.iter_chunks(chunk_size):
         images = images.to(torch.float64)
-        if not torch.isfinite(images).all():
-            bad = rows[int(torch.nonzero(~torch.isfinite(images).flatten(1).all(1))[0])]
-            raise InputError(dataset.source_path, f"particle {bad} contains NaN or inf pixels")
+        check_finite_images(dataset, rows, images)
         normalised = normalise_images(
             images, particle_radius_px, statistics.noise_sigma, statistics.contrast_sign
         )
@@ -190,6 +197,9 @@ class ResampledDataset:
 
     def __len__(self) -> int:
         return len(self._dataset)
+
+    def image_label(self, index: int) -> str:
+        return self._dataset.image_label(index)
 
     def read_images(self, indices) -> Tensor:
         images = self._dataset.read_images(indices)

@@ -29,6 +29,7 @@ from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.progress import progress_bar
+from cryostoch.engine.run_folder import CHECKPOINT_NAME, open_run_folder, remove_if_empty
 from cryostoch.engine.schedule import Schedule, Stage
 from cryostoch.errors import InputError
 from cryostoch.io.mrc import write_map
@@ -114,12 +115,14 @@ class Reconstruction:
     """A prepared run; `run()` iterates until the configured number of epochs."""
 
     def __init__(self, config: ReconstructionConfig, *, resume: bool = False,
-                 progress: bool = True) -> None:
+                 overwrite: bool = False, progress: bool = True) -> None:
         self.config = config
         self.progress = progress
         self.out = config.out_path
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = self.out / "checkpoint.pt"
+        open_run_folder(self.out, overwrite=overwrite, resume=resume)
+        self.checkpoint_path = self.out / CHECKPOINT_NAME
+        # a damaged or foreign checkpoint fails before the data are prepared
+        saved = self._saved_state() if resume and self.checkpoint_path.exists() else None
         self.prepared = prepare_run(config, progress=progress)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
@@ -133,8 +136,8 @@ class Reconstruction:
         self.state = RunState()
         self.volume: Tensor
         self.optimizer: torch.optim.Optimizer
-        if resume and self.checkpoint_path.exists():
-            self._restore()
+        if saved is not None:
+            self._restore(saved)
         else:
             if resume:
                 log.warning("no checkpoint in %s: starting from the beginning", self.out)
@@ -148,15 +151,23 @@ class Reconstruction:
         self.optimizer = make_optimizer(self.config.optimizer, [self.volume], lr=self.config.lr,
                                         **dict(self.config.optimizer_options))
 
-    def _restore(self) -> None:
+    def _saved_state(self) -> dict:
+        """The checkpoint's state, checked to continue this configuration."""
         state = load_checkpoint(self.checkpoint_path)
-        saved = ReconstructionConfig.from_dict(state["config"])
+        try:
+            saved = ReconstructionConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as err:
+            raise InputError(self.checkpoint_path, f"holds an unusable configuration ({err}); "
+                             "remove it or use --overwrite") from None
         if saved.trajectory_fields() != self.config.trajectory_fields():
             changed = sorted(k for k, v in self.config.trajectory_fields().items()
                              if saved.trajectory_fields().get(k) != v)
             raise InputError(self.checkpoint_path,
                              f"was written with different settings ({', '.join(changed)}); "
                              "use another --out or the same options to resume")
+        return state
+
+    def _restore(self, state: dict) -> None:
         self.volume = state["volume"].to(device=self.prepared.device, dtype=self.prepared.dtype)
         self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
@@ -268,14 +279,13 @@ class Reconstruction:
             last = self._finished()
             test = self._test_nll() if self._should_test(state.iteration, last) else None
             self._log_metrics(objective, test, start_time)
+            self._check_diverged(objective, test)  # before a snapshot or checkpoint of it
             self._snapshots()
             if bar:
                 bar.update(min(batch, total - bar.n))
                 bar.set_postfix(epoch=f"{state.images_seen / self.prepared.n_train:.2f}",
                                 grads=state.gradient_evaluations, obj=f"{objective:.2f}",
                                 **({"test": f"{test:.2f}"} if test is not None else {}))
-            if not math.isfinite(objective):
-                raise InputError(cfg.particles, "the objective became non-finite: lower --lr")
             if time.perf_counter() - last_checkpoint >= cfg.checkpoint_interval_s or last:
                 state.seconds = time.perf_counter() - start_time
                 self._checkpoint()
@@ -289,6 +299,15 @@ class Reconstruction:
                       noise_precision=self.noise_and_mask.precision(self.prepared.model),
                       class_log_weights=self._class_log_weights(),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}")
+
+    def _check_diverged(self, objective: float, test: float | None) -> None:
+        """InputError once the objective, the held-out NLL or the map is not finite."""
+        finite = math.isfinite(objective) and (test is None or math.isfinite(test))
+        if finite and bool(torch.isfinite(self.volume.detach()).all()):
+            return
+        raise InputError(self.config.particles,
+                         f"the reconstruction diverged at iteration {self.state.iteration} (the "
+                         "objective or the map became non-finite); no map written: lower --lr")
 
     def _log_metrics(self, objective: float | None, test: float | None,
                      start_time: float) -> None:
@@ -328,6 +347,15 @@ class Reconstruction:
         })
 
 
-def reconstruct(config: ReconstructionConfig, *, resume: bool = False,
+def reconstruct(config: ReconstructionConfig, *, resume: bool = False, overwrite: bool = False,
                 progress: bool = True) -> ReconstructionResult:
-    return Reconstruction(config, resume=resume, progress=progress).run()
+    """Run a reconstruction into `config.out_dir` (see `open_run_folder` for the folder rules);
+    a failed run leaves no empty folder behind."""
+    existed = config.out_path.exists()
+    try:
+        return Reconstruction(config, resume=resume, overwrite=overwrite,
+                              progress=progress).run()
+    except BaseException:
+        if not existed:
+            remove_if_empty(config.out_path)
+        raise

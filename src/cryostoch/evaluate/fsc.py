@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.fourier import radial_index, rfft3c
+from cryostoch.io._common import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from cryostoch.evaluate.align import Alignment
@@ -238,10 +239,8 @@ def plot_fsc(
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a failed write leaves no partial file behind
+        fig.savefig(tmp, format="png")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,10 @@ def read_cs(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise InputError(path, f"not a readable cryoSPARC .cs file ({err})") from None
+        # numpy reads bytes that are no .npy header as a pickle and then suggests
+        # allow_pickle, which must not be followed for a file of unknown origin
+        reason = "not a numpy array file" if "pickle" in str(err) else str(err)
+        raise InputError(path, f"not a readable cryoSPARC .cs file ({reason})") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         data.close()
         raise InputError(path, "not a cryoSPARC .cs file (a .npz archive)")

@@ -277,6 +277,13 @@ class ParticleDataset:
         """(n,) 0-based index of each particle's image in its stack."""
         return self.table.stack_slot[self.rows]
 
+    def image_label(self, index: int) -> str:
+        """Particle `index` (0-based, in this view) as the file names it: `slot@stack`, 1-based
+        as in rlnImageName, and its 1-based row in the file."""
+        row = int(self.rows[index])
+        stack = self.stacks[int(self.table.stack_id[row])].written
+        return f"image {int(self.table.stack_slot[row]) + 1}@{stack} (row {row + 1} of the file)"
+
     # -- sizes --------------------------------------------------------------------------------
     @property
     def n_particles(self) -> int:

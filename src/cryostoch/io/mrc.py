@@ -174,6 +174,22 @@ def read_map(path: str | os.PathLike[str]) -> tuple[Tensor, float]:
     return volume, header.pixel_size_a
 
 
+def check_map(path: str | os.PathLike[str], volume: Tensor, *,
+              allow_constant: bool = False) -> None:
+    """InputError naming `path` unless `volume` is a cubic map (n^3, n >= 4) of finite values
+    that is not constant (unless `allow_constant`: a mask of ones is fine, a map is not)."""
+    shape = tuple(volume.shape)
+    if len(shape) != 3 or len(set(shape)) != 1 or shape[0] < 4:
+        raise InputError(path, f"not a cubic map: shape (z, y, x) = {shape}")
+    finite = torch.isfinite(volume)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(path, f"{bad:,} of {volume.numel():,} voxels are NaN or infinite")
+    if not allow_constant and float(volume.max()) == float(volume.min()):
+        raise InputError(path, f"every voxel is {float(volume.max()):g}: the map holds no "
+                         "structure")
+
+
 def _as_numpy(array: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(array, Tensor):
         return array.detach().cpu().numpy()

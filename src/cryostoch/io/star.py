@@ -53,6 +53,11 @@ def read_star(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame | dict]:
         raise InputError(path, f"not a readable STAR file ({type(err).__name__}: {err})") from None
     if not blocks:
         raise InputError(path, "not a STAR file: no data blocks found")
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            twice = sorted(set(block.columns[block.columns.duplicated()]))
+            raise InputError(path, f"column {', '.join(map(str, twice))} appears more than once "
+                             f"in data_{name}")
     return dict(blocks)
 
 
@@ -204,15 +209,12 @@ def read_class_assignments(path: str | os.PathLike[str]) -> tuple[np.ndarray, np
     """(image_names (n,) str, class_numbers (n,) int64) of a RELION classification STAR file
     (e.g. Class2D's `run_itNNN_data.star`): rlnImageName and rlnClassNumber of each row of
     its particle table (`data_particles`, else the first block)."""
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile raises many kinds of parse errors
-        raise InputError(path, f"cannot read STAR file ({err})") from None
-    table = blocks.get("particles", next(iter(blocks.values()), None))
-    if not isinstance(table, pd.DataFrame) or not {"rlnImageName", "rlnClassNumber"} <= set(
-        table.columns
-    ):
-        raise InputError(path, "needs rlnImageName and rlnClassNumber columns")
+    blocks = read_star(path)
+    loops = {name: df for name, df in blocks.items() if isinstance(df, pd.DataFrame)}
+    table = loops.get("particles", next(iter(loops.values()), None))
+    if table is None or not {"rlnImageName", "rlnClassNumber"} <= set(table.columns):
+        raise InputError(path, "not a classification STAR file: a particle table needs "
+                         "rlnImageName and rlnClassNumber columns")
     classes = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy(dtype=np.float64)
     if not (np.isfinite(classes) & (classes == np.round(classes))).all():
         raise InputError(path, "rlnClassNumber must be whole numbers")

@@ -43,6 +43,10 @@ CTF_OPTIONAL = {"phase_shift_deg": 0.0, "bfactor_a2": 0.0, "scale": 1.0}
 # The CtfParameters fields that are also OpticsGroup fields.
 OPTICS_FIELDS = ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast")
 HEADER_PIXEL_SIZE = "the MRC header of the stacks"
+# Physically possible CTF values (wide: they catch unit mistakes, not unusual microscopes).
+MAX_DEFOCUS_A = 1e6  # 100 um
+VOLTAGE_RANGE_KV = (10.0, 3000.0)
+MAX_ABS_CS_MM = 20.0
 
 # (what the note calls it, a function giving per-particle pixel sizes in A or None if absent)
 PixelSource = tuple[str, Callable[[], np.ndarray | None]]
@@ -194,10 +198,39 @@ def _pixel_sizes(
     return pixel, notes
 
 
-def _ctf_values(adapter: ParticleSource) -> dict[str, np.ndarray]:
-    """All CtfParameters fields as (n,) float64 arrays, checked (voltage > 0, 0 <= Q0 < 1)."""
-    values = {name: adapter.ctf_values(name) for name in CTF_REQUIRED}
+def _check_range(adapter: ParticleSource, field: str, values: np.ndarray,
+                 bounds: tuple[float, float], hint: str) -> None:
+    """InputError naming the file's column and the first particle outside [low, high]."""
+    low, high = bounds
+    bad = (values < low) | (values > high)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            adapter.source,
+            f"{adapter.ctf_name(field)} is {values[first]:g} for particle {first + 1} "
+            f"({int(bad.sum())} of {values.size} out of range): {hint}",
+        )
+
+
+def check_ctf_values(adapter: ParticleSource, values: dict[str, np.ndarray]) -> None:
+    """Refuse CTF values no microscope has, for every format alike (values in the units of
+    CtfParameters): defocus <= 0, a voltage in V rather than kV, a Cs in um rather than mm."""
+    for field in ("defocus_u_a", "defocus_v_a"):
+        check_positive(adapter.source, adapter.ctf_name(field), values[field])
+        _check_range(adapter, field, values[field], (0.0, MAX_DEFOCUS_A),
+                     f"expected Angstrom of underfocus, at most {MAX_DEFOCUS_A:g}")
     check_positive(adapter.source, adapter.ctf_name("voltage_kv"), values["voltage_kv"])
+    _check_range(adapter, "voltage_kv", values["voltage_kv"], VOLTAGE_RANGE_KV,
+                 f"expected kV, between {VOLTAGE_RANGE_KV[0]:g} and {VOLTAGE_RANGE_KV[1]:g}")
+    _check_range(adapter, "spherical_aberration_mm", values["spherical_aberration_mm"],
+                 (-MAX_ABS_CS_MM, MAX_ABS_CS_MM), f"expected mm, at most {MAX_ABS_CS_MM:g}")
+
+
+def _ctf_values(adapter: ParticleSource) -> dict[str, np.ndarray]:
+    """All CtfParameters fields as (n,) float64 arrays, checked (`check_ctf_values`,
+    0 <= Q0 < 1)."""
+    values = {name: adapter.ctf_values(name) for name in CTF_REQUIRED}
+    check_ctf_values(adapter, values)
     q0 = values["amplitude_contrast"]
     bad = (q0 < 0) | (q0 >= 1)
     if bad.any():

@@ -135,14 +135,7 @@ class CtfTable(CtfSampler):
         table = read_particle_table(path, check_images=False)
         if table.ctf is None or len(table) == 0:
             raise InputError(path, "no CTF parameters in the file")
-        ctf = table.ctf
-        bad = (ctf.defocus_u_a <= 0) | (ctf.defocus_v_a <= 0)
-        if bool(bad.any()):
-            first = int(torch.nonzero(bad)[0])
-            raise InputError(
-                path, f"defocus must be positive (underfocus); row {first + 1} has "
-                f"U = {float(ctf.defocus_u_a[first]):g}, V = {float(ctf.defocus_v_a[first]):g} A",
-            )
+        ctf = table.ctf  # checked by the reader, as for every command
         return CtfTable(ctf, path.name)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[CtfParameters, np.ndarray]:

@@ -23,6 +23,7 @@ nothing that looks complete is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -186,6 +187,10 @@ def _prepare_out_dir(config: SimulationConfig) -> Path:
     # looks complete.
     for name in existing:
         (out / name).unlink()
+    # hidden temporaries (`atomic_path`, the stack writer) of a killed simulation
+    for name in OUTPUT_NAMES:
+        for stale in out.glob(f".{name}.*.partial"):
+            stale.unlink(missing_ok=True)
     return out
 
 
@@ -339,7 +344,6 @@ def simulate_dataset(
     sampler = ctf_sampler_for(config)
     density, description = _density(config, volume)
     spectrum, amplitude = _noise_spectrum(config)
-    out = _prepare_out_dir(config)
 
     params = draw_particle_parameters(n, sampler, seed=config.seed,
                                       shift_sigma_px=config.shift_sigma_px)
@@ -350,6 +354,8 @@ def simulate_dataset(
     pilot = params.index(slice(0, min(n, config.pilot_size)))
     pilot_variance, scale = _scale_to_snr(model, pilot, config)
 
+    existed = Path(config.out_dir).exists()
+    out = _prepare_out_dir(config)  # only now: every check above leaves no folder behind
     created: list[Path] = []
     stack_path, star_path, gt_path = out / STACK_NAME, out / STAR_NAME, out / GROUND_TRUTH_NAME
     montage_path, summary_path = out / MONTAGE_NAME, out / SUMMARY_NAME
@@ -382,6 +388,9 @@ def simulate_dataset(
     except BaseException:
         for path in created:
             path.unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):  # only if empty
+                out.rmdir()
         raise
     log.info("simulated %d particles in %.1f s; realised SNR %.4g", n, seconds, realised_snr)
     return SimulationResult(

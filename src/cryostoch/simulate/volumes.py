@@ -157,16 +157,13 @@ def map_source_volume(
     dtype: torch.dtype = torch.float64,
 ) -> SourceVolume:
     """An MRC map resampled to the requested pixel size and box (see the module docstring)."""
-    from cryostoch.io.mrc import read_map
+    from cryostoch.io.mrc import check_map, read_map
 
     volume, voxel = read_map(path)
+    check_map(path, volume)  # cubic, finite, not constant: as fsc and --init
     m = volume.shape[-1]
-    if tuple(volume.shape) != (m, m, m):
-        raise InputError(path, f"not a cubic map: shape (z, y, x) = {tuple(volume.shape)}")
     if not (math.isfinite(voxel) and voxel > 0):
         raise InputError(path, "the header sets no voxel size, so the map cannot be scaled")
-    if not torch.isfinite(volume).all():
-        raise InputError(path, "the map holds NaN or infinite values")
     radius = map_radius_a(volume, voxel)
     if radius == 0.0:
         raise InputError(path, "the map has no positive density")
