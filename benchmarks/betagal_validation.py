@@ -24,8 +24,12 @@ import starfile
 import torch
 
 from cryostoch.evaluate.class_averages import class_averages, match_projections
-from cryostoch.evaluate.shape import A3_PER_DALTON, enclosing_threshold, principal_extents
-from cryostoch.fourier.grids import fft3_grid
+from cryostoch.evaluate.shape import (
+    A3_PER_DALTON,
+    enclosing_threshold,
+    principal_extents,
+    spherical_average,
+)
 from cryostoch.io.dataset import open_particles
 from cryostoch.io.mrc import read_map
 
@@ -47,18 +51,6 @@ def averages_of_clean_classes():
     return class_averages(dataset.read_images(rows), dataset.ctf.index(torch.as_tensor(rows)),
                           pixel, torch.tensor(table["rlnAnglePsi"].to_numpy()), origin,
                           torch.tensor(table["rlnClassNumber"].to_numpy()), CLEAN_CLASSES)
-
-
-def spherical_average(volume: torch.Tensor) -> torch.Tensor:
-    """The map averaged over directions about the box centre: the same radial profile with no
-    features (the control a map's projections must beat)."""
-    n = volume.shape[-1]
-    z, y, x = fft3_grid(n)
-    shells = torch.sqrt(x * x + y * y + z * z).round().long()
-    sums = torch.zeros(int(shells.max()) + 1, dtype=torch.float64)
-    sums.index_add_(0, shells.flatten(), volume.flatten().double())
-    counts = torch.bincount(shells.flatten()).double()
-    return (sums / counts)[shells]
 
 
 def figure(path: Path, averages, match) -> None:

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "experiment": "experiment",
     "symmetry": "symmetry",
+    "score": "score",
 }
 
 

@@ -1,4 +1,5 @@
-"""Shape checks of a map: the threshold that encloses a molecular volume, and its extents.
+"""Shape checks of a map: the threshold that encloses a molecular volume, its extents, and its
+spherical average (the featureless control a map must beat).
 
 A protein's volume follows from its mass (about 1.21 A^3 per Dalton, Harpaz et al. 1994), so a
 map of a known molecule can be thresholded to enclose that volume and measured along its
@@ -46,3 +47,16 @@ def principal_extents(volume: Tensor, threshold: float, pixel_size_a: float) -> 
     lengths = (projected.max(0).values - projected.min(0).values + 1) * pixel_size_a
     order = torch.argsort(lengths, descending=True)
     return Extents(tuple(float(v) for v in lengths[order]), vh[order], centre)
+
+
+def spherical_average(volume: Tensor) -> Tensor:
+    """(N, N, N) float64: the map (N, N, N) averaged over directions about the box centre N//2,
+    in one-voxel shells: the same radial profile with no features."""
+    n = volume.shape[-1]
+    z, y, x = fft3_grid(n)
+    shells = torch.sqrt(x * x + y * y + z * z).round().long().to(volume.device)
+    flat = shells.flatten()
+    sums = torch.zeros(int(flat.max()) + 1, dtype=torch.float64, device=volume.device)
+    sums.index_add_(0, flat, volume.flatten().double())
+    counts = torch.bincount(flat).double()
+    return (sums / counts)[shells]
