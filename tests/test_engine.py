@@ -162,6 +162,9 @@ def test_resume_with_other_settings_is_refused(tiny_set, tmp_path, capsys):
         (["--test-size", "100000"], "leave none for training"),
         (["--box", "64"], "larger than the data"),
         (["--threads", "0"], "threads"),
+        (["--preconditioner", "diag"], "preconditioner"),
+        (["--start-freq-fraction", "0"], "start-freq-fraction"),
+        (["--marching-stages", "0"], "marching-stages"),
     ],
 )
 def test_bad_options_give_one_line(tiny_set, tmp_path, capsys, extra, message):
@@ -375,3 +378,20 @@ def test_a_given_mask_file_confines_the_map(tiny_set, tmp_path):
     outside = soft_sphere_mask(32, 10.5, edge_px=0.0) == 0
     assert float(result.volume[outside].abs().max()) == 0.0
     assert float(result.volume.abs().max()) > 0
+
+
+def test_paper_faithful_and_its_switches_reach_the_config():
+    from cryostoch.cli.main import build_parser
+    from cryostoch.cli.reconstruct import config_from_args
+
+    parser = build_parser()
+    plain = config_from_args(parser.parse_args(
+        ["reconstruct", "p.star", "--out", "o", "--paper-faithful", "--noise-model", "coloured"]))
+    assert (plain.preconditioner, plain.start_freq_fraction, plain.start_temperature,
+            plain.noise_model, plain.mask) == ("none", 1.0, 1.0, "white", "none")
+    switches = config_from_args(parser.parse_args(
+        ["reconstruct", "p.star", "--out", "o", "--preconditioner", "none",
+         "--start-freq-fraction", "1", "--marching-stages", "2"]))
+    assert (switches.preconditioner, switches.start_freq_fraction, switches.marching_stages,
+            switches.noise_model) == ("none", 1.0, 2, "coloured")
+

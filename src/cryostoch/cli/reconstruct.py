@@ -45,6 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-temperature", type=float, default=1.0,
                         help="posterior temperature at the start, annealed to 1 over the first "
                              "half of the run (default 1: no tempering; 8 helps short runs)")
+    parser.add_argument("--preconditioner", default="auto",
+                        help="auto (default: the Fourier preconditioner for the first-order "
+                             "methods, none for olbfgs and hf), fourier or none")
+    parser.add_argument("--start-freq-fraction", type=float, default=0.4,
+                        help="frequency marching: the first stage's cutoff as a fraction of "
+                             "the final one (default 0.4; 1 switches marching off)")
+    parser.add_argument("--marching-stages", type=int, default=4,
+                        help="stages of frequency marching and tempering (default 4)")
+    parser.add_argument("--paper-faithful", action="store_true",
+                        help="the paper's plain method: no preconditioner, marching or "
+                             "tempering, white noise, no mask (overrides those options)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
@@ -57,15 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ReconstructionConfig:
     try:
-        return ReconstructionConfig(
+        config = ReconstructionConfig(
             **particle_config_fields(args), optimizer=args.optimizer, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, lambda_plus=args.lambda_plus,
             lambda_minus=args.lambda_minus, snapshots=tuple(args.snapshots),
             test_every=args.test_every, checkpoint_interval_s=args.checkpoint_interval_s,
             classes=args.classes, start_temperature=args.start_temperature,
+            preconditioner=args.preconditioner, start_freq_fraction=args.start_freq_fraction,
+            marching_stages=args.marching_stages,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None
+    return config.paper_faithful() if args.paper_faithful else config
 
 
 def run(args: argparse.Namespace) -> int:
