@@ -35,8 +35,23 @@ def test_info_betagal_star(capsys, shared_data):
         "absent",  # poses
         "10 (all found",
         "Usable:             yes",
+        # the defaults reconstruct chooses: 0.8 x 226.6 A / 5 and 8% of 226.6 A
+        "cutoff 36.2 A, shifts within 18.1 A",
     ]:
         assert needle in out, needle
+
+
+def test_info_reports_the_offsets_of_aligned_particles(capsys, shared_data):
+    import starfile
+
+    root = shared_data / "betagal_empiar10204"
+    star = root / "Class2D" / "job010" / "run_it025_data.star"
+    status, out, _ = info(capsys, star, "--project-root", root)
+    assert status == 0
+    table = starfile.read(star, always_dict=True)["particles"]
+    offsets = np.hypot(table["rlnOriginXAngst"], table["rlnOriginYAngst"])
+    assert (f"median {np.median(offsets):.1f} A, 90% within {np.percentile(offsets, 90):.1f} A"
+            in out), out
 
 
 def test_info_cs_metadata_only(capsys, shared_data):

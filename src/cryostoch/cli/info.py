@@ -112,6 +112,14 @@ def describe_particles(path: Path, project_root: Path | None
     else:
         lines.append(_row("CTF", "none (bare image stack)"))
     lines.append(_row("Poses", "present" if table.poses is not None else "absent"))
+    if table.poses is not None and pixels.size == 1:
+        offsets_a = np.hypot(*table.poses.shifts_px.numpy().T) * float(pixels[0])
+        lines.append(_row("Offsets", f"median {np.median(offsets_a):.1f} A, 90% within "
+                                     f"{np.percentile(offsets_a, 90):.1f} A, largest "
+                                     f"{offsets_a.max():.1f} A"))
+    if boxes.size == 1 and pixels.size == 1 and len(table) > 100:
+        defaults = _chosen_defaults(path, int(boxes[0]), float(pixels[0]), len(table))
+        lines.append(_row("Defaults", f"reconstruct would use {defaults}"))
     lines.append(_row("Image stacks", _describe_stacks(table)))
     for note in table.notes:
         lines.append(_row("Note", note))
@@ -123,6 +131,22 @@ def describe_particles(path: Path, project_root: Path | None
     if table.missing_stacks:  # named images that are missing, short or damaged: exit 2
         return lines, InputError(path, f"image stacks: {_describe_stacks(table)}")
     return lines, None
+
+
+def _chosen_defaults(path: Path, box: int, pixel_a: float, n_particles: int) -> str:
+    """What `reconstruct` chooses from the data when given only this file."""
+    from types import SimpleNamespace
+
+    from cryostoch.engine.config import ReconstructionConfig
+    from cryostoch.engine.prepare import working_geometry
+    from cryostoch.engine.schedule import run_epochs
+
+    config = ReconstructionConfig(particles=str(path), out_dir="")
+    geometry = working_geometry(config, SimpleNamespace(box_size=box, pixel_size_a=pixel_a))
+    epochs = run_epochs(config, n_particles - config.test_size)
+    return (f"diameter {2 * geometry.particle_radius_px * pixel_a:.0f} A, cutoff "
+            f"{geometry.cutoff_resolution_a:.1f} A, shifts within {geometry.shift_range_a:.1f} A,"
+            f" {epochs:.3g} epochs")
 
 
 def _describe_stacks(table: ParticleTable) -> str:
