@@ -165,6 +165,7 @@ def test_resume_with_other_settings_is_refused(tiny_set, tmp_path, capsys):
         (["--preconditioner", "diag"], "preconditioner"),
         (["--start-freq-fraction", "0"], "start-freq-fraction"),
         (["--marching-stages", "0"], "marching-stages"),
+        (["--mask-threshold", "1.5"], "mask-threshold"),
     ],
 )
 def test_bad_options_give_one_line(tiny_set, tmp_path, capsys, extra, message):
@@ -391,7 +392,7 @@ def test_paper_faithful_and_its_switches_reach_the_config():
             plain.noise_model, plain.mask) == ("none", 1.0, 1.0, "white", "none")
     switches = config_from_args(parser.parse_args(
         ["reconstruct", "p.star", "--out", "o", "--preconditioner", "none",
-         "--start-freq-fraction", "1", "--marching-stages", "2"]))
+         "--start-freq-fraction", "1", "--marching-stages", "2", "--mask-threshold", "0.3"]))
     assert (switches.preconditioner, switches.start_freq_fraction, switches.marching_stages,
-            switches.noise_model) == ("none", 1.0, 2, "coloured")
+            switches.noise_model, switches.mask_threshold) == ("none", 1.0, 2, "coloured", 0.3)
 

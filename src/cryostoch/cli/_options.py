@@ -74,6 +74,9 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
                         help="solvent mask: auto (default: a sphere of the particle diameter, "
                              "then following the map at every stage), sphere, none, or an MRC "
                              "file")
+    parser.add_argument("--mask-threshold", type=float, default=0.15,
+                        help="with --mask auto: keep the map above this fraction of its maximum "
+                             "(then grown 3 px with a 4 px soft edge; default 0.15)")
 
 
 def particle_config_fields(args: argparse.Namespace) -> dict:
@@ -87,7 +90,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         project_root=args.project_root, class_file=args.class_file,
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
         noise_model=args.noise_model, mask=args.mask, symmetry=args.symmetry,
-        noise_update=args.noise_update,
+        noise_update=args.noise_update, mask_threshold=args.mask_threshold,
     )
 
 

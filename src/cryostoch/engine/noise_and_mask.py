@@ -31,6 +31,7 @@ class NoiseAndMask:
     def __init__(self, run: PreparedRun) -> None:
         config, geometry = run.config, run.geometry
         self.kind = config.mask
+        self.threshold = config.mask_threshold
         self.noise: NoiseSpectrum | None = (run.particles.background_noise
                                             if config.noise_model == "coloured" else None)
         options = {"dtype": run.dtype, "device": run.device}
@@ -66,9 +67,10 @@ class NoiseAndMask:
         if self.kind != "auto":
             return
         if volume.dim() == 3:
-            self.mask = dynamic_mask(volume, self.sphere)
+            self.mask = dynamic_mask(volume, self.sphere, threshold_fraction=self.threshold)
         else:
-            self.mask = torch.stack([dynamic_mask(v, self.sphere) for v in volume])
+            self.mask = torch.stack([dynamic_mask(v, self.sphere, threshold_fraction=self.threshold)
+                                     for v in volume])
         log.info("solvent mask follows the map: %.1f%% of the box", 100 * mask_fraction(self.mask))
 
     def reestimate(self, run: PreparedRun, model: MarginalLikelihood, volume: Tensor,
