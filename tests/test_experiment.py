@@ -135,6 +135,7 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     (["--box", "15"], "box"),
     (["--optimizers", "sgd,rmsprop"], "rmsprop"),
     (["--baseline-iterations", "0"], "baseline-iterations"),
+    (["--real-max-particles", "50"], "real-max-particles"),
 ])
 def test_experiment_bad_options_give_one_line(tmp_path, capsys, extra, needle):
     extra = [e.format(missing=tmp_path / "absent.star") for e in extra]
@@ -181,3 +182,17 @@ def test_shared_options_give_the_same_one_line_error(tmp_path, capsys, command, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o" / "map.mrc").exists()
+
+
+def test_the_real_study_shrinks_with_the_scale():
+    from cryostoch.engine.experiment import ExperimentConfig
+
+    def used(**kw):
+        return ExperimentConfig(out_dir="x", real_particles="none", **kw).n_real(2374)
+
+    assert used() == 2374  # the full study uses every particle
+    assert used(scale=0.02) == 500  # a quick look: at least 400 train beside 100 held out
+    assert used(scale=0.5) == 1187
+    assert used(scale=0.02, real_max_particles=300) == 300
+    assert used(real_max_particles=5000) == 2374
+

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", choices=["paper"], help="which study (the paper's section 4)")
     parser.add_argument("--out", required=True, help="output folder (report.md, figures)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="fraction of the paper's 50,000 synthetic particles (CI: 0.01)")
+                        help="fraction of the paper's 50,000 synthetic particles, and of the "
+                             "real particles (at least 500; CI: 0.01)")
     parser.add_argument("--epochs", type=float, default=10.0,
                         help="gradient evaluations per method, in epochs (paper: 10)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-particles", default=None,
                         help="real data STAR (default: the EMPIAR-10204 particles in "
                              "../shared/data); 'none' to skip")
+    parser.add_argument("--real-max-particles", type=int, default=None,
+                        help="real particles used (default: --scale of them, at least 500)")
     parser.add_argument("--baseline-iterations", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
             baseline_iterations=args.baseline_iterations, seed=args.seed, device=args.device,
             ctf_table=args.ctf_table, real_particles=args.real_particles,
+            real_max_particles=args.real_max_particles,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None

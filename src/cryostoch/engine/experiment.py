@@ -75,6 +75,8 @@ class ExperimentConfig:
             raise ValueError("epochs must be positive")
         if self.box_size < 16 or self.box_size % 2:
             raise ValueError(f"box must be an even number >= 16, got {self.box_size}")
+        if self.real_max_particles is not None and self.real_max_particles < 200:
+            raise ValueError("real-max-particles must be >= 200 (100 are held out)")
         if self.baseline_iterations < 1:
             raise ValueError("baseline-iterations must be >= 1")
         if not self.optimizers:
@@ -96,6 +98,14 @@ class ExperimentConfig:
     @property
     def n_synthetic(self) -> int:
         return max(400, int(round(PAPER_PARTICLES * self.scale)))
+
+    def n_real(self, available: int) -> int:
+        """Real particles used: `real_max_particles` if given, else the same share as the
+        synthetic set's (at least 500, so 400 train beside the 100 held out); all at scale 1."""
+        cap = self.real_max_particles
+        if cap is None:
+            cap = max(500, int(round(available * self.scale)))
+        return min(available, cap)
 
 
 def _resolve(given: str | None, reference: tuple[str, ...], missing: str) -> str | None:
@@ -396,12 +406,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
 
         real = open_particles(real_particles)
         real_path = Path(real_particles)
-        if config.real_max_particles and len(real) > config.real_max_particles:
+        n_used = config.n_real(len(real))
+        if n_used < len(real):
             # a seeded random subset, written with absolute stack paths (for quick runs)
             from cryostoch.io.star import write_particles_star
 
             g = torch.Generator().manual_seed(config.seed)
-            rows = torch.randperm(len(real), generator=g)[: config.real_max_particles]
+            rows = torch.randperm(len(real), generator=g)[:n_used]
             real = real.subset(rows.sort().values.numpy())
             real_path = out / "real" / "subset.star"
             real_path.parent.mkdir(parents=True, exist_ok=True)
