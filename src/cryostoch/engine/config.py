@@ -34,7 +34,7 @@ DEFAULT_CUTOFF_PER_DIAMETER = 1 / 5
 DEFAULT_SHIFT_BOX_FRACTION = 0.08
 # Length: at least this many minibatch steps (and one epoch), so that small data sets get as
 # many updates as large ones need. Measured on beta-galactosidase (2,274 training particles):
-# 68 steps left the map thick, 137 gave the right dimensions, 273 let it grow thick again.
+# 68 steps left the map thick, 137 came closest to its dimensions, 273 let it grow thick again.
 DEFAULT_MIN_STEPS = 150
 
 
