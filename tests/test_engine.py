@@ -396,3 +396,14 @@ def test_paper_faithful_and_its_switches_reach_the_config():
     assert (switches.preconditioner, switches.start_freq_fraction, switches.marching_stages,
             switches.noise_model, switches.mask_threshold) == ("none", 1.0, 2, "coloured", 0.3)
 
+
+
+def test_a_half_set_run_labels_its_particles_for_relion(tiny_set, tmp_path):
+    result = reconstruct(tiny_config(tiny_set, tmp_path / "h2", half_set=2, epochs=0.2,
+                                     test_size=20), progress=False)
+    written = starfile.read(result.out_dir / "poses.star", always_dict=True)["particles"]
+    given = starfile.read(tiny_set, always_dict=True)["particles"]
+    assert len(written) == len(given[1::2])  # the even particles, 1-based
+    assert list(written["rlnImageName"].str.split("@").str[0].astype(int)) == \
+        list(given["rlnImageName"][1::2].str.split("@").str[0].astype(int))
+    assert set(written["rlnRandomSubset"]) == {2}

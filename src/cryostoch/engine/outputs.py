@@ -130,6 +130,8 @@ def write_poses(path: Path, run: PreparedRun, poses: PoseAssignment) -> None:
     table = table.reset_index(drop=True)
     if run.config.classes > 1:
         table["rlnClassNumber"] = (poses.classes + 1).numpy()
+    if run.config.half_set is not None:  # RELION's gold-standard half-set label
+        table["rlnRandomSubset"] = run.config.half_set
     table["rlnMaxValueProbDistribution"] = poses.probability.numpy()
     table["rlnLogLikeliContribution"] = (-poses.nll).numpy()
     write_particles_star(path, optics, table)
