@@ -3,8 +3,6 @@ length from the number of particles; every explicit option wins over its default
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from cryostoch.engine.config import ReconstructionConfig
@@ -13,17 +11,13 @@ from cryostoch.engine.schedule import run_epochs
 from cryostoch.errors import InputError
 
 
-def data(box: int, pixel_a: float):
-    return SimpleNamespace(box_size=box, pixel_size_a=pixel_a)
-
-
 def config(**kw) -> ReconstructionConfig:
     return ReconstructionConfig(particles="p.star", out_dir="o", **kw)
 
 
 @pytest.mark.parametrize("box, pixel_a", [(64, 3.54), (128, 1.77), (256, 1.1)])
 def test_cutoff_is_a_fifth_of_the_diameter_whatever_the_sampling(box, pixel_a):
-    geometry = working_geometry(config(), data(box, pixel_a))
+    geometry = working_geometry(config(), box, pixel_a)
     diameter_a = 0.8 * box * pixel_a
     assert geometry.cutoff_resolution_a == pytest.approx(diameter_a / 5)
     # the same number of Fourier pixels (so the same search cost) at every sampling
@@ -33,22 +27,22 @@ def test_cutoff_is_a_fifth_of_the_diameter_whatever_the_sampling(box, pixel_a):
 
 
 def test_a_given_diameter_sets_the_cutoff_and_explicit_options_win():
-    geometry = working_geometry(config(particle_diameter_a=100.0), data(64, 3.54))
+    geometry = working_geometry(config(particle_diameter_a=100.0), 64, 3.54)
     assert geometry.cutoff_resolution_a == pytest.approx(20.0)
     assert geometry.particle_radius_px == pytest.approx(50 / 3.54)
-    explicit = working_geometry(config(max_freq=0.1, shift_range_a=0.0), data(64, 3.54))
+    explicit = working_geometry(config(max_freq=0.1, shift_range_a=0.0), 64, 3.54)
     assert explicit.cutoff_radius_px == pytest.approx(3.2)
     assert explicit.shift_range_a == 0 and len(explicit.chosen) == 1  # the diameter only
-    assert working_geometry(config(resolution_a=40.0, max_freq=0.5),
-                            data(64, 3.54)).cutoff_resolution_a == pytest.approx(40.0)
+    given = working_geometry(config(resolution_a=40.0, max_freq=0.5), 64, 3.54)
+    assert given.cutoff_resolution_a == pytest.approx(40.0)
 
 
 def test_a_small_box_keeps_the_cutoff_inside_the_box():
-    # a diameter far larger than the box would put the cutoff past box/2 - 3
-    geometry = working_geometry(config(particle_diameter_a=20.0), data(32, 8.0))
+    # a small diameter would put the cutoff (20 A / 5 = 4 A) past box/2 - 3
+    geometry = working_geometry(config(particle_diameter_a=20.0), 32, 8.0)
     assert geometry.cutoff_radius_px == pytest.approx(13.0)
     with pytest.raises(InputError, match="resolution-a"):
-        working_geometry(config(resolution_a=10.0), data(32, 8.0))
+        working_geometry(config(resolution_a=10.0), 32, 8.0)
 
 
 def test_epochs_give_at_least_the_minimum_number_of_steps():

@@ -28,12 +28,18 @@ def test_spherical_average_keeps_radial_profile_and_removes_features():
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """The ground truth, the truth scaled by 100 and its blob, scored on a simulated set."""
+def root(tmp_path_factory):
+    """A folder holding a simulated set (sim/particles.star, box 32 at 8 A)."""
     root = tmp_path_factory.mktemp("score")
     assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
                  "--pixel-size-a", "8", "--snr", "0.1", "--seed", "4", "--out",
                  str(root / "sim"), "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(root):
+    """The ground truth, the truth scaled by 100 and its blob, scored on the simulated set."""
     truth, pixel = read_map(root / "sim" / "ground_truth.mrc")
     write_map(root / "scaled.mrc", 100 * truth, pixel)
     write_map(root / "blob.mrc", spherical_average(truth.double()).float(), pixel)
@@ -63,3 +69,16 @@ def test_score_needs_held_out_particles(tmp_path, capsys):
                  "--test-size", "0", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "test-size" in err[0]
+
+
+def test_a_missing_or_mismatched_map_gives_one_line(root, tmp_path, capsys):
+    star = root / "sim" / "particles.star"
+    write_map(tmp_path / "small.mrc", torch.rand(16, 16, 16), 8.0)  # half the particles' box
+    for path, needle in ((tmp_path / "absent.mrc", "--map takes an MRC map"),
+                         (tmp_path / "small.mrc", "spans")):
+        assert main(["score", str(star), "--out", str(tmp_path / "o"), "--map", str(path),
+                     "--max-freq", "0.4", "--shift-range-a", "0", "--quiet"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cryostoch:")]
+        assert len(err) == 1 and str(path) in err[0] and needle in err[0], err
+    assert not (tmp_path / "o" / "score.json").exists()
+

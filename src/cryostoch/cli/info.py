@@ -135,14 +135,12 @@ def describe_particles(path: Path, project_root: Path | None
 
 def _chosen_defaults(path: Path, box: int, pixel_a: float, n_particles: int) -> str:
     """What `reconstruct` chooses from the data when given only this file."""
-    from types import SimpleNamespace
-
     from cryostoch.engine.config import ReconstructionConfig
     from cryostoch.engine.prepare import working_geometry
     from cryostoch.engine.schedule import run_epochs
 
     config = ReconstructionConfig(particles=str(path), out_dir="")
-    geometry = working_geometry(config, SimpleNamespace(box_size=box, pixel_size_a=pixel_a))
+    geometry = working_geometry(config, box, pixel_a)
     epochs = run_epochs(config, n_particles - config.test_size)
     return (f"diameter {2 * geometry.particle_radius_px * pixel_a:.0f} A, cutoff "
             f"{geometry.cutoff_resolution_a:.1f} A, shifts within {geometry.shift_range_a:.1f} A,"

@@ -34,7 +34,7 @@ from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish
 from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.reconstruct import RunState
-from cryostoch.engine.run_folder import open_run_folder, remove_if_empty
+from cryostoch.engine.run_folder import open_run_folder, removed_if_failed_and_empty
 from cryostoch.engine.schedule import Schedule
 from cryostoch.errors import InputError
 
@@ -199,13 +199,8 @@ def run_baseline(config: BaselineConfig, *, overwrite: bool = False,
                  progress: bool = True) -> ReconstructionResult:
     """Prepare the data and run the baseline; see `BaselineRun`. A failed run leaves no
     empty folder behind."""
-    existed = config.reconstruction.out_path.exists()
-    try:
+    with removed_if_failed_and_empty(config.reconstruction.out_path):
         return BaselineRun(config, overwrite=overwrite, progress=progress).run()
-    except BaseException:
-        if not existed:
-            remove_if_empty(config.reconstruction.out_path)
-        raise
 
 
 __all__ = ["METHOD_LABELS", "BaselineConfig", "BaselineRun", "run_baseline"]

@@ -3,6 +3,7 @@ array allocated: each fails with one line naming the option or file, so that not
 spent on a run that cannot work (or could only write its random start).
 
 - `check_work`: a training set and at least one image of work (`--epochs`, `--test-size`);
+- `check_cutoff`: a cutoff with a margin to Nyquist (called by `working_geometry`);
 - `check_shift_range`: a shift search that keeps the particle inside the box;
 - `check_memory`: the peak memory of the likelihood's operators, estimated from the sizes of
   the quadrature and the cutoff, against what the machine (or GPU) has free;
@@ -59,12 +60,14 @@ def check_work(config: ReconstructionConfig, n_particles: int) -> None:
                          "than one image: the run would only write its random start")
 
 
-def check_cutoff(radius_px: float, box: int) -> None:
-    """InputError if the cutoff leaves no margin to Nyquist (the operators read 3 pixels out)."""
+def check_cutoff(radius_px: float, box: int, pixel_size_a: float, option: str) -> None:
+    """InputError naming `option` if the cutoff leaves no margin to Nyquist (the operators
+    read 3 pixels out)."""
     if radius_px > box / 2 - 3:
-        raise InputError("--max-freq", f"a cutoff of {radius_px:.1f} Fourier pixels is too close "
-                         f"to Nyquist for the working box of {box} (at most {box / 2 - 3:g}): "
-                         "use a lower --max-freq")
+        raise InputError(option, f"a cutoff of {radius_px:.1f} Fourier pixels "
+                         f"({box * pixel_size_a / radius_px:.3g} A) is too close to Nyquist "
+                         f"({2 * pixel_size_a:.3g} A) for the working box of {box} (at most "
+                         f"{box / 2 - 3:g} pixels): use a coarser {option}")
 
 
 def check_shift_range(shift_range_a: float, box: int, pixel_size_a: float) -> None:
@@ -83,10 +86,10 @@ def quadrature_sizes(config: ReconstructionConfig, box: int, pixel_size_a: float
     step = angular_step_rad(radius_px)
     directions = math.ceil((DIRECTION_DENSITY_FACTOR / step) ** 2)
     directions = math.ceil(directions / point_group(config.symmetry).order)
-    pixel = pixel_size_a
-    sigma_a = config.shift_sigma_a or max(shift_range_a / 2, pixel)  # as make_model
-    shifts = shift_quadrature(shift_range_a / pixel, default_shift_step_px(box, radius_px),
-                              sigma_a / pixel).shifts_px.shape[0]
+    shifts = shift_quadrature(shift_range_a / pixel_size_a,
+                              default_shift_step_px(box, radius_px),
+                              config.shift_sigma_px(shift_range_a, pixel_size_a)
+                              ).shifts_px.shape[0]
     return {"directions": directions * config.classes,
             "inplane": math.ceil(2 * math.pi / step), "shifts": int(shifts),
             "coefficients": int(half_plane_coefficients(box, radius_px).n_points)}
@@ -142,8 +145,7 @@ def check_memory(config: ReconstructionConfig, box: int, pixel_size_a: float,
                  radius_px: float, shift_range_a: float, n_particles: int) -> None:
     """InputError, before anything large is allocated, if the run would need more memory
     than the device has free."""
-    option = "--max-freq" if config.max_freq is not None and config.resolution_a is None \
-        else "--resolution-a"
+    option = config.cutoff_option
     needed = estimate_peak_bytes(config, box, pixel_size_a, radius_px, shift_range_a,
                                  n_particles)
     refuse_if_short(option, needed, torch.device(config.device),
@@ -151,13 +153,14 @@ def check_memory(config: ReconstructionConfig, box: int, pixel_size_a: float,
                     "narrower --shift-range-a or fewer particles")
 
 
-def read_init_map(config: ReconstructionConfig, data_box: int, data_pixel_a: float,
-                  working_box: int) -> Tensor:
-    """(N, N, N) float64 --init map on the working box; InputError (naming the file) unless
-    it is a cubic, finite, non-constant map spanning the particles' box."""
-    path = Path(config.init)
+def read_init_map(path: str | Path, data_box: int, data_pixel_a: float, working_box: int,
+                  *, hint: str = "--init takes 'random' or an MRC map") -> Tensor:
+    """(N, N, N) float64 map (an --init map, a map to score) on the working box; InputError
+    (naming the file) unless it is a cubic, finite, non-constant map spanning the particles'
+    box."""
+    path = Path(path)
     if not path.is_file():
-        raise InputError(path, "no such map (--init takes 'random' or an MRC map)")
+        raise InputError(path, f"no such map ({hint})")
     volume, voxel_a = read_map(path)
     check_map(path, volume)
     extent_a, data_extent_a = volume.shape[-1] * voxel_a, data_box * data_pixel_a
@@ -175,9 +178,8 @@ def check_before_work(config: ReconstructionConfig, dataset: ParticleDataset,
                       geometry: WorkingGeometry) -> None:
     """Every check above, for the selected particles and the working geometry."""
     check_work(config, len(dataset))
-    check_cutoff(geometry.cutoff_radius_px, geometry.box_size)
     check_shift_range(geometry.shift_range_a, geometry.box_size, geometry.pixel_size_a)
     if config.init != "random":
-        read_init_map(config, dataset.box_size, dataset.pixel_size_a, geometry.box_size)
+        read_init_map(config.init, dataset.box_size, dataset.pixel_size_a, geometry.box_size)
     check_memory(config, geometry.box_size, geometry.pixel_size_a, geometry.cutoff_radius_px,
                  geometry.shift_range_a, len(dataset))

@@ -116,8 +116,8 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         problems = [f"{name.replace('_', '-')} must be a finite number, got {value}"
                     for name, value in self._float_fields() if not math.isfinite(value)]
-        if device_problem(self.device):
-            problems.append(device_problem(self.device))
+        if (device := device_problem(self.device)) is not None:
+            problems.append(device)
         if self.optimizer not in OPTIMIZER_NAMES:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -192,6 +192,17 @@ class ReconstructionConfig:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), float | int)
                 and not isinstance(getattr(self, f.name), bool)]
+
+    def shift_sigma_px(self, shift_range_a: float, pixel_size_a: float) -> float:
+        """Sigma of the shift prior in pixels: `shift_sigma_a`, or half the range (at least
+        one pixel)."""
+        return (self.shift_sigma_a or max(shift_range_a / 2, pixel_size_a)) / pixel_size_a
+
+    @property
+    def cutoff_option(self) -> str:
+        """The option that set the cutoff (errors name it): --max-freq only when it did."""
+        return "--max-freq" if self.max_freq is not None and self.resolution_a is None \
+            else "--resolution-a"
 
     @property
     def effective_batch_size(self) -> int:

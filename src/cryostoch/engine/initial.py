@@ -62,7 +62,7 @@ def _start_density(run: PreparedRun, generator: torch.Generator) -> Tensor:
     if config.init == "random":
         return random_spheres_volume(box, run.geometry.particle_radius_px, generator,
                                      dtype=torch.float64, device=run.device)
-    volume = read_init_map(config, run.dataset.box_size, run.dataset.pixel_size_a, box)
+    volume = read_init_map(config.init, run.dataset.box_size, run.dataset.pixel_size_a, box)
     return volume.to(device=run.device, dtype=torch.float64)
 
 

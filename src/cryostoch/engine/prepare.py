@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryostoch.engine.checks import check_before_work
+from cryostoch.engine.checks import check_before_work, check_cutoff
 from cryostoch.engine.config import (
     DEFAULT_CUTOFF_PER_DIAMETER,
     DEFAULT_DIAMETER_BOX_FRACTION,
@@ -69,13 +69,15 @@ class WorkingGeometry:
         return self.box_size * self.pixel_size_a / radius_px
 
 
-def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> WorkingGeometry:
-    """Working box, pixel size, cutoff, particle radius and shift range: from the options,
-    or, for those left out, from the data's box (config.py's DEFAULT_* constants)."""
-    box = config.box_size or dataset.box_size
-    if box > dataset.box_size:
-        raise InputError("--box", f"{box} is larger than the data's box {dataset.box_size}")
-    pixel = dataset.pixel_size_a * dataset.box_size / box
+def working_geometry(config: ReconstructionConfig, data_box: int,
+                     data_pixel_a: float) -> WorkingGeometry:
+    """Working box, pixel size, cutoff, particle radius and shift range for particles of
+    `data_box` pixels of `data_pixel_a`: from the options, or, for those left out, from the
+    box (config.py's DEFAULT_* constants)."""
+    box = config.box_size or data_box
+    if box > data_box:
+        raise InputError("--box", f"{box} is larger than the data's box {data_box}")
+    pixel = data_pixel_a * data_box / box
     extent_a = box * pixel
     chosen = []
     diameter_a = config.particle_diameter_a
@@ -85,20 +87,16 @@ def working_geometry(config: ReconstructionConfig, dataset: ParticleDataset) -> 
                       f"({DEFAULT_DIAMETER_BOX_FRACTION:.0%} of the box; --particle-diameter-a)")
     if config.resolution_a is not None:
         radius = extent_a / config.resolution_a
-        if radius > box / 2 - 3:
-            raise InputError(
-                "--resolution-a",
-                f"{config.resolution_a} A is finer than the working box allows "
-                f"(Nyquist {2 * pixel:.2f} A at {pixel:.3f} A/px)",
-            )
     elif config.max_freq is not None:
         radius = max_radius_px(box, config.max_freq)
     else:
         radius = min(extent_a / (DEFAULT_CUTOFF_PER_DIAMETER * diameter_a), box / 2 - 3)
         chosen.append(f"cutoff {extent_a / radius:.1f} A (the particle diameter / "
                       f"{1 / DEFAULT_CUTOFF_PER_DIAMETER:g}; --resolution-a)")
+    check_cutoff(radius, box, pixel, config.cutoff_option)
     if radius < 2:
-        raise InputError("--max-freq", f"cutoff of {radius:.2f} Fourier pixels is too coarse")
+        raise InputError(config.cutoff_option,
+                         f"cutoff of {radius:.2f} Fourier pixels is too coarse")
     shift_range_a = config.shift_range_a
     if shift_range_a is None:
         shift_range_a = DEFAULT_SHIFT_BOX_FRACTION * extent_a
@@ -205,7 +203,6 @@ class PreparedRun:
 def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_px: float,
                temperature: float = 1.0) -> MarginalLikelihood:
     pixel = geometry.pixel_size_a
-    sigma_a = config.shift_sigma_a or max(geometry.shift_range_a / 2, pixel)
     likelihood = LikelihoodConfig(
         box_size=geometry.box_size,
         pixel_size_a=pixel,
@@ -214,7 +211,7 @@ def make_model(config: ReconstructionConfig, geometry: WorkingGeometry, radius_p
         volume_oversampling=config.volume_oversampling,
         image_oversampling=config.image_oversampling,
         shift_radius_px=geometry.shift_range_a / pixel,
-        shift_sigma_px=sigma_a / pixel,
+        shift_sigma_px=config.shift_sigma_px(geometry.shift_range_a, pixel),
         memory_budget_mb=config.memory_budget_mb,
         n_classes=config.classes,
     )
@@ -258,7 +255,7 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
     if dataset.ctf is None:
         raise InputError(config.particles, "no CTF parameters: reconstruction needs them")
     dataset = select_particles(config, dataset)
-    geometry = working_geometry(config, dataset)
+    geometry = working_geometry(config, dataset.box_size, dataset.pixel_size_a)
     for choice in geometry.chosen:
         log.info("from the data: %s", choice)
     check_before_work(config, dataset, geometry)  # issue 14: fail before any heavy work

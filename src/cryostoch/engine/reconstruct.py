@@ -29,7 +29,11 @@ from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.progress import progress_bar
-from cryostoch.engine.run_folder import CHECKPOINT_NAME, open_run_folder, remove_if_empty
+from cryostoch.engine.run_folder import (
+    CHECKPOINT_NAME,
+    open_run_folder,
+    removed_if_failed_and_empty,
+)
 from cryostoch.engine.schedule import Schedule, Stage
 from cryostoch.errors import InputError
 from cryostoch.io.mrc import write_map
@@ -351,11 +355,6 @@ def reconstruct(config: ReconstructionConfig, *, resume: bool = False, overwrite
                 progress: bool = True) -> ReconstructionResult:
     """Run a reconstruction into `config.out_dir` (see `open_run_folder` for the folder rules);
     a failed run leaves no empty folder behind."""
-    existed = config.out_path.exists()
-    try:
+    with removed_if_failed_and_empty(config.out_path):
         return Reconstruction(config, resume=resume, overwrite=overwrite,
                               progress=progress).run()
-    except BaseException:
-        if not existed:
-            remove_if_empty(config.out_path)
-        raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryostoch.errors import InputError
@@ -44,8 +45,8 @@ def _temporaries(out: Path) -> list[Path]:
             for p in f.glob(pattern) if p.is_file()]
 
 
-def open_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False) -> bool:
-    """Check and create the output folder before any work; True if it was created here.
+def open_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Check and create the output folder before any work.
 
     InputError (naming the folder) when it is a file, cannot be written, or holds another
     run's outputs and neither `overwrite` nor `resume` is given. With `overwrite` those
@@ -79,7 +80,6 @@ def open_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False)
             path.unlink()
     for path in _temporaries(out):
         path.unlink(missing_ok=True)
-    return created
 
 
 def _check_writable(folder: Path) -> None:
@@ -87,6 +87,19 @@ def _check_writable(folder: Path) -> None:
     fd, name = tempfile.mkstemp(prefix=STAGED_PREFIX, dir=folder)
     os.close(fd)
     os.unlink(name)
+
+
+@contextlib.contextmanager
+def removed_if_failed_and_empty(out: Path) -> Iterator[None]:
+    """Around a run into `out`: if it fails and `out` did not exist before, remove the
+    folder again when nothing is in it."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            remove_if_empty(out)
+        raise
 
 
 def remove_if_empty(out: Path) -> None:
@@ -137,4 +150,4 @@ class StagedOutputs:
 
 
 __all__ = ["CHECKPOINT_NAME", "FINAL_OUTPUTS", "StagedOutputs", "open_run_folder",
-           "remove_if_empty", "run_outputs"]
+           "remove_if_empty", "removed_if_failed_and_empty", "run_outputs"]

@@ -73,9 +73,8 @@ def score_maps(config: ReconstructionConfig, paths: list[str], *,
     target = data_signal_power(run.model, run.train, precision)
     scores = []
     for path in paths:
-        volume = read_init_map(dataclasses.replace(config, init=str(path)),
-                               run.dataset.box_size, run.dataset.pixel_size_a,
-                               run.geometry.box_size)
+        volume = read_init_map(path, run.dataset.box_size, run.dataset.pixel_size_a,
+                               run.geometry.box_size, hint="--map takes an MRC map")
         nll, scale = best_scaled_nll(run, volume, precision, target)
         blob_nll, blob_scale = best_scaled_nll(run, spherical_average(volume), precision,
                                                target)
