@@ -280,6 +280,7 @@ def test_symmetry_restricts_the_search_and_keeps_the_map_symmetric(tiny_set, tmp
     ("--mask", "{missing}", "no such mask file"),
     ("--mask", "{flat}", "cubic"),
     ("--mask", "{empty}", "empty"),
+    ("--mask", "{nan}", "NaN"),
 ])
 def test_bad_real_data_options_are_one_line(tiny_set, tmp_path, capsys, option, value, needle):
     import mrcfile
@@ -289,7 +290,10 @@ def test_bad_real_data_options_are_one_line(tiny_set, tmp_path, capsys, option, 
         m.set_data(np.ones((1, 32, 32), dtype=np.float32))
     with mrcfile.new(empty) as m:
         m.set_data(np.zeros((32, 32, 32), dtype=np.float32))
-    value = value.format(missing=tmp_path / "absent.mrc", flat=flat, empty=empty)
+    nan = tmp_path / "nan.mrc"
+    with mrcfile.new(nan) as m:
+        m.set_data(np.full((32, 32, 32), np.nan, dtype=np.float32))
+    value = value.format(missing=tmp_path / "absent.mrc", flat=flat, empty=empty, nan=nan)
     assert main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--max-freq", "0.5",
                  option, value, "--quiet"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cryostoch:")]

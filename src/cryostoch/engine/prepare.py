@@ -43,7 +43,7 @@ from cryostoch.geometry.symmetry import (
     voxel_permutation,
 )
 from cryostoch.io.dataset import ParticleDataset, open_particles
-from cryostoch.io.mrc import read_map
+from cryostoch.io.mrc import check_map, read_map
 from cryostoch.io.star import read_class_assignments
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 
@@ -111,8 +111,7 @@ def read_mask(path: str, box: int) -> Tensor:
     if not Path(path).exists():
         raise InputError(path, "no such mask file (use --mask auto, sphere or none)")
     mask, _ = read_map(path)
-    if mask.dim() != 3 or len(set(mask.shape)) != 1:
-        raise InputError(path, f"a mask must be a cubic map, got {tuple(mask.shape)}")
+    check_map(path, mask, allow_constant=True)  # cubic and finite; a mask of ones is fine
     mask = mask.to(torch.float64)
     if mask.shape[-1] != box:
         mask = resample_volume(mask, box)
