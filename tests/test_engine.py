@@ -291,8 +291,9 @@ def test_bad_real_data_options_are_one_line(tiny_set, tmp_path, capsys, option, 
     with mrcfile.new(empty) as m:
         m.set_data(np.zeros((32, 32, 32), dtype=np.float32))
     nan = tmp_path / "nan.mrc"
-    with mrcfile.new(nan) as m:
-        m.set_data(np.full((32, 32, 32), np.nan, dtype=np.float32))
+    if "{nan}" in value:  # mrcfile warns when it computes the header statistics of NaNs
+        with pytest.warns(RuntimeWarning), mrcfile.new(nan) as m:
+            m.set_data(np.full((32, 32, 32), np.nan, dtype=np.float32))
     value = value.format(missing=tmp_path / "absent.mrc", flat=flat, empty=empty, nan=nan)
     assert main(["reconstruct", str(tiny_set), "--out", str(tmp_path / "x"), "--max-freq", "0.5",
                  option, value, "--quiet"]) == 2
