@@ -206,23 +206,31 @@ def plot_fsc(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     thresholds: Sequence[float] = (0.5, 0.143),
+    annotate: Sequence[bool] | None = None,
+    resolution_ticks: bool = False,
 ) -> None:
-    """Write a PNG of one or more FSC curves against frequency, with the thresholds marked."""
+    """Write a PNG of one or more FSC curves against frequency, with the thresholds marked.
+
+    `annotate`: which curves get their threshold crossings marked (default: all).
+    `resolution_ticks`: label the frequency axis (still linear in 1/A) in A.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     if isinstance(results, FscResult):
         results = [results]
     labels = list(labels) if labels is not None else [None] * len(results)
+    annotate = list(annotate) if annotate is not None else [True] * len(results)
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     styles = ("--", ":", "-.")
-    for res, label in zip(results, labels, strict=True):
+    for res, label, marked in zip(results, labels, annotate, strict=True):
         f = res.frequency_per_a[1:].numpy()
         (line,) = ax.plot(f, res.fsc[1:].numpy(), label=label)
         for j, thr in enumerate(thresholds):
-            if res.crosses(thr):
+            if marked and res.crosses(thr):
                 x = 1.0 / res.resolution_at(thr)
                 ax.plot([x], [thr], "o", color=line.get_color(), ms=4)
                 ax.annotate(f"{res.resolution_at(thr):.1f} A", (x, thr),
@@ -231,6 +239,9 @@ def plot_fsc(
         ax.axhline(thr, color="grey", lw=0.8, ls=styles[j % len(styles)], label=f"FSC = {thr:g}")
     ax.axhline(0.0, color="black", lw=0.5)
     ax.set_xlabel("spatial frequency (1/A)")
+    if resolution_ticks:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{1 / x:.3g}" if x > 0 else ""))
+        ax.set_xlabel("resolution (A), axis linear in spatial frequency (1/A)")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.2, 1.05)
     ax.set_xlim(0.0, max(float(r.frequency_per_a[-1]) for r in results))
