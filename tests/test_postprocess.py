@@ -1,4 +1,4 @@
-"""Post-processing of half maps (cryostoch.evaluate.postprocess).
+"""Post-processing of half maps (cryostoch.evaluate.postprocess) and `cryostoch postprocess`.
 
 Expected values come from numpy FFTs and closed forms written here, never from the code's own
 output.
@@ -6,8 +6,11 @@ output.
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
+import mrcfile
 import numpy as np
 import pytest
 import torch
@@ -233,3 +236,117 @@ def test_auto_mask_covers_the_particle_and_is_soft():
     steps = [np.abs(np.diff(mask, axis=a)).max() for a in range(3)]
     assert max(steps) < 0.5
     assert result.mask_fraction == pytest.approx(mask.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def write_mrc(path, volume, voxel):
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.asarray(volume, dtype=np.float32))
+        mrc.voxel_size = voxel
+
+
+@pytest.fixture
+def command(monkeypatch):
+    from cryostoch.cli import main as cli_main
+
+    return cli_main.main
+
+
+@pytest.fixture
+def halves(tmp_path):
+    n = 32
+    rng = np.random.default_rng(7)
+    truth = molecule(n)
+    paths = tmp_path / "half1.mrc", tmp_path / "half2.mrc"
+    for path in paths:
+        write_mrc(path, truth + 0.03 * rng.standard_normal((n, n, n)), 2.0)
+    return paths
+
+
+def test_cli_postprocess_writes_every_file(tmp_path, halves, command, capsys):
+    out = tmp_path / "pp"
+    assert command(["postprocess", str(halves[0]), str(halves[1]), "--out", str(out),
+                    "--seed", "3"]) == 0
+    assert "resolution at FSC = 0.143" in capsys.readouterr().out
+    names = {"map.mrc", "map_unsharpened.mrc", "mask.mrc", "fsc.csv", "fsc.png",
+             "guinier.png", "postprocess.json"}
+    assert {p.name for p in out.iterdir()} == names  # no temporaries left behind
+    for name in ("map.mrc", "map_unsharpened.mrc", "mask.mrc"):
+        with mrcfile.open(out / name) as mrc:
+            assert mrc.data.shape == (32, 32, 32)
+            assert float(mrc.voxel_size.x) == pytest.approx(2.0)
+            assert np.isfinite(mrc.data).all()
+    header = (out / "fsc.csv").read_text().splitlines()
+    assert header[0] == ("shell,resolution_a,fsc_unmasked,fsc_masked,fsc_randomized,"
+                         "fsc_corrected")
+    assert len(header) == 1 + 17
+    summary = json.loads((out / "postprocess.json").read_text())
+    for key in ("resolution_a", "resolution_05_a", "bfactor_a2", "mask_fraction",
+                "randomize_at_a"):
+        assert key in summary
+    assert 4.0 <= summary["resolution_a"] < 20.0 and summary["mask"] == "auto"
+    for name in ("fsc.png", "guinier.png"):
+        assert (out / name).stat().st_size > 5000
+    # a folder with results is refused, then replaced with --overwrite and a given mask
+    args = ["postprocess", str(halves[0]), str(halves[1]), "--out", str(out)]
+    assert command(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    with mrcfile.open(out / "mask.mrc") as mrc:
+        write_mrc(tmp_path / "mask.mrc", mrc.data, 2.0)
+    assert command(args + ["--overwrite", "--mask", str(tmp_path / "mask.mrc"),
+                           "--bfactor", "-40", "--randomize-at-a", "12"]) == 0
+    summary = json.loads((out / "postprocess.json").read_text())
+    assert summary["mask"] == "given" and summary["bfactor_a2"] == -40.0
+    assert summary["randomize_at_a"] == pytest.approx(64 / 5)
+
+
+def bad_inputs(tmp_path, halves):
+    """(name, extra files to write, arguments after the halves, text the error must hold)."""
+    rng = np.random.default_rng(8)
+    noise = rng.standard_normal((32, 32, 32))
+    small = tmp_path / "small.mrc"
+    write_mrc(small, rng.standard_normal((24, 24, 24)), 2.0)
+    other_pixel = tmp_path / "pix.mrc"
+    write_mrc(other_pixel, noise, 2.6)
+    nan_map = tmp_path / "nan.mrc"
+    with warnings.catch_warnings():  # mrcfile warns about the NaNs this file is for
+        warnings.simplefilter("ignore", RuntimeWarning)
+        write_mrc(nan_map, np.where(noise > 2, np.nan, noise), 2.0)
+    mask24 = tmp_path / "mask24.mrc"
+    write_mrc(mask24, np.ones((24, 24, 24)), 2.0)
+    mask_pixel = tmp_path / "mask_pixel.mrc"
+    write_mrc(mask_pixel, ball(32, 8.0), 3.0)
+    mask_range = tmp_path / "mask_range.mrc"
+    write_mrc(mask_range, 2 * ball(32, 8.0), 2.0)
+    h1, h2 = str(halves[0]), str(halves[1])
+    return [
+        ([h1, str(small)], "small.mrc"),
+        ([h1, str(other_pixel)], "pix.mrc"),
+        ([h1, str(nan_map)], "NaN"),
+        ([h1, str(tmp_path / "missing.mrc")], "missing.mrc"),
+        ([h1, h2, "--mask", str(mask24)], "mask24.mrc"),
+        ([h1, h2, "--mask", str(mask_range)], "[0, 1]"),
+        ([h1, h2, "--mask", str(mask_pixel)], "voxel size"),
+        ([h1, h2, "--mask", str(tmp_path / "nomask.mrc")], "nomask.mrc"),
+        ([h1, h2, "--randomize-at-a", "3"], "Nyquist"),
+        ([h1, h2, "--randomize-at-a", "-5"], "--randomize-at-a"),
+        ([h1, h2, "--out", str(halves[0])], "is a file"),
+    ]
+
+
+def test_cli_postprocess_refuses_bad_input_in_one_line(tmp_path, halves, command, capsys):
+    for args, text in bad_inputs(tmp_path, halves):
+        out = tmp_path / "out"
+        argv = ["postprocess", *args]
+        if "--out" not in argv:
+            argv += ["--out", str(out)]
+        assert command(argv) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("cryostoch: error:") and text in err, (args, err)
+        assert not (out / "map.mrc").exists()

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "info": "info",
     "reconstruct": "reconstruct",
     "fsc": "fsc",
+    "postprocess": "postprocess",
     "simulate": "simulate",
     "random-init": "random_init",
     "baseline": "baseline",
