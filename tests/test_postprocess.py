@@ -250,7 +250,7 @@ def write_mrc(path, volume, voxel):
 
 
 @pytest.fixture
-def command(monkeypatch):
+def command():
     from cryostoch.cli import main as cli_main
 
     return cli_main.main
@@ -350,3 +350,29 @@ def test_cli_postprocess_refuses_bad_input_in_one_line(tmp_path, halves, command
         assert len(err.splitlines()) == 1, err
         assert err.startswith("cryostoch: error:") and text in err, (args, err)
         assert not (out / "map.mrc").exists()
+
+
+def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
+    """A failure while writing (here: the disk fills up at the last map) leaves neither
+    map.mrc nor any other result nor a temporary file behind."""
+    from cryostoch.evaluate import postprocess_output
+
+    n = 16
+    rng = np.random.default_rng(9)
+    truth = molecule(n)
+    result = postprocess_halves(t64(truth + 0.02 * rng.standard_normal((n, n, n))),
+                                t64(truth + 0.02 * rng.standard_normal((n, n, n))), 2.0)
+    real_write_map = postprocess_output.write_map
+    calls = []
+
+    def failing_write_map(path, volume, voxel):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        real_write_map(path, volume, voxel)
+
+    monkeypatch.setattr(postprocess_output, "write_map", failing_write_map)
+    out = tmp_path / "pp"
+    with pytest.raises(OSError):
+        postprocess_output.write_postprocess(result, out, 2.0)
+    assert len(calls) == 3 and list(out.iterdir()) == []
