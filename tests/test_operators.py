@@ -23,6 +23,7 @@ from cryostoch.operators import (
     electron_wavelength_a,
     evaluate_ctf,
     extract_slices,
+    extract_slices_sampled,
     hermitian_extend,
     inplane_sample_points,
     insert_slice_weights,
@@ -73,6 +74,27 @@ def test_extraction_and_insertion_are_adjoint_in_float64(oversampling):
     lhs = (extract_slices(volume, rotations, kx, ky, oversampling).conj() * u).sum().real
     rhs = (volume.conj() * insert_slices(u, rotations, kx, ky, shape, oversampling)).sum().real
     assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+
+
+@pytest.mark.parametrize("oversampling", [1, 2])
+def test_sampled_extraction_equals_the_stencil_reads_and_its_adjoint_is_insertion(oversampling):
+    """grid_sample's reads equal the explicit trilinear stencil (an independent code path),
+    points near and beyond the block's edge included, and their autograd adjoint is
+    `insert_slices`."""
+    shape = (17, 17, 9)
+    volume = torch.randn(shape, generator=gen, dtype=torch.complex128, requires_grad=True)
+    rotations = random_rotations(6, 3).reshape(2, 3, 3, 3)  # any leading shape
+    coeffs = half_plane_coefficients(32, 8.4)  # reaches past the block's last sample
+    kx, ky = coeffs.kx / oversampling, coeffs.ky / oversampling
+    fast = extract_slices_sampled(volume, rotations, kx, ky, oversampling)
+    reference = extract_slices(volume.detach(), rotations, kx, ky, oversampling)
+    assert fast.shape == (2, 3, coeffs.n_points)
+    assert torch.allclose(fast, reference, atol=1e-12)
+    u = torch.randn(fast.shape, generator=gen, dtype=torch.complex128)
+    (grad,) = torch.autograd.grad(fast, volume, grad_outputs=u)
+    expected = insert_slices(u.reshape(6, -1), rotations.reshape(6, 3, 3), kx, ky, shape,
+                             oversampling)
+    assert torch.allclose(grad, expected, atol=1e-12)
 
 
 def test_autograd_backward_of_extraction_is_insertion():

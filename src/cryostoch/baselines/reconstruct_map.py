@@ -61,6 +61,8 @@ __all__ = [
     "REGULARISER_MODES",
     "Regulariser",
     "backproject_sums",
+    "backprojection_grid_shape",
+    "gridded_backprojection",
     "closed_form_map",
     "refine_map",
     "shell_power",
@@ -194,16 +196,31 @@ def backproject_sums(
     n = model.config.box_size
     k_max = min(int(math.floor(model.config.max_radius_px + 1.0)), n // 2 - 1)
     layout = SpectrumLayout(n, k_max, os_)
-    h = layout.half_width
-    shape = (layout.centred_length, layout.centred_length, layout.half_length)
+    shape = backprojection_grid_shape(layout)
     device = numerator.device
     kx = model.coefficients.kx.to(device=device, dtype=torch.float64)
     ky = model.coefficients.ky.to(device=device, dtype=torch.float64)
     rotations = model.direction_matrices.to(device=device, dtype=torch.float64)
     num3 = insert_slices(numerator.to(torch.complex128), rotations, kx, ky, shape, os_)
     den3 = insert_slice_weights(denominator.to(torch.float64), rotations, kx, ky, shape, os_)
-    num3 = hermitian_fold_half_plane(num3)
-    den3 = hermitian_fold_half_plane(den3.to(torch.complex128)).real
+    return gridded_backprojection(num3, den3, layout)
+
+
+def backprojection_grid_shape(layout: SpectrumLayout) -> tuple[int, int, int]:
+    """Shape (Kz, Ky, Kx) of the oversampled half-spectrum grid slices are inserted into."""
+    return (layout.centred_length, layout.centred_length, layout.half_length)
+
+
+def gridded_backprojection(numerator_grid: Tensor, weight_grid: Tensor,
+                           layout: SpectrumLayout) -> BackProjection:
+    """Inserted sums on the oversampled grid (Kz, Ky, Kx) of `layout` (complex and real, as
+    `insert_slices` / `insert_slice_weights` wrote them) -> `BackProjection` at the integer
+    frequencies up to layout.k_max: the kx = 0 plane made Hermitian, scaled by sqrt(N) and N."""
+    n, os_, h = layout.box_size, layout.oversampling, layout.half_width
+    k_max = int(layout.k_max)
+    device = numerator_grid.device
+    num3 = hermitian_fold_half_plane(numerator_grid.to(torch.complex128))
+    den3 = hermitian_fold_half_plane(weight_grid.to(torch.complex128)).real
     centred = h + os_ * torch.arange(-k_max, k_max + 1, device=device)
     half = os_ * torch.arange(0, k_max + 1, device=device)
     pick = (centred[:, None, None], centred[None, :, None], half[None, None, :])

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "experiment": "experiment",
     "symmetry": "symmetry",
     "score": "score",
+    "refine": "refine",
 }
 
 

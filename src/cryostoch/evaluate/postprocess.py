@@ -209,25 +209,29 @@ class GuinierFit:
         return 4.0 * self.slope
 
 
-def _fit_range(box_size: int, pixel_size_a: float, resolution_a: float) -> tuple[int, int, float]:
-    """(first shell, last shell, coarse limit in A) of the Guinier fit: shells from
-    `GUINIER_LOW_A` to `resolution_a`, from twice the resolution if that leaves fewer than
-    three, and the three shells up to the resolution if even that does."""
+def _fit_range(box_size: int, pixel_size_a: float, resolution_a: float
+               ) -> tuple[int, int, float] | None:
+    """(first shell, last shell, coarse limit in A) of the Guinier fit: the shells from
+    `GUINIER_LOW_A` to `resolution_a`; None when fewer than three lie there. Below 10 A the
+    amplitudes follow the particle's shape, not its B-factor (RELION refuses an automatic B
+    there too), and a line through them sharpens a low-resolution map absurdly."""
     extent = box_size * pixel_size_a
     last = min(math.floor(extent / resolution_a + 1e-9), box_size // 2)
-    for low_a in (GUINIER_LOW_A, 2.0 * resolution_a):
-        first = max(1, math.ceil(extent / low_a - 1e-9))
-        if last - first + 1 >= 3:
-            return first, last, low_a
-    first = max(1, last - 2)
-    return first, last, extent / first
+    first = max(1, math.ceil(extent / GUINIER_LOW_A - 1e-9))
+    if last - first + 1 < 3:
+        return None
+    return first, last, GUINIER_LOW_A
 
 
 def guinier_fit(s2: Tensor, ln_amplitude: Tensor, box_size: int, pixel_size_a: float,
                 resolution_a: float) -> GuinierFit | None:
     """Least-squares line through the Guinier plot `(S,)`, `(S,)` over RELION's range (10 A to
-    `resolution_a`, see `_fit_range`); None when fewer than two shells there have power."""
-    first, last, low_a = _fit_range(box_size, pixel_size_a, resolution_a)
+    `resolution_a`, see `_fit_range`); None when the map does not reach three shells beyond
+    10 A, or fewer than two shells there have power."""
+    fit_range = _fit_range(box_size, pixel_size_a, resolution_a)
+    if fit_range is None:
+        return None
+    first, last, low_a = fit_range
     k = torch.arange(s2.shape[0])
     use = (k >= first) & (k <= last) & torch.isfinite(ln_amplitude)
     if int(use.sum()) < 2:

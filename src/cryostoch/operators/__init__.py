@@ -10,6 +10,7 @@ from cryostoch.operators.inplane import (
 from cryostoch.operators.shift import shift_images, shift_phases
 from cryostoch.operators.slicing import (
     extract_slices,
+    extract_slices_sampled,
     hermitian_fold_half_plane,
     insert_slice_weights,
     insert_slices,
@@ -23,6 +24,7 @@ __all__ = [
     "electron_wavelength_a",
     "evaluate_ctf",
     "extract_slices",
+    "extract_slices_sampled",
     "hermitian_extend",
     "hermitian_fold_half_plane",
     "inplane_sample_points",

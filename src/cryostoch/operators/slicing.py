@@ -72,6 +72,32 @@ def extract_slices(
     return torch.where(flip, values.conj(), values)
 
 
+def extract_slices_sampled(
+    half_spectrum: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor, oversampling: int = 1
+) -> Tensor:
+    """The same values as `extract_slices`, read by torch's `grid_sample` (trilinear, zero
+    outside the block): several times faster for many slices of different rotations.
+
+    half_spectrum: (Kz, Ky, Kx) complex with centred kz, ky; rotations (..., 3, 3);
+    kx, ky: (M,). Returns (..., M) complex.
+    """
+    import torch.nn.functional as functional
+
+    n_z, n_y, n_x = half_spectrum.shape
+    points = slice_points_3d(rotations.to(kx.dtype), kx, ky)
+    flip = points[..., 0] < 0
+    p = torch.where(flip.unsqueeze(-1), -points, points) * oversampling
+    # grid_sample's normalised coordinates (align_corners): -1 and 1 are the end samples
+    grid = torch.stack([p[..., 0] * (2.0 / (n_x - 1)) - 1,
+                        (p[..., 1] + n_y // 2) * (2.0 / (n_y - 1)) - 1,
+                        (p[..., 2] + n_z // 2) * (2.0 / (n_z - 1)) - 1], -1)
+    channels = torch.view_as_real(half_spectrum).permute(3, 0, 1, 2).unsqueeze(0)
+    sampled = functional.grid_sample(channels, grid.reshape(1, 1, 1, -1, 3).to(channels.dtype),
+                                     mode="bilinear", padding_mode="zeros", align_corners=True)
+    values = torch.complex(sampled[0, 0, 0, 0], sampled[0, 1, 0, 0]).reshape(flip.shape)
+    return torch.where(flip, values.conj(), values)
+
+
 def insert_slices(
     slices: Tensor,
     rotations: Tensor,

@@ -1,0 +1,192 @@
+"""What gold-standard refinement starts from: its settings, the particles' full-resolution
+spectra, the half-set split and each particle's first pose.
+
+The first poses come from the exhaustive search (`likelihood.py`) at the start map's
+resolution, which is cheap there (radius ~6 Fourier pixels): the coarse stage of a
+coarse-to-fine search whose fine stages are local (`model/local_search.py`). Or, with
+`poses_from_input`, from the particles file itself (e.g. the `poses.star` an ab initio run
+wrote), as RELION does for a local refinement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from cryostoch.engine.checks import read_init_map
+from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.initial import data_signal_power, model_signal_power
+from cryostoch.engine.noise_and_mask import NoiseAndMask
+from cryostoch.engine.outputs import assign_poses
+from cryostoch.engine.prepare import PreparedRun
+from cryostoch.errors import InputError
+from cryostoch.fourier.grids import HalfPlaneCoefficients, half_plane_coefficients
+from cryostoch.fourier.resample import soft_low_pass
+from cryostoch.fourier.transforms import rfft2c
+from cryostoch.geometry.rotations import euler_to_matrix
+from cryostoch.model.preprocess import normalise_images
+from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Settings of `cryostoch refine` (defaults as RELION's auto-refine would choose them)."""
+
+    particles: str
+    init_map: str
+    out_dir: str
+    symmetry: str = "C1"
+    initial_resolution_a: float | None = None  # low-pass of the start (None: diameter / 5)
+    particle_diameter_a: float | None = None  # None: 80% of the box
+    shift_range_a: float | None = None  # of the first, global search (None: 8% of the box)
+    max_iterations: int = 12
+    poses_from_input: bool = False  # start from the file's poses instead of a global search
+    shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    invert: bool | None = None
+    project_root: str | None = None
+    class_file: str | None = None
+    keep_classes: tuple[int, ...] = ()
+    chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_iterations < 1:
+            raise InputError("--iterations", "must be at least 1")
+        if self.initial_resolution_a is not None and not self.initial_resolution_a > 0:
+            raise InputError("--initial-resolution-a", "must be positive")
+        if self.shell_margin < 1:
+            raise InputError("--shell-margin", "must be at least 1")
+        if self.chunk_size < 1:
+            raise InputError("--chunk-size", "must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def search_config(self) -> ReconstructionConfig:
+        """The ab initio engine's settings for the global search and the preprocessing."""
+        return ReconstructionConfig(
+            particles=self.particles, out_dir=self.out_dir, resolution_a=self.initial_resolution_a,
+            test_size=0, seed=self.seed, device=self.device, dtype=self.dtype,
+            shift_range_a=self.shift_range_a, particle_diameter_a=self.particle_diameter_a,
+            invert=self.invert, project_root=self.project_root, symmetry=self.symmetry,
+            init=self.init_map, mask="sphere", class_file=self.class_file,
+            keep_classes=self.keep_classes)
+
+
+@dataclass
+class FullSpectra:
+    """Every particle's noise-normalised spectrum at the half-plane points inside radius N/2-1.
+
+    coefficients: (n, M) complex64 on the CPU; precision: (G, M) relative noise precision per
+    optics group (the background's coloured spectrum); optics_index: (n,) long.
+    """
+
+    points: HalfPlaneCoefficients
+    coefficients: Tensor
+    precision: Tensor
+    optics_index: Tensor
+    ctf: CtfParameters
+    pixel_size_a: float
+
+    def ctf_values(self, rows: Tensor, keep: Tensor, device: torch.device,
+                   dtype: torch.dtype) -> Tensor:
+        """(b, m) CTF of particles `rows` (b,) at the points selected by `keep` (M,) bool."""
+        scale = 1.0 / (self.points.box_size * self.pixel_size_a)
+        fx = (self.points.kx[keep] * scale).unsqueeze(0).to(device)
+        fy = (self.points.ky[keep] * scale).unsqueeze(0).to(device)
+        return evaluate_ctf(self.ctf.index(rows).to(device=device), fx, fy).to(dtype)
+
+
+def full_spectra(run: PreparedRun, chunk_size: int = 500) -> FullSpectra:
+    """Stream the selected particles once more, normalised as the search's preprocessing was,
+    and keep their spectra up to radius N/2 - 1 (bounded memory: one chunk of images)."""
+    dataset = run.dataset
+    n_box = dataset.box_size
+    points = half_plane_coefficients(n_box, n_box / 2 - 1)
+    rows_k, cols_k = points.rfft_indices()
+    stats = run.particles.statistics
+    coefficients = torch.empty(len(dataset), points.n_points, dtype=torch.complex64)
+    done = 0
+    for rows, images in dataset.iter_chunks(chunk_size):
+        normalised = normalise_images(images.to(torch.float64), run.geometry.particle_radius_px,
+                                      stats.noise_sigma, stats.contrast_sign)
+        spectra = rfft2c(normalised)  # unitary, as the likelihood's blocks
+        coefficients[done:done + len(rows)] = spectra[:, rows_k, cols_k].to(torch.complex64)
+        done += len(rows)
+    precision = run.particles.background_noise.precision(points, torch.float32)
+    return FullSpectra(points, coefficients, precision, run.particles.optics_index,
+                       dataset.ctf, dataset.pixel_size_a)
+
+
+def half_sets(dataset, seed: int) -> Tensor:
+    """(n,) long 1 or 2: the file's rlnRandomSubset when it has one, else a seeded split into
+    two halves of equal size (RELION's gold-standard convention)."""
+    metadata = dataset.metadata
+    if "rlnRandomSubset" in metadata.columns:
+        subset = torch.as_tensor(metadata["rlnRandomSubset"].to_numpy(), dtype=torch.long)
+        if bool(((subset == 1) | (subset == 2)).all()) and len(subset.unique()) == 2:
+            return subset
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))
+    subset = torch.empty(n, dtype=torch.long)
+    subset[order[: (n + 1) // 2]] = 1
+    subset[order[(n + 1) // 2:]] = 2
+    return subset
+
+
+def start_map(run: PreparedRun, path: str) -> Tensor:
+    """(N, N, N) float64: the start map low-passed to the search's cutoff and scaled to the
+    particles' signal power inside it (maps come in arbitrary units)."""
+    volume = read_init_map(path, run.dataset.box_size, run.dataset.pixel_size_a,
+                           run.geometry.box_size, hint="refine needs --init MAP.mrc")
+    volume = soft_low_pass(volume, run.geometry.cutoff_radius_px, 2.0, ndim=3)
+    model = run.model
+    precision = NoiseAndMask(run).precision(model)
+    target = data_signal_power(model, run.particles, precision)
+    power = model_signal_power(model, volume.to(run.device, run.dtype), run.particles)
+    if not power > 0:
+        raise InputError(path, "the map has no signal inside the start resolution")
+    if not target > 0:
+        raise InputError(run.config.particles, "the particles show no signal above the noise")
+    return volume * math.sqrt(target / power)
+
+
+def first_poses(run: PreparedRun, volume: Tensor, from_input: bool) -> tuple[Tensor, Tensor]:
+    """((n, 3, 3) float64 rotations, (n, 2) float64 shifts in pixels) of every particle."""
+    if from_input:
+        poses = run.dataset.poses
+        if poses is None:
+            raise InputError(run.config.particles, "has no poses (rlnAngleRot, rlnAngleTilt, "
+                             "rlnAnglePsi) to start a local refinement from")
+        return euler_to_matrix(poses.euler_deg.to(torch.float64)), \
+            poses.shifts_px.to(torch.float64)
+    precision = NoiseAndMask(run).precision(run.model)
+    found = assign_poses(run, volume.to(run.device, run.dtype), precision)
+    euler, shifts = run.model.pose_parameters(found.best_pose_index)
+    log.info("global search at %.1f A: median best-pose probability %.2f",
+             run.geometry.cutoff_resolution_a, float(found.probability.median()))
+    return euler_to_matrix(euler.cpu()), shifts.cpu().to(torch.float64)
+
+
+def coarse_steps(run: PreparedRun) -> tuple[float, float]:
+    """(angular step rad, shift step px) of the global search's grid."""
+    model = run.model
+    shifts = model.shifts.shifts_px
+    if shifts.shape[0] > 1:
+        d = torch.cdist(shifts, shifts)
+        shift_step = float(d[d > 0].min())
+    else:
+        shift_step = 1.0
+    return math.atan(1.0 / run.geometry.cutoff_radius_px), shift_step
+
+
+__all__ = ["FullSpectra", "RefineConfig", "coarse_steps", "first_poses", "full_spectra",
+           "half_sets", "start_map"]

@@ -1,0 +1,156 @@
+"""Local pose search: each image scored only near its own current pose (refinement, pruning).
+
+The exhaustive likelihood (`likelihood.py`) sums every image over one shared grid of
+directions, in-plane angles and shifts, which costs the fifth power of the cutoff. Once an
+image's pose is roughly known, its posterior lives in a small neighbourhood, so refinement
+(and the coarse-to-fine pruned search) scores each image i only on its own candidates
+
+    A_ij = A_i R_j    (j = 1..J, R_j small rotations about the identity, `rotation_offsets`)
+    t_is = t_i + d_s  (s = 1..S, small shift offsets, `shift_offsets`)
+
+with the same Gaussian energy as the exhaustive model (DESIGN.md, paper eq. 4):
+
+    logit_ijs = Re sum_k w_k p_ik C_ik conj(X_ik u_isk) S_ijk - 1/2 sum_k w_k p_ik C_ik^2 |S_ijk|^2
+                + log prior(t_is)
+
+where S_ij = sqrt(N) V_hat(A_ij^T k) (trilinear reads of the oversampled spectrum block,
+`extract_slices_sampled`), X_i the image coefficients, C_i the CTF, p_i the noise precision,
+u_isk = exp(+2 pi i k.t_is / N) the un-shift phase and w_k the half-plane twin weights. Rotations
+are full 3x3 matrices (RELION convention), so no in-plane image interpolation is needed and the
+candidates of different images need not share a grid. The posterior-weighted sums of the
+M-step are back-projected with the exact adjoint of the same reads (`insert_slices`), for the
+candidates that carry posterior mass only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cryostoch.geometry.rotations import rotvec_to_matrix
+from cryostoch.operators.slicing import (
+    extract_slices_sampled,
+    insert_slice_weights,
+    insert_slices,
+)
+
+
+def rotation_offsets(step_rad: float, extent: int = 1, *, dtype=torch.float64,
+                     device=None) -> Tensor:
+    """(J, 3, 3) small rotations: rotation vectors on the cubic grid step * {-e..e}^3 inside the
+    ball of radius e * step * sqrt(3) (the whole cube), identity first."""
+    if not step_rad > 0 or extent < 0:
+        raise ValueError("step must be positive and extent >= 0")
+    axis = torch.arange(-extent, extent + 1, dtype=dtype, device=device) * step_rad
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    order = grid.norm(dim=1).argsort(stable=True)  # identity (norm 0) first
+    return rotvec_to_matrix(grid[order])
+
+
+def shift_offsets(step_px: float, extent: int = 1, *, dtype=torch.float64,
+                  device=None) -> Tensor:
+    """(S, 2) shift offsets step * {-e..e}^2 in pixels, zero first."""
+    if not step_px > 0 or extent < 0:
+        raise ValueError("step must be positive and extent >= 0")
+    axis = torch.arange(-extent, extent + 1, dtype=dtype, device=device) * step_px
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    return grid[grid.norm(dim=1).argsort(stable=True)]
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """What the local scores need of b images at the M half-plane points (kx, ky).
+
+    coefficients: (b, M) complex image spectra (unitary, noise-normalised);
+    ctf: (b, M) real CTF; weighted_precision: (b, M) w_k p_ik (twin weight times noise precision).
+    """
+
+    coefficients: Tensor
+    ctf: Tensor
+    weighted_precision: Tensor
+
+    def data_norm(self) -> Tensor:
+        """(b,) 1/2 sum_k w_k p_ik |X_ik|^2, the pose-independent part of the energy."""
+        power = self.coefficients.real**2 + self.coefficients.imag**2
+        return 0.5 * (power * self.weighted_precision).sum(-1)
+
+
+@dataclass
+class LocalScores:
+    """Scores of b images over their own J rotations x S shifts."""
+
+    logits: Tensor  # (b, J, S) log unnormalised posterior (without the data norm)
+    slices: Tensor  # (b, J, M) complex S_ij
+    unshifted: Tensor  # (b, S, M) complex w p C X u: the data side at every shift
+
+    def posterior(self) -> Tensor:
+        """(b, J, S) posterior over each image's candidates."""
+        flat = self.logits.flatten(1)
+        return torch.softmax(flat, dim=1).view_as(self.logits)
+
+    def log_evidence(self) -> Tensor:
+        """(b,) log sum_js exp(logit) (the candidates' share of the marginal likelihood)."""
+        return torch.logsumexp(self.logits.flatten(1), dim=1)
+
+
+def candidate_rotations(rotations: Tensor, offsets: Tensor) -> Tensor:
+    """(b, 3, 3) current rotations and (J, 3, 3) offsets -> (b, J, 3, 3) A_i R_j."""
+    return rotations.unsqueeze(1) @ offsets.unsqueeze(0)
+
+
+def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_size: int,
+                 images: ImageBatch, rotations: Tensor, shifts_px: Tensor,
+                 log_shift_prior: Tensor) -> LocalScores:
+    """Scores of each image over its own candidates.
+
+    block: (Kz, Ky, Kx) complex oversampled half spectrum of the map (`PrunedDft.volume` or
+    `oversampled_volume_spectrum`); kx, ky: (M,) the images' half-plane points;
+    rotations: (b, J, 3, 3) candidate rotations; shifts_px: (b, S, 2) candidate shifts (the
+    particle centre at +t); log_shift_prior: (b, S).
+    """
+    real_dtype = images.ctf.dtype
+    slices = extract_slices_sampled(block, rotations, kx, ky, oversampling) * math.sqrt(box_size)
+    slices = slices.to(images.coefficients.dtype)  # (b, J, M)
+    # exp(+2 pi i k.t / N) for every image's own shifts: (b, S, M)
+    phase = (shifts_px[..., 0:1] * kx.to(shifts_px.dtype)
+             + shifts_px[..., 1:2] * ky.to(shifts_px.dtype)) * (2 * math.pi / box_size)
+    unshift = torch.polar(torch.ones_like(phase), phase).to(images.coefficients.dtype)
+    data = (images.weighted_precision * images.ctf).to(real_dtype) * images.coefficients
+    unshifted = data.unsqueeze(1) * unshift  # (b, S, M)
+    cross = (slices.real @ unshifted.real.transpose(1, 2)
+             + slices.imag @ unshifted.imag.transpose(1, 2))  # (b, J, S)
+    power = slices.real**2 + slices.imag**2
+    quadratic = 0.5 * (power * (images.weighted_precision * images.ctf**2).unsqueeze(1)).sum(-1)
+    logits = cross - quadratic.unsqueeze(-1) + log_shift_prior.unsqueeze(1).to(real_dtype)
+    return LocalScores(logits, slices, unshifted)
+
+
+def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
+                      posterior: Tensor, rotations: Tensor, images: ImageBatch, kx: Tensor,
+                      ky: Tensor, oversampling: int, min_relative_mass: float = 1e-3) -> None:
+    """Add the posterior-weighted M-step sums of b images into 3-D half-spectrum accumulators.
+
+    numerator: (Kz, Ky, Kx) complex, += B[sum_s r_ijs w p C X u_is] and weights: (Kz, Ky, Kx)
+    real, += B[r_ij w p C^2], with B the trilinear back-projection along A_ij (`insert_slices`,
+    the adjoint of the reads that scored them). Only rotations holding at least
+    `min_relative_mass` of the image's most probable one are inserted (the rest carry
+    next to nothing); each image's kept mass is renormalised to one.
+    posterior: (b, J, S); rotations: (b, J, 3, 3); kx, ky: (M,) float64.
+    """
+    mass = posterior.sum(-1)  # (b, J)
+    keep = mass >= min_relative_mass * mass.amax(1, keepdim=True)
+    image, rotation = keep.nonzero(as_tuple=True)
+    kept_total = (mass * keep).sum(1)  # (b,)
+    r = posterior[image, rotation] / kept_total[image].unsqueeze(-1)  # (n, S)
+    data = scores.unshifted[image]  # (n, S, M)
+    num = torch.complex(torch.einsum("ns,nsm->nm", r, data.real),
+                        torch.einsum("ns,nsm->nm", r, data.imag))
+    ctf2 = (images.weighted_precision * images.ctf**2)[image]  # (n, M)
+    den = r.sum(-1, keepdim=True) * ctf2
+    chosen = rotations[image, rotation].to(kx.dtype)
+    shape = tuple(numerator.shape)
+    numerator += insert_slices(num.to(numerator.dtype), chosen, kx, ky, shape, oversampling)
+    weights += insert_slice_weights(den.to(weights.dtype), chosen, kx, ky, shape, oversampling)
