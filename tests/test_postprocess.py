@@ -19,6 +19,7 @@ from cryostoch.evaluate.postprocess import (
     corrected_fsc,
     fsc_weights,
     postprocess_halves,
+    guinier_fit,
     randomize_phases_beyond,
 )
 
@@ -376,3 +377,17 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         postprocess_output.write_postprocess(result, out, 2.0)
     assert len(calls) == 3 and list(out.iterdir()) == []
+
+
+def test_no_guinier_bfactor_for_a_map_that_stops_short_of_10_a():
+    """Three shells beyond 10 A are needed: a 20 A map (box 32 at 5 A: 10 A is shell 16, the
+    map stops at shell 8) gets no fit; at 2 A per pixel a 6 A map is fitted over 10-6 A."""
+    box = 32
+    for pixel, resolution, expected in ((5.0, 20.0, None), (2.0, 6.0, -200.0)):
+        s2 = (torch.arange(box // 2 + 1, dtype=torch.float64) / (box * pixel)) ** 2
+        fit = guinier_fit(s2, 3.0 - 50.0 * s2, box, pixel, resolution)  # B = 4 * -50
+        if expected is None:
+            assert fit is None
+        else:
+            assert fit is not None and fit.low_a == 10.0
+            assert abs(fit.bfactor - expected) < 1e-6

@@ -114,3 +114,14 @@ def test_refine_refuses_bad_input_in_one_line(refine_sim, tmp_path, capsys):
                      str(refine_sim / "start.mrc"), "--out", str(tmp_path / "c"),
                      "--poses-from-input", "--quiet"], "poses")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_reconstruct_then_refine_in_one_command(refine_sim, tmp_path):
+    out = tmp_path / "chain"
+    assert main(["reconstruct", str(refine_sim / "particles.star"), "--out", str(out),
+                 "--epochs", "0.3", "--test-size", "20", "--quiet", "--refine"]) == 0
+    assert (out / "map.mrc").is_file() and (out / "poses.star").is_file()
+    record = json.loads((out / "refine" / "refine.json").read_text())
+    assert record["config"]["init_map"] == str(out / "map.mrc")
+    assert (out / "refine" / "map.mrc").is_file() and (out / "refine" / "half2.mrc").is_file()

@@ -98,7 +98,7 @@ class LocalScores:
 
 def candidate_rotations(rotations: Tensor, offsets: Tensor) -> Tensor:
     """(b, 3, 3) current rotations and (J, 3, 3) offsets -> (b, J, 3, 3) A_i R_j."""
-    return rotations.unsqueeze(1) @ offsets.unsqueeze(0)
+    return rotations.unsqueeze(1) @ offsets.to(rotations.dtype).unsqueeze(0)
 
 
 def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_size: int,
