@@ -9,6 +9,7 @@ by argparse, so every bad value reads the same way.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cryostoch.errors import InputError
 
@@ -113,3 +114,15 @@ def apply_threads(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """InputError (naming `option`) unless `path` can be a file to write: not an existing
+    folder, and in a folder that exists. None (the option not given) passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(option, f"{str(path)!r} is a folder: give the file to write")
+    if not path.parent.is_dir():
+        raise InputError(option, f"folder {str(path.parent)!r} does not exist")
