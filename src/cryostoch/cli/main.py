@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, str] = {
     "experiment": "experiment",
     "symmetry": "symmetry",
     "score": "score",
+    "flip-hand": "flip_hand",
+    "align": "align",
 }
 
 
