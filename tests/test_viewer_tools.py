@@ -7,7 +7,10 @@ rendered tick labels' boxes.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import shutil
 
 import mrcfile
 import numpy as np
@@ -16,7 +19,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from bad_input_support import refused, write_volume
+from bad_input_support import FAST, refused, write_volume
 from cryostoch.cli.main import main
 from cryostoch.evaluate.align import Alignment, symmetry_equivalent
 from cryostoch.evaluate.fsc import compute_fsc
@@ -223,3 +226,77 @@ def test_resample_onto_grid_matches_the_map_sampled_there(box, pixel):
         inside = np.abs((np.arange(box) - box // 2) * pixel) < 23 * 1.5
         core = np.ix_(inside, inside, inside)
         assert np.abs(out[core] - expected[core]).max() < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# open_in_chimerax.cxc
+# ---------------------------------------------------------------------------------------------
+
+COMMAND = re.compile(
+    r"^(open (?P<open>[\w.]+)"
+    r"|volume #(?P<model>\d+) style surface level (?P<level>[-\d.e+]+) "
+    r"voxelSize (?P<voxel>[\d.e+]+)(?P<hide> hide)?"
+    r"|view|set bgColor white|lighting soft|graphics silhouettes true)$")
+
+
+def parse_script(path) -> list[tuple[str, float, float, bool]]:
+    """(file, level, voxel size, hidden) of every map the script opens, in model order; every
+    line must be a comment or one of the ChimeraX commands above."""
+    opened, volumes, rest = [], {}, []
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        match = COMMAND.match(line)
+        assert match, f"unexpected command: {line!r}"
+        if match["open"]:
+            opened.append(match["open"])
+        elif match["model"]:
+            volumes[int(match["model"])] = (float(match["level"]), float(match["voxel"]),
+                                            bool(match["hide"]))
+        else:
+            rest.append(line)
+    assert sorted(volumes) == list(range(1, len(opened) + 1))
+    assert rest[0] == "view" and "lighting soft" in rest
+    return [(name, *volumes[i + 1]) for i, name in enumerate(opened)]
+
+
+def level_enclosing(data: np.ndarray, volume_a3: float, voxel_a: float) -> float:
+    """numpy: the value of the k-th largest voxel, k voxels making up `volume_a3`."""
+    k = int(round(volume_a3 / voxel_a**3))
+    return float(np.sort(data.ravel())[::-1][k - 1])
+
+
+def check_script(folder, volume_a3: float) -> list[str]:
+    script = parse_script(folder / "open_in_chimerax.cxc")
+    names = [name for name, *_ in script]
+    assert sorted(names) == sorted(p.name for p in folder.glob("*.mrc"))  # every map, no other
+    assert names[0] == "map.mrc"
+    for name, level, voxel, hidden in script:
+        data, header_voxel, _ = read_mrc(folder / name)
+        assert voxel == pytest.approx(header_voxel, rel=1e-5)
+        assert level == pytest.approx(level_enclosing(data, volume_a3, voxel), rel=1e-5, abs=1e-9)
+        assert hidden == (name != "map.mrc")
+    return names
+
+
+def test_reconstruct_writes_a_chimerax_script_of_its_maps_at_the_mass_level(sim, tmp_path):
+    out = tmp_path / "run"
+    argv = ["reconstruct", str(sim / "particles.star"), "--out", str(out), *FAST,
+            "--box", "24", "--max-freq", "0.3", "--classes", "2", "--mass-kda", "60"]
+    assert main(argv) == 0
+    names = check_script(out, 60_000 * 1.21)
+    assert {"map_fullbox.mrc", "class_01.mrc", "class_02.mrc"} <= set(names)
+    # the paths are relative: the moved folder still has every file the script names
+    moved = shutil.move(out, tmp_path / "moved")
+    assert all((moved / name).is_file() for name in names)
+    assert "60 kDa" in (moved / "open_in_chimerax.cxc").read_text()
+
+
+def test_baseline_writes_a_chimerax_script_at_the_sphere_level(sim, tmp_path):
+    out = tmp_path / "pm"
+    argv = ["baseline", "projmatch", str(sim / "particles.star"), "--out", str(out),
+            "--iterations", "1", "--max-freq", "0.15", "--test-size", "5", "--quiet"]
+    assert main(argv) == 0
+    diameter = json.loads((out / "config.json").read_text())["particle_diameter_a"]
+    assert check_script(out, 0.2 * math.pi / 6 * diameter**3) == ["map.mrc"]
+

@@ -1,7 +1,8 @@
 """Reconstruct a map ab initio from particle images (STAR or cryoSPARC .cs).
 
 Writes DIR/map.mrc, DIR/snapshots/*.mrc, DIR/metrics.csv, DIR/poses.star, DIR/report.png,
-DIR/config.json and a checkpoint (DIR/checkpoint.pt) that --resume continues exactly.
+DIR/config.json, DIR/open_in_chimerax.cxc (opens the maps in ChimeraX) and a checkpoint
+(DIR/checkpoint.pt) that --resume continues exactly.
 """
 
 from __future__ import annotations
@@ -95,5 +96,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out NLL per image: {nll}; {result.gradient_evaluations} gradient evaluations "
           f"in {result.seconds:.1f} s")
     print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.png, "
-          "config.json, snapshots/")
+          "config.json, open_in_chimerax.cxc, snapshots/")
     return 0
