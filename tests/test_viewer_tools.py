@@ -7,6 +7,7 @@ rendered tick labels' boxes.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -300,3 +301,75 @@ def test_baseline_writes_a_chimerax_script_at_the_sphere_level(sim, tmp_path):
     diameter = json.loads((out / "config.json").read_text())["particle_diameter_a"]
     assert check_script(out, 0.2 * math.pi / 6 * diameter**3) == ["map.mrc"]
 
+
+# ---------------------------------------------------------------------------------------------
+# Log axes: tick labels that do not overlap
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_x_tick_labels(ax) -> list:
+    """Window boxes of the x tick labels drawn: inside the view, visible, with text."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = sorted(ax.get_xlim())
+    boxes = []
+    for minor in (False, True):
+        locs = ax.xaxis.get_minorticklocs() if minor else ax.xaxis.get_majorticklocs()
+        labels = ax.get_xticklabels(minor=minor)
+        for loc, label in zip(locs, labels, strict=False):
+            if lo <= loc <= hi and label.get_visible() and label.get_text():
+                boxes.append(label.get_window_extent(renderer))
+    return boxes
+
+
+def assert_clean_log_axes(fig) -> None:
+    log_axes = [ax for ax in fig.axes if ax.get_xscale() == "log"]
+    assert log_axes
+    for ax in log_axes:
+        boxes = visible_x_tick_labels(ax)
+        assert len(boxes) >= 2, ax.get_xlim()  # labelled, not merely emptied
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (ax.get_xlim(), a, b)
+
+
+def metrics_over(first: float, last: float, points: int = 60) -> list[dict]:
+    """metrics.csv rows from gradient evaluation 0 (plotted at 1) to `last`, the objective from
+    `first` on, the cutoff changing four times."""
+    counts = [0, *np.geomspace(first, last, points).round()]
+    return [{"gradient_evaluations": g, "test_nll": 300.0 - 10 * math.log1p(g),
+             "minibatch_objective": None if g == 0 else 600.0 - 30 * math.log(g),
+             "cutoff_resolution_a": 80.0 - 10 * min(4, int(5 * i / len(counts)))}
+            for i, g in enumerate(counts)]
+
+
+@pytest.mark.parametrize(("first", "last"), [(200, 5400), (100, 15_000), (300, 3000),
+                                             (1000, 1.1e6), (100, 2e8)])
+def test_report_log_axes_have_no_overlapping_tick_labels(first, last):
+    from cryostoch.evaluate.plots import _pyplot, report_figure
+
+    plt = _pyplot()
+    fig = report_figure(torch.rand(16, 16, 16), metrics_over(first, last), title="t")
+    try:
+        fig.savefig(io.BytesIO(), format="png")  # the layout of the PNG written
+        assert_clean_log_axes(fig)
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("last", [5000, 499_000, 2_500_000])
+def test_experiment_nll_figure_has_no_overlapping_tick_labels(tmp_path, last):
+    from cryostoch.engine.experiment import MethodRun, nll_figure
+    from cryostoch.evaluate.plots import _pyplot
+
+    plt = _pyplot()
+    runs = [MethodRun(name, tmp_path, metrics_over(100, last * scale), torch.zeros(4, 4, 4),
+                      1.0, int(last * scale), None)
+            for name, scale in (("sgd", 1.0), ("em", 0.5))]
+    fig = nll_figure(runs, "t")
+    try:
+        fig.savefig(io.BytesIO(), format="png")
+        assert_clean_log_axes(fig)
+    finally:
+        plt.close(fig)
