@@ -3,9 +3,11 @@
 An ab initio map has either hand with equal likelihood; when the other hand is the right one
 (an atomic model, a known structure or a higher-resolution map says so), this writes the mirror
 image. The z axis is reversed about the box centre N // 2 (RELION's and cryostoch's rotation
-centre, as `relion_image_handler --invert_hand`), so a centred molecule stays centred; for an
-even box the outermost plane, whose mirror image lies outside the box, maps onto itself. The
-voxel size and the header's origin are kept.
+centre; `evaluate.transform.mirror_volume`, the mirror of `align --allow-flip`), so a centred
+molecule stays centred; for an even box the outermost plane, whose mirror image lies outside
+the box, maps onto itself. `relion_image_handler --invert_hand` reverses x the same way (the
+results differ by a half turn about y, with the same hand). The voxel size and the header's
+origin are kept.
 """
 
 from __future__ import annotations
