@@ -302,6 +302,14 @@ def test_baseline_writes_a_chimerax_script_at_the_sphere_level(sim, tmp_path):
     assert check_script(out, 0.2 * math.pi / 6 * diameter**3) == ["map.mrc"]
 
 
+def test_a_mass_that_is_not_positive_is_refused_in_one_line(sim, tmp_path, capsys):
+    out = tmp_path / "run"
+    for value in ("-5", "0", "nan"):
+        refused(capsys, ["reconstruct", str(sim / "particles.star"), "--out", str(out), *FAST,
+                         "--mass-kda", value], "mass-kda")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Log axes: tick labels that do not overlap
 # ---------------------------------------------------------------------------------------------
@@ -373,3 +381,4 @@ def test_experiment_nll_figure_has_no_overlapping_tick_labels(tmp_path, last):
         assert_clean_log_axes(fig)
     finally:
         plt.close(fig)
+
