@@ -46,7 +46,7 @@ def _spaced_log_locator():
     class SpacedLogLocator(Locator):
         """Major ticks of a base-10 log axis, far enough apart on the axis for their labels:
         powers of ten (every k-th when the decades are narrow) while at least two are in
-        view, else 1-2-5 (or 1-3) x 10^k if those fit, else powers of ten."""
+        view, else 1-2-5 (or 1-3) x 10^k if those fit, else the spaced powers of ten."""
 
         def __call__(self):
             vmin, vmax = self.axis.get_view_interval()
@@ -81,7 +81,7 @@ def _spaced_log_locator():
                 if float(steps.min()) * per_decade >= gap["mantissas"] * size:
                     return np.array([m * 10.0**k for k in range(first, last + 1)
                                      for m in mantissas])
-            return np.array([10.0**k for k in range(first, last + 1)])
+            return np.array([10.0**k for k in powers])  # one label (or none) in view
 
     return SpacedLogLocator()
 
