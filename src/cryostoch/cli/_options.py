@@ -9,6 +9,7 @@ by argparse, so every bad value reads the same way.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cryostoch.errors import InputError
 
@@ -21,8 +22,9 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def add_particle_options(parser: argparse.ArgumentParser) -> None:
-    """Input, output, working box, cutoff, start, held-out set, selection and device."""
+def add_particle_options(parser: argparse.ArgumentParser, *, writes_map: bool = True) -> None:
+    """Input, output, working box, cutoff, start, held-out set, selection and device; with
+    `writes_map`, what the run folder's viewer script needs (--mass-kda)."""
     parser.add_argument("particles", help="RELION STAR or cryoSPARC .cs file of particles")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--max-freq", type=float, default=None,
@@ -45,6 +47,10 @@ def add_particle_options(parser: argparse.ArgumentParser) -> None:
                         help="sigma of the normal shift prior (default: half the range)")
     parser.add_argument("--particle-diameter-a", type=float, default=None,
                         help="particle diameter (default 80%% of the box)")
+    if writes_map:
+        parser.add_argument("--mass-kda", type=float, default=None,
+                            help="the molecule's mass in kDa, if known: open_in_chimerax.cxc "
+                                 "then shows the surface that encloses its volume (1.21 A^3/Da)")
     sign = parser.add_mutually_exclusive_group()
     sign.add_argument("--invert", dest="invert", action="store_true", default=None,
                       help="multiply the data by -1 (default: detect the contrast sign)")
@@ -91,6 +97,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
         noise_model=args.noise_model, mask=args.mask, symmetry=args.symmetry,
         noise_update=args.noise_update, mask_threshold=args.mask_threshold,
+        mass_kda=getattr(args, "mass_kda", None),
     )
 
 
@@ -113,3 +120,15 @@ def apply_threads(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """InputError (naming `option`) unless `path` can be a file to write: not an existing
+    folder, and in a folder that exists. None (the option not given) passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(option, f"{str(path)!r} is a folder: give the file to write")
+    if not path.parent.is_dir():
+        raise InputError(option, f"folder {str(path.parent)!r} does not exist")

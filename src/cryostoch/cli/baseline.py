@@ -6,8 +6,8 @@ posterior). Both start from the same random density as `cryostoch reconstruct` w
 seed (or --init MAP), use the same working box, cutoff and held-out test set, and update the
 map in closed form with a Wiener prior (--tau2). One iteration reads every training image once
 and is counted as that many gradient evaluations, so metrics.csv plots on the same axis as the
-stochastic runs. Writes DIR/map.mrc, DIR/metrics.csv, DIR/poses.star, DIR/report.png and
-DIR/config.json.
+stochastic runs. Writes DIR/map.mrc, DIR/metrics.csv, DIR/poses.star, DIR/report.png,
+DIR/config.json and DIR/open_in_chimerax.cxc.
 """
 
 from __future__ import annotations
@@ -87,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
           f"({result.gradient_evaluations} gradient-evaluation equivalents) in "
           f"{result.seconds:.1f} s")
     print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.png, "
-          "config.json")
+          "config.json, open_in_chimerax.cxc")
     return 0

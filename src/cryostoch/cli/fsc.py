@@ -12,6 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
+from cryostoch.cli._options import check_output_file
 from cryostoch.errors import InputError
 from cryostoch.evaluate.fsc import FscReport, fsc_report
 
@@ -35,15 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finest detail used by --align, in Angstrom (default: 4 pixels)")
 
 
-def _check_output(path: Path | None, option: str) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise InputError(option, f"{str(path)!r} is a folder: give the file to write")
-    if not path.parent.is_dir():
-        raise InputError(option, f"folder {str(path.parent)!r} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
     from cryostoch.io import read_map
     from cryostoch.io.mrc import check_map
@@ -63,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         math.isfinite(args.resolution_a) and args.resolution_a > 0
     ):
         raise InputError("--resolution-a", f"must be positive, got {args.resolution_a}")
-    _check_output(args.out, "--out")
-    _check_output(args.aligned_out, "--aligned-out")
+    check_output_file(args.out, "--out")
+    check_output_file(args.aligned_out, "--aligned-out")
 
     map_a, pixel_a = read_map(path_a)
     map_b, pixel_b = read_map(path_b)

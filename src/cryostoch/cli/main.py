@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, str] = {
     "symmetry": "symmetry",
     "score": "score",
     "refine": "refine",
+    "flip-hand": "flip_hand",
+    "align": "align",
 }
 
 

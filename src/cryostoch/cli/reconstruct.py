@@ -1,9 +1,9 @@
 """Reconstruct a map ab initio from particle images (STAR or cryoSPARC .cs).
 
 Writes DIR/map.mrc, DIR/snapshots/*.mrc, DIR/metrics.csv, DIR/poses.star, DIR/report.png,
-DIR/config.json and a checkpoint (DIR/checkpoint.pt) that --resume continues exactly. With
---refine, the map is then refined with gold-standard half sets (`cryostoch refine`) into
-DIR/refine/.
+DIR/config.json, DIR/open_in_chimerax.cxc (opens the maps in ChimeraX) and a checkpoint
+(DIR/checkpoint.pt) that --resume continues exactly. With --refine, the map is then refined
+with gold-standard half sets (`cryostoch refine`) into DIR/refine/.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out NLL per image: {nll}; {result.gradient_evaluations} gradient evaluations "
           f"in {result.seconds:.1f} s")
     print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.png, "
-          "config.json, snapshots/")
+          "config.json, open_in_chimerax.cxc, snapshots/")
     if args.refine:
         _refine(config, result.map_path, args)
     return 0

@@ -28,7 +28,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_particle_options(parser)
+    add_particle_options(parser, writes_map=False)
     parser.add_argument("--map", dest="maps", action="append", required=True, metavar="MRC",
                         help="map to score (repeat for several); it must span the particles' box")
     add_run_options(parser)

@@ -111,6 +111,8 @@ class ReconstructionConfig:
     mask_threshold: float = 0.15
     classes: int = 1
     symmetry: str = "C1"
+    # the molecule's mass, if known: only sets the surface level of open_in_chimerax.cxc
+    mass_kda: float | None = None
     optimizer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,6 +152,8 @@ class ReconstructionConfig:
             problems.append("shift-sigma-a must be positive")
         if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:
             problems.append("particle-diameter-a must be positive")
+        if self.mass_kda is not None and not self.mass_kda > 0:
+            problems.append("mass-kda must be positive")
         if bool(self.class_file) != bool(self.keep_classes):
             problems.append("class-file and keep-classes go together (the classification "
                             "STAR and the class numbers to keep)")
@@ -243,6 +247,6 @@ class ReconstructionConfig:
         """The fields that must match for a checkpoint to resume this run exactly."""
         d = self.to_dict()
         for free in ("epochs", "gradient_budget", "out_dir", "device", "checkpoint_interval_s",
-                     "write_poses", "snapshots", "test_every"):
+                     "write_poses", "snapshots", "test_every", "mass_kda"):
             d.pop(free)
         return d

@@ -218,6 +218,17 @@ def _nll_figure(path: Path, runs: list[MethodRun], title: str) -> None:
     from cryostoch.evaluate.plots import _pyplot
 
     plt = _pyplot()
+    fig = nll_figure(runs, title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def nll_figure(runs: list[MethodRun], title: str):
+    """Fig. 3: held-out NLL of every run against gradient evaluations, and a zoom on the end
+    (a pyplot figure: close it with `plt.close`)."""
+    from cryostoch.evaluate.plots import _pyplot, log_axis
+
+    plt = _pyplot()
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5))
     finals = []
     for run in runs:
@@ -232,12 +243,12 @@ def _nll_figure(path: Path, runs: list[MethodRun], title: str) -> None:
         finals.append(y[-1])
         tail = [v for v, g in zip(y, x, strict=True) if g >= 0.5 * x[-1]]
         finals.extend(tail)
-    ax.set_xscale("log")
+    log_axis(ax)
     ax.set_xlabel("gradient evaluations (single images)")
     ax.set_ylabel("held-out negative log-likelihood per image")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    zoom.set_xscale("log")
+    log_axis(zoom)
     if finals:
         low = min(finals)
         zoom.set_ylim(low - 1, low + 15)
@@ -248,8 +259,7 @@ def _nll_figure(path: Path, runs: list[MethodRun], title: str) -> None:
     for a in (ax, zoom):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:

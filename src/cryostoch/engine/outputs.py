@@ -1,4 +1,5 @@
-"""What a finished run writes: maps, metrics.csv, config.json, poses.star and report.png.
+"""What a finished run writes: maps, metrics.csv, config.json, poses.star, report.png and
+open_in_chimerax.cxc.
 
 Plain functions of the prepared run and the final state, shared by the stochastic runs and the
 baselines.
@@ -7,6 +8,7 @@ baselines.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import platform
@@ -19,8 +21,9 @@ from torch import Tensor
 
 from cryostoch import __version__
 from cryostoch.engine.prepare import PreparedRun
-from cryostoch.engine.run_folder import StagedOutputs
+from cryostoch.engine.run_folder import CHIMERAX_SCRIPT, StagedOutputs
 from cryostoch.engine.schedule import run_epochs
+from cryostoch.engine.viewer import ViewedMap, write_chimerax_script
 from cryostoch.errors import InputError
 from cryostoch.fourier.resample import resample_volume
 from cryostoch.io.mrc import write_map
@@ -42,15 +45,19 @@ class ReconstructionResult:
     metrics: list[dict]
 
 
-def write_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor) -> None:
+def write_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor) -> list[ViewedMap]:
     """map_fullbox.mrc at the data's box when it differs from the working box, then map.mrc
-    (asked for last: it is renamed last, marking a complete set)."""
+    (asked for last: it is renamed last, marking a complete set). Returns both, map.mrc first,
+    as the viewer script opens them."""
     geometry, dataset = run.geometry, run.dataset
+    written = [ViewedMap("map.mrc", volume, geometry.pixel_size_a, "the final map", shown=True)]
     if geometry.box_size != dataset.box_size:
-        write_map(staged.path("map_fullbox.mrc"),
-                  resample_volume(volume.double(), dataset.box_size).float(),
-                  dataset.pixel_size_a)
+        fullbox = resample_volume(volume.double(), dataset.box_size).float()
+        write_map(staged.path("map_fullbox.mrc"), fullbox, dataset.pixel_size_a)
+        written.append(ViewedMap("map_fullbox.mrc", fullbox, dataset.pixel_size_a,
+                                 "the map at the data's box and pixel size"))
     write_map(staged.path("map.mrc"), volume, geometry.pixel_size_a)
+    return written
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
@@ -180,16 +187,26 @@ def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
     check_finite_result(run, volume.detach(), poses, metrics)
     all_maps = volume.detach().float().cpu()
     map_volume = all_maps
+    class_maps: list[ViewedMap] = []
     with StagedOutputs(out) as staged:
         if volume.dim() == 4:
             info = info | write_class_maps(staged, run, all_maps, poses.classes)
             map_volume = all_maps[info["classes"][0]["class"] - 1]
+            class_maps = [ViewedMap(c["map"], all_maps[c["class"] - 1], run.geometry.pixel_size_a,
+                                    f"class {c['class']}, {c['particles']} particles")
+                          for c in sorted(info["classes"], key=lambda c: c["class"])]
         write_metrics(staged.path("metrics.csv"), metrics)
         if run.config.write_poses:
             write_poses(staged.path("poses.star"), run, poses)
         reconstruction_report(staged.path("report.png"), map_volume, metrics, title=title)
         staged.path("config.json").write_text(json.dumps(info, indent=2, default=str))
-        write_maps(staged, run, map_volume)
+        script = staged.path(CHIMERAX_SCRIPT)  # asked for before map.mrc, which comes last
+        maps = write_maps(staged, run, map_volume)
+        if class_maps:
+            maps[0] = dataclasses.replace(maps[0], what="the largest class")
+        write_chimerax_script(script, maps + class_maps, mass_kda=run.config.mass_kda,
+                              particle_diameter_a=2 * run.geometry.particle_radius_px
+                              * run.geometry.pixel_size_a)
     final = next((m["test_nll"] for m in reversed(metrics) if m["test_nll"] is not None), None)
     return ReconstructionResult(out, out / "map.mrc", map_volume, final, gradient_evaluations,
                                 seconds, metrics)

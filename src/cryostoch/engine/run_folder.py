@@ -19,11 +19,13 @@ from pathlib import Path
 from cryostoch.errors import InputError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHIMERAX_SCRIPT = "open_in_chimerax.cxc"  # engine.viewer writes it
 SNAPSHOT_FOLDER = "snapshots"
 # What a run writes at its end (class_NN.mrc with classes); map.mrc is renamed last.
 FINAL_OUTPUTS = ("map.mrc", "map_fullbox.mrc", "config.json", "metrics.csv", "poses.star",
-                 "report.png", "half1.mrc", "half2.mrc", "refine.json", "map_unsharpened.mrc",
-                 "mask.mrc", "fsc.csv", "fsc.png", "guinier.png", "postprocess.json")
+                 "report.png", CHIMERAX_SCRIPT, "half1.mrc", "half2.mrc", "refine.json",
+                 "map_unsharpened.mrc", "mask.mrc", "fsc.csv", "fsc.png", "guinier.png",
+                 "postprocess.json")
 CLASS_MAP_PATTERN = "class_[0-9][0-9].mrc"
 # Hidden temporaries: StagedOutputs' and those of the atomic single-file writers.
 STAGED_PREFIX = ".partial-"
@@ -150,5 +152,5 @@ class StagedOutputs:
             self.discard()
 
 
-__all__ = ["CHECKPOINT_NAME", "FINAL_OUTPUTS", "StagedOutputs", "open_run_folder",
-           "remove_if_empty", "removed_if_failed_and_empty", "run_outputs"]
+__all__ = ["CHECKPOINT_NAME", "CHIMERAX_SCRIPT", "FINAL_OUTPUTS", "StagedOutputs",
+           "open_run_folder", "remove_if_empty", "removed_if_failed_and_empty", "run_outputs"]

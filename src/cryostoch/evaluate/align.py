@@ -4,7 +4,10 @@ orientation, position and handedness).
 `align_maps(reference, moving, ...)` returns an `Alignment` such that
 `apply_alignment(moving, alignment)`, i.e. `rotate_volume(M', R, s)` with `M'` the moving map,
 mirrored first (`mirror_volume`, z reversed) when `alignment.mirrored`, best matches the reference:
-`aligned(x) = M'(R^T (x - s))` (see `cryostoch.evaluate.transform`).
+`aligned(x) = M'(R^T (x - s))` (see `cryostoch.evaluate.transform`). `allow_mirror=False` keeps
+the hand as given. `align_onto` wraps it for maps on different grids (the moving map is first
+resampled onto the reference's) and reports the FSC; `symmetry_equivalent` picks, for a
+symmetric reference, the equivalent alignment with the smallest rotation.
 
 Search (coarse to fine, everything batched and on the maps' device):
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ from torch import Tensor
 from cryostoch.evaluate.transform import (
     homogeneous_coordinates,
     mirror_volume,
+    resample_onto_grid,
     rotate_volume,
     sampling_grid,
     soft_sphere_mask,
@@ -50,7 +55,18 @@ from cryostoch.geometry import (
     rotvec_to_matrix,
 )
 
-__all__ = ["Alignment", "align_maps", "apply_alignment", "so3_grid"]
+if TYPE_CHECKING:  # pragma: no cover
+    from cryostoch.evaluate.fsc import FscResult
+
+__all__ = [
+    "AlignedMap",
+    "Alignment",
+    "align_maps",
+    "align_onto",
+    "apply_alignment",
+    "so3_grid",
+    "symmetry_equivalent",
+]
 
 GLOBAL_BOX = 20
 GLOBAL_CUTOFF = 5.0  # cycles per box
@@ -80,6 +96,33 @@ class Alignment:
 
     def apply(self, moving: Tensor, *, oversampling: int | None = None) -> Tensor:
         return apply_alignment(moving, self, oversampling=oversampling)
+
+    def describe(self, pixel_size_a: float) -> list[str]:
+        """Indented lines: the rotation (RELION Euler angles), shift (pixels and A), hand and
+        correlation."""
+        rot, tilt, psi = self.euler_deg().tolist()
+        sx, sy, sz = self.shift_px.tolist()
+        p = pixel_size_a
+        return [
+            f"  rotation (RELION rot, tilt, psi): {rot:.2f} {tilt:.2f} {psi:.2f} deg",
+            f"  shift (x, y, z): {sx:.2f} {sy:.2f} {sz:.2f} px "
+            f"({sx * p:.2f} {sy * p:.2f} {sz * p:.2f} A)",
+            f"  hand flipped: {'yes' if self.mirrored else 'no'}",
+            f"  correlation: {self.correlation:.4f}",
+        ]
+
+
+def symmetry_equivalent(alignment: Alignment, group_matrices: Tensor) -> Alignment:
+    """For a reference with point-group symmetry `G` (`(G, 3, 3)` matrices about the box centre,
+    e.g. `point_group("D2").matrices`): the alignment `(g R, g s)` with the smallest rotation
+    angle. Turning the aligned map by any `g` of `G` fits a G-symmetric reference equally well
+    (`aligned(g^T x) = M'((g R)^T (x - g s))`), so the search may return any of them; this picks
+    one representative, the rotation nearest the identity."""
+    g = group_matrices.to(dtype=torch.float64, device="cpu")
+    candidates = g @ alignment.rotation
+    best = int(torch.diagonal(candidates, dim1=-2, dim2=-1).sum(-1).argmax())
+    return Alignment(candidates[best].clone(), g[best] @ alignment.shift_px,
+                     alignment.mirrored, alignment.correlation)
 
 
 def apply_alignment(
@@ -321,6 +364,7 @@ def align_maps(
     pixel_size_a: float,
     resolution_a: float | None = None,
     generator: torch.Generator | None = None,
+    allow_mirror: bool = True,
 ) -> Alignment:
     """Rotation, shift and hand that best superimpose `moving` on `reference` (see the module
     docstring for the search).
@@ -328,6 +372,7 @@ def align_maps(
     `resolution_a`: finest detail used (default: 4 pixels, i.e. half of Nyquist); the search
     starts far coarser. `generator`: if given, the global rotation grid is turned by a random
     rotation drawn from it (otherwise the grid is fixed and the result deterministic).
+    `allow_mirror`: search the mirror image too (default); False keeps the hand as given.
     Both maps must be `(N, N, N)` on the same device; the work runs there.
     """
     n = _check_maps(reference, moving)
@@ -343,12 +388,14 @@ def align_maps(
     reference = reference.detach().to(torch.float32)
     moving = moving.to(device=reference.device, dtype=torch.float32).detach()
     ref_spectrum = fft3c(reference)
-    hands = [fft3c(moving), fft3c(mirror_volume(moving))]
+    searched = (0, 1) if allow_mirror else (0,)  # 0: the hand as given, 1: mirrored
+    hands = [fft3c(moving), fft3c(mirror_volume(moving)) if allow_mirror else None]
 
-    def scorers(box: int, k: float, which: tuple[int, ...] = (0, 1)) -> list[_Scorer | None]:
+    def scorers(box: int, k: float, which: tuple[int, ...] = searched) -> list[_Scorer | None]:
         box = min(n, box)
         return [
-            _Scorer(ref_spectrum, h, box, min(k, cutoff)) if i in which else None
+            _Scorer(ref_spectrum, h, box, min(k, cutoff)) if i in which and h is not None
+            else None
             for i, h in enumerate(hands)
         ]
 
@@ -359,7 +406,7 @@ def align_maps(
     if generator is not None:
         grid = grid @ random_rotations(1, generator, dtype=torch.float64, device="cpu")[0]
     candidates: list[_Candidate] = []
-    for hand in (0, 1):
+    for hand in searched:
         s, t = coarse[hand].score(grid)
         for i in _distinct_best(grid, s, CANDIDATES_PER_HAND, 1.5 * step):
             candidates.append(_Candidate(grid[i], hand, float(s[i]), t[i]))
@@ -390,3 +437,46 @@ def align_maps(
     b = ifft3c(fft3c(aligned) * filt).real.double()
     corr = float((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt().clamp_min(1e-30))
     return Alignment(rotation, shift, mirrored, corr)
+
+
+@dataclass(frozen=True)
+class AlignedMap:
+    """What `align_onto` found: the alignment on the reference's grid, the moving map resampled
+    onto that grid and aligned, and its FSC against the reference."""
+
+    alignment: Alignment
+    volume: Tensor  # (N, N, N) on the reference's grid
+    fsc: FscResult
+    resampled: bool  # the moving map had another box or pixel size
+
+
+def align_onto(
+    reference: Tensor,
+    moving: Tensor,
+    *,
+    pixel_size_a: float,
+    moving_pixel_size_a: float | None = None,
+    allow_mirror: bool = True,
+    group_matrices: Tensor | None = None,
+    resolution_a: float | None = None,
+    generator: torch.Generator | None = None,
+) -> AlignedMap:
+    """Superimpose `moving` on `reference` (`(N, N, N)`, `pixel_size_a`): the moving map (any
+    cubic box, `moving_pixel_size_a`, default the same) is first resampled onto the reference's
+    grid (`resample_onto_grid`), then aligned (`align_maps`; with `group_matrices`, the
+    reference's point group, reported as its `symmetry_equivalent`) and its FSC against the
+    reference computed."""
+    from cryostoch.evaluate.fsc import compute_fsc
+
+    n = reference.shape[-1]
+    moving_pixel = pixel_size_a if moving_pixel_size_a is None else moving_pixel_size_a
+    resampled = moving.shape[-1] != n or abs(moving_pixel / pixel_size_a - 1.0) > 1e-4
+    on_grid = resample_onto_grid(moving.to(reference.device), moving_pixel, n, pixel_size_a)
+    alignment = align_maps(reference, on_grid, pixel_size_a=pixel_size_a,
+                           resolution_a=resolution_a, generator=generator,
+                           allow_mirror=allow_mirror)
+    if group_matrices is not None:
+        alignment = symmetry_equivalent(alignment, group_matrices)
+    aligned = alignment.apply(on_grid)
+    fsc = compute_fsc(reference, aligned, pixel_size_a=pixel_size_a)
+    return AlignedMap(alignment, aligned, fsc, resampled)

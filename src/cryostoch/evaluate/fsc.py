@@ -298,21 +298,11 @@ def fsc_report(
     compared = map_b
     if align:
         from cryostoch.evaluate.align import align_maps
-        from cryostoch.geometry import matrix_to_euler
 
         alignment = align_maps(map_a, map_b, pixel_size_a=pixel_size_a,
                                resolution_a=resolution_a, generator=generator)
         compared = alignment.apply(map_b)
-        rot, tilt, psi = matrix_to_euler(alignment.rotation).tolist()
-        sx, sy, sz = alignment.shift_px.tolist()
-        lines += [
-            f"alignment of {name_b} onto {name_a}:",
-            f"  rotation (RELION rot, tilt, psi): {rot:.2f} {tilt:.2f} {psi:.2f} deg",
-            f"  shift (x, y, z): {sx:.2f} {sy:.2f} {sz:.2f} px "
-            f"({sx * pixel_size_a:.2f} {sy * pixel_size_a:.2f} {sz * pixel_size_a:.2f} A)",
-            f"  hand flipped: {'yes' if alignment.mirrored else 'no'}",
-            f"  correlation: {alignment.correlation:.4f}",
-        ]
+        lines += [f"alignment of {name_b} onto {name_a}:", *alignment.describe(pixel_size_a)]
     mask = None
     if mask_radius_a is not None:
         from cryostoch.evaluate.transform import soft_sphere_mask

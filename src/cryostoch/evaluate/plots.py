@@ -1,12 +1,23 @@
-"""Figures: the reconstruction report and map views (matplotlib, Agg backend, no display)."""
+"""Figures: the reconstruction report and map views (matplotlib, Agg backend, no display).
+
+Every log axis goes through `log_axis`: labelled major ticks spaced so that their labels never
+overlap (matplotlib's default labels the 2..9 minor ticks when an axis spans one or two
+decades, which crowds them into each other), minor ticks unlabelled.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -16,6 +27,79 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# Centre-to-centre spacing of two tick labels, in font sizes (ems) along the axis: a label
+# such as 3x10^-2 is 4.3 em wide at most, a power of ten 2.4 em; on a y axis a label is 1.2 em
+# high. Half of each neighbour plus a margin.
+_LABEL_GAP_EM = {"x": {"powers": 3.0, "mantissas": 5.0}, "y": {"powers": 2.0, "mantissas": 2.0}}
+_MANTISSAS = ((1.0, 2.0, 5.0), (1.0, 3.0))
+REPORT_DPI = 90
+
+
+def _spaced_log_locator():
+    """A matplotlib Locator (class made on first use: matplotlib is imported lazily)."""
+    import matplotlib as mpl
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.ticker import Locator
+
+    class SpacedLogLocator(Locator):
+        """Major ticks of a base-10 log axis, far enough apart on the axis for their labels:
+        powers of ten (every k-th when the decades are narrow) while at least two are in
+        view, else 1-2-5 (or 1-3) x 10^k if those fit, else the spaced powers of ten."""
+
+        def __call__(self):
+            vmin, vmax = self.axis.get_view_interval()
+            return self.tick_values(vmin, vmax)
+
+        def _points_per_decade(self, decades: float) -> tuple[float, str]:
+            name = self.axis.axis_name
+            axes = self.axis.axes
+            corner = [[1, 0]] if name == "x" else [[0, 1]]
+            ends = axes.transAxes.transform([[0, 0], *corner])
+            length_px = float(np.abs(ends[1] - ends[0]).max())
+            length_pt = length_px / axes.figure.dpi * 72.0
+            return length_pt / max(decades, 1e-12), name
+
+        def tick_values(self, vmin, vmax):
+            vmin, vmax = sorted((float(vmin), float(vmax)))
+            if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= 0:
+                return np.array([1.0, 10.0])
+            vmin = max(vmin, vmax * 1e-300)
+            lo, hi = math.log10(vmin), math.log10(vmax)
+            per_decade, name = self._points_per_decade(hi - lo)
+            size = FontProperties(size=mpl.rcParams[f"{name}tick.labelsize"]).get_size_in_points()
+            first, last = math.floor(lo) - 1, math.ceil(hi) + 1
+            gap = _LABEL_GAP_EM.get(name, _LABEL_GAP_EM["x"])
+            stride = max(1, math.ceil(gap["powers"] * size / per_decade))
+            powers = [k for k in range(first - stride, last + stride + 1) if k % stride == 0]
+            in_view = [k for k in powers if lo - 1e-9 <= k <= hi + 1e-9]
+            if len(in_view) >= 2:
+                return np.array([10.0**k for k in powers])
+            for mantissas in _MANTISSAS:
+                steps = np.diff(np.log10([*mantissas, 10.0]))
+                if float(steps.min()) * per_decade >= gap["mantissas"] * size:
+                    return np.array([m * 10.0**k for k in range(first, last + 1)
+                                     for m in mantissas])
+            return np.array([10.0**k for k in powers])  # one label (or none) in view
+
+    return SpacedLogLocator()
+
+
+def log_axis(ax: Axes, which: str = "x") -> None:
+    """Put the x (or y) axis of `ax` on a log scale whose tick labels do not overlap:
+    `SpacedLogLocator` major ticks, all labelled (10^k and m x 10^k), minor ticks unlabelled."""
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
+    if which not in ("x", "y"):
+        raise ValueError(f"which must be 'x' or 'y', got {which!r}")
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(_spaced_log_locator())
+    # minor_thresholds (inf, inf): every major tick labelled, whatever the span
+    axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False,
+                                                     minor_thresholds=(math.inf, math.inf)))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def map_views(volume: Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -34,7 +118,16 @@ def reconstruction_report(
     *,
     title: str = "",
 ) -> None:
-    """PNG: held-out NLL against gradient evaluations, then central slices and projections."""
+    """PNG: held-out NLL against gradient evaluations, then central slices and projections
+    (`report_figure`)."""
+    plt = _pyplot()
+    fig = report_figure(volume, metrics, title=title)
+    fig.savefig(path, dpi=REPORT_DPI)
+    plt.close(fig)
+
+
+def report_figure(volume: Tensor, metrics: Sequence[dict], *, title: str = "") -> Figure:
+    """The figure of `reconstruction_report` (pyplot's: close it with `plt.close`)."""
     plt = _pyplot()
     fig = plt.figure(figsize=(12, 7.5), constrained_layout=True)
     grid = fig.add_gridspec(2, 4)
@@ -44,7 +137,7 @@ def reconstruction_report(
     if points:
         x, y = zip(*points, strict=True)
         ax.plot(np.maximum(np.asarray(x, dtype=float), 1), y, marker=".", lw=1)
-        ax.set_xscale("log")
+        log_axis(ax)
     ax.set_xlabel("gradient evaluations (single images)")
     ax.set_ylabel("held-out negative log-likelihood per image")
     ax.set_title(title or "test NLL")
@@ -55,13 +148,14 @@ def reconstruction_report(
     if objective:
         x, y = zip(*objective, strict=True)
         ax2.plot(np.maximum(np.asarray(x, dtype=float), 1), y, lw=0.6, color="tab:gray")
-        ax2.set_xscale("log")
+        log_axis(ax2)
     stages = [(m["gradient_evaluations"], m.get("cutoff_resolution_a")) for m in metrics]
     for (_, before), (x, after) in zip(stages, stages[1:], strict=False):
         if before is not None and after is not None and before != after:
             ax2.axvline(max(x, 1), color="tab:orange", lw=0.8, ls="--")
             ax2.annotate(f"{after:.0f} A", (max(x, 1), 1), xycoords=("data", "axes fraction"),
-                         fontsize=7, color="tab:orange", va="top")
+                         xytext=(2, -2), textcoords="offset points", fontsize=7,
+                         color="tab:orange", va="top")
     ax2.set_xlabel("gradient evaluations")
     ax2.set_ylabel("minibatch objective (at the stage's cutoff)")
     ax2.grid(alpha=0.3)
@@ -77,8 +171,7 @@ def reconstruction_report(
         b.imshow(projections[i], cmap="gray", origin="lower")
         b.set_title(f"projection along {names[i]}", fontsize=9)
         b.axis("off")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def map_gallery(

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cryostoch.fourier import irfft3c, resample_volume, rfft3_grid, rfft3c
+from cryostoch.fourier import irfft3c, pad_real_space, resample_volume, rfft3_grid, rfft3c
 
 __all__ = [
     "centred_coordinates",
     "homogeneous_coordinates",
     "mirror_volume",
+    "resample_onto_grid",
     "rotate_volume",
     "sampling_grid",
     "shift_volume",
@@ -135,6 +136,62 @@ def rotate_volume(
     out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     out = out[:, 0]
     return out[0] if single else out
+
+
+def resample_onto_grid(
+    volume: Tensor,
+    pixel_size_a: float,
+    box_size: int,
+    new_pixel_size_a: float,
+    *,
+    oversampling: int | None = None,
+) -> Tensor:
+    """A map `(N, N, N)` of `pixel_size_a` voxels sampled on a `box_size`^3 grid of
+    `new_pixel_size_a` voxels, the box centres `N // 2` and `box_size // 2` at the same place
+    (another map's grid: a different box, pixel size or both). Samples outside the source box
+    read zero.
+
+    The same pixel size (within 1e-4) is a real-space crop or zero-pad, exact. Otherwise a
+    coarser grid first Fourier-crops the map to a box whose voxels are at least as large as the
+    new ones (no aliasing); then the map is upsampled by Fourier padding (`oversampling`, default
+    2 up to 160 voxels, else 1) and read by trilinear interpolation, as `rotate_volume`.
+    Returns `(box_size,)*3` in the volume's dtype and device.
+    """
+    n = _check_cubic(volume)
+    if volume.dim() != 3:
+        raise ValueError(f"volume must be (N, N, N), got {tuple(volume.shape)}")
+    for name, value in (("pixel size", pixel_size_a), ("new pixel size", new_pixel_size_a)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    if box_size < 1:
+        raise ValueError(f"box size must be positive, got {box_size}")
+    if not volume.is_floating_point():
+        volume = volume.to(torch.float32)
+    ratio = new_pixel_size_a / pixel_size_a  # source voxels per new voxel
+    if abs(ratio - 1.0) <= 1e-4:
+        if box_size >= n:
+            return pad_real_space(volume, box_size, 3)
+        start = n // 2 - box_size // 2
+        w = slice(start, start + box_size)
+        return volume[w, w, w].clone()
+    source, step = volume, pixel_size_a
+    if ratio > 1:  # band-limit to (at most) the new grid's Nyquist frequency
+        m = max(2, math.floor(n / ratio))
+        source, step = resample_volume(volume, m), pixel_size_a * n / m
+    if oversampling is None:
+        oversampling = 2 if source.shape[-1] <= 160 else 1
+    if oversampling < 1 or int(oversampling) != oversampling:
+        raise ValueError(f"oversampling must be a positive integer, got {oversampling!r}")
+    if oversampling > 1:
+        m = source.shape[-1] * int(oversampling)
+        step = step * source.shape[-1] / m
+        source = resample_volume(source, m)
+    m = source.shape[-1]
+    identity = torch.eye(3, dtype=volume.dtype, device=volume.device)[None]
+    grid = sampling_grid(identity, box_size, source_size=m, scale=new_pixel_size_a / step)
+    out = F.grid_sample(source.reshape(1, 1, m, m, m), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[0, 0]
 
 
 def shift_volume(volume: Tensor, shift_px: Tensor) -> Tensor:

@@ -50,6 +50,8 @@ class MrcHeader:
     dmax: float
     dmean: float
     rms: float
+    origin_a: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MRC2014 origin (x, y, z)
+    start_index: tuple[int, int, int] = (0, 0, 0)  # nxstart, nystart, nzstart
 
     @property
     def pixel_size_a(self) -> float:
@@ -149,6 +151,8 @@ def read_header(path: str | os.PathLike[str]) -> MrcHeader:
         dmax=float(header.dmax),
         dmean=float(header.dmean),
         rms=float(header.rms),
+        origin_a=(float(header.origin.x), float(header.origin.y), float(header.origin.z)),
+        start_index=(int(header.nxstart), int(header.nystart), int(header.nzstart)),
     )
 
 
@@ -197,9 +201,16 @@ def _as_numpy(array: Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_map(
-    path: str | os.PathLike[str], volume: Tensor | np.ndarray, voxel_size_a: float
+    path: str | os.PathLike[str],
+    volume: Tensor | np.ndarray,
+    voxel_size_a: float | tuple[float, float, float],
+    *,
+    origin_a: tuple[float, float, float] | None = None,
+    start_index: tuple[int, int, int] | None = None,
 ) -> None:
-    """Write a float32 volume `[z, y, x]` with its voxel size, atomically.
+    """Write a float32 volume `[z, y, x]` with its voxel size (one value, or `(x, y, z)`),
+    atomically. `origin_a` (MRC2014 origin, Angstrom) and `start_index` (nxstart, nystart,
+    nzstart) place the map as another file did (`MrcHeader`); both default to 0.
 
     The data go to a temporary file in the same folder which is renamed onto `path` only
     once complete.
@@ -207,13 +218,20 @@ def write_map(
     data = np.ascontiguousarray(_as_numpy(volume), dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"write_map needs a 3-D volume [z, y, x], got shape {data.shape}")
-    if not (np.isfinite(voxel_size_a) and voxel_size_a > 0):
+    voxel = np.broadcast_to(np.asarray(voxel_size_a, dtype=np.float64), (3,))
+    if not (np.isfinite(voxel).all() and (voxel > 0).all()):
         raise ValueError(f"voxel size must be positive, got {voxel_size_a}")
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)
             mrc.set_volume()
-            mrc.voxel_size = float(voxel_size_a)
+            mrc.voxel_size = (float(voxel[0]) if voxel[0] == voxel[1] == voxel[2]
+                              else tuple(float(v) for v in voxel))
+            if origin_a is not None:
+                mrc.header.origin = tuple(float(v) for v in origin_a)
+            if start_index is not None:
+                mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (
+                    int(v) for v in start_index)
             mrc.update_header_stats()
 
 
