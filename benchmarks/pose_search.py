@@ -184,7 +184,8 @@ def main() -> None:
                  & ((sh_x.double() - sh_p.double()).norm(dim=1) <= 1.5 * shift_step))
         diff = nll_p - nll_x
         if args.verbose:
-            print("per-image NLL diff", [round(v, 2) for v in diff.tolist()], "agree", agree.tolist())
+            print("per-image NLL diff", [round(v, 2) for v in diff.tolist()],
+                  "agree", agree.tolist())
         n = args.n_images
         print(f"| {fraction:.2f} | {radius:.1f} | {model.quadrature_size:,} | {sec_x / n:.3f} | "
               f"{sec_p / n:.4f} | {sec_x / sec_p:.0f}x | {float(agree.double().mean()):.0%} | "

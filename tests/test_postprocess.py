@@ -18,8 +18,8 @@ import torch
 from cryostoch.evaluate.postprocess import (
     corrected_fsc,
     fsc_weights,
-    postprocess_halves,
     guinier_fit,
+    postprocess_halves,
     randomize_phases_beyond,
 )
 
