@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=12,
                         help="most iterations before the last one to Nyquist (default 12; "
                              "it stops earlier at convergence)")
+    parser.add_argument("--search-extent", type=int, default=2,
+                        help="local search window: +-this many steps on each rotation and "
+                             "shift axis (default 2: 125 rotations x 25 shifts per particle)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         initial_resolution_a=args.initial_resolution_a,
         particle_diameter_a=args.particle_diameter_a, shift_range_a=args.shift_range_a,
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
+        search_extent=args.search_extent,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, project_root=args.project_root)
     result = refine(config, resume=args.resume, overwrite=args.overwrite)

@@ -4,13 +4,14 @@ Two half sets are kept independent from the start (each with its own copy of the
 start map). Every iteration, for each half:
 * E-step: each particle is scored only near its current pose (`model/local_search.py`) at a
   cutoff a few shells past the current gold-standard resolution;
-* M-step: the posterior-weighted images are back-projected and the half map solved as a
-  Wiener estimate whose signal-to-noise per shell comes from the two halves' FSC
-  (SNR = FSC / (1 - FSC)), then averaged over the point group.
-The FSC of the two half maps (inside the particle's sphere) sets the next cutoff and the
+* M-step: the posterior-weighted images are back-projected and the half map solved twice:
+  without a prior (RELION's unfiltered half map, which the FSC is computed from) and as the
+  Wiener estimate whose signal-to-noise per shell is FSC / (1 - FSC) (the next reference),
+  each averaged over the point group.
+The FSC of the two unfiltered halves (inside the particle's sphere) sets the next cutoff; the
 angular and shift steps are halved down to what that cutoff needs (half a Fourier pixel of arc
-at its edge). It stops when the resolution has not improved for two iterations at the finest
-steps, with one last iteration that reconstructs to Nyquist.
+at its edge) while the posterior fits the search window. It stops when the resolution has not
+improved for two iterations, with one last iteration that reconstructs to Nyquist.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cryostoch.model.local_search import (
     backproject_local,
     candidate_rotations,
     local_scores,
+    on_edge,
     rotation_offsets,
     shift_offsets,
 )
@@ -55,7 +57,7 @@ class RefineState:
     iteration: int
     rotations: Tensor  # (n, 3, 3) float64 each particle's most probable rotation
     shifts_px: Tensor  # (n, 2) float64 its shift (particle centre at +t)
-    half_maps: Tensor  # (2, N, N, N) float64
+    half_maps: Tensor  # (2, N, N, N) float64 Wiener-filtered half maps (the references)
     resolution_radius_px: float  # gold-standard FSC 0.143 radius (start: the search cutoff)
     angular_step_rad: float
     shift_step_px: float
@@ -63,6 +65,8 @@ class RefineState:
     best_radius_px: float = 0.0
     stalls: int = 0
     final: bool = False  # the last iteration (reconstruction to Nyquist) is done
+    unfiltered: Tensor | None = None  # (2, N, N, N) the halves without the prior (for FSCs)
+    edge_mass: float = 0.0  # posterior share on the search window's surface, last iteration
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -77,12 +81,14 @@ class RefineState:
 class HalfResult:
     """One half's E- and M-step."""
 
-    volume: Tensor  # (N, N, N) float64
+    volume: Tensor  # (N, N, N) float64 Wiener estimate (the next reference)
+    unfiltered: Tensor  # (N, N, N) float64 without the prior (RELION's _unfil half maps)
     rotations: Tensor  # (n_h, 3, 3)
     shifts_px: Tensor  # (n_h, 2)
     mean_nll: float  # -log evidence + data norm over the candidates, per image
     mean_max_probability: float
     mean_rotation_change_deg: float
+    mean_edge_mass: float  # posterior mass on the search window's surface (wider if large)
 
 
 def tau2_from_fsc(fsc: Tensor, back: BackProjection, floor: float = 1e-3) -> Tensor:
@@ -114,12 +120,18 @@ def tau2_from_map(volume: Tensor, radius_px: float, n_shells: int) -> Tensor:
 
 def next_steps(state: RefineState, search_radius_px: float, box_size: int
                ) -> tuple[float, float]:
-    """(angular step rad, shift step px): halved each iteration down to half a Fourier pixel
-    of arc (rotation) and of phase wavelength (shift) at the search cutoff."""
+    """(angular step rad, shift step px) of the next local search.
+
+    Halved each iteration down to half a Fourier pixel of arc (rotation) and of phase
+    wavelength (shift) at the search cutoff, while the posterior fits the window; kept when a
+    quarter of it lies on the window's surface and doubled when half does (noisy particles
+    whose poses are known no better than that: a finer grid would only cut their posterior
+    off)."""
     finest_angle = 0.5 / search_radius_px
     finest_shift = max(0.25, box_size / (4 * math.pi * search_radius_px))
-    return (max(finest_angle, 0.5 * state.angular_step_rad),
-            max(finest_shift, 0.5 * state.shift_step_px))
+    factor = 2.0 if state.edge_mass > 0.5 else 1.0 if state.edge_mass > 0.25 else 0.5
+    return (max(finest_angle, factor * state.angular_step_rad),
+            max(finest_shift, factor * state.shift_step_px))
 
 
 class Refinement:
@@ -153,10 +165,12 @@ class Refinement:
         shape = backprojection_grid_shape(layout)
         numerator = torch.zeros(shape, dtype=torch.complex128, device=dev)
         weights = torch.zeros(shape, dtype=torch.float64, device=dev)
-        rot_offsets = rotation_offsets(steps[0], 1, device=dev)
-        t_offsets = shift_offsets(steps[1], 1, device=dev)
+        extent = self.config.search_extent
+        rot_offsets = rotation_offsets(steps[0], extent, device=dev)
+        t_offsets = shift_offsets(steps[1], extent, device=dev)
+        inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
-        nll_sum = prob_sum = change_sum = 0.0
+        nll_sum = prob_sum = change_sum = edge_sum = 0.0
         for chunk in torch.arange(len(rows)).split(self.config.chunk_size):
             batch = self._batch(rows[chunk], keep)
             cand_rot = candidate_rotations(rotations[chunk].to(dev), rot_offsets)
@@ -173,6 +187,7 @@ class Refinement:
             evidence = scores.log_evidence() - math.log(posterior[0].numel())
             nll_sum += float((batch.data_norm() - evidence).sum())
             prob_sum += float(posterior.flatten(1).amax(1).sum())
+            edge_sum += float(len(chunk) - (posterior * inner).sum())
             change_sum += float(torch.linalg.matrix_norm(rot_offsets[j] - torch.eye(
                 3, dtype=rot_offsets.dtype, device=dev)).sum())
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
@@ -180,11 +195,13 @@ class Refinement:
         back = gridded_backprojection(numerator, weights, layout)
         prior = tau2_from_fsc(fsc, back) if fsc is not None else tau2
         solved = solve_map(back, tau2_per_shell=prior, cutoff_px=radius_px)
+        unfiltered = solve_map(back, cutoff_px=radius_px)
         count = max(1, len(rows))
         # ||R - I||_F = 2 sqrt(2) sin(theta / 2): the rotation angle of each change
-        mean_angle = 2 * math.degrees(math.asin(min(1.0, change_sum / count / (2 * math.sqrt(2)))))
-        return HalfResult(self.symmetrize(solved.cpu()), new_rot, new_shift, nll_sum / count,
-                          prob_sum / count, mean_angle)
+        mean_angle = 2 * math.degrees(math.asin(min(1.0, change_sum / count / math.sqrt(8))))
+        return HalfResult(self.symmetrize(solved.cpu()), self.symmetrize(unfiltered.cpu()),
+                          new_rot, new_shift, nll_sum / count, prob_sum / count, mean_angle,
+                          edge_sum / count)
 
     def _batch(self, rows: Tensor, keep: Tensor) -> ImageBatch:
         """The images `rows` (b,) at the points `keep` (M,) on the device."""
@@ -204,53 +221,63 @@ class Refinement:
         radius = last if state.final else min(state.resolution_radius_px
                                               + self.config.shell_margin, last)
         steps = next_steps(state, radius, n)
-        halves, infos = [], []
         rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
+        results = []
         for h in (1, 2):
             rows = torch.nonzero(self.subset == h).flatten()
             result = self.half_step(state.half_maps[h - 1], rows, state.rotations[rows],
                                     state.shifts_px[rows], radius, steps, tau2_start,
                                     state.fsc)
             rotations[rows], shifts[rows] = result.rotations, result.shifts_px
-            halves.append(result.volume)
-            infos.append(result)
-        fsc = compute_fsc(halves[0] * self.sphere, halves[1] * self.sphere,
+            results.append(result)
+        fsc = self.half_map_fsc(results[0].unfiltered, results[1].unfiltered, radius)
+        new_radius = n * self.spectra.pixel_size_a / fsc.resolution_at(FSC_THRESHOLD)
+        record = self._record(state, radius, steps, fsc, results, started)
+        return RefineState(
+            iteration=state.iteration + 1, rotations=rotations, shifts_px=shifts,
+            half_maps=torch.stack([r.volume for r in results]),
+            resolution_radius_px=new_radius, angular_step_rad=steps[0],
+            shift_step_px=steps[1], fsc=fsc.fsc,
+            best_radius_px=max(state.best_radius_px, new_radius),
+            stalls=0 if new_radius > state.best_radius_px + 0.5 else state.stalls + 1,
+            final=state.final, unfiltered=torch.stack([r.unfiltered for r in results]),
+            edge_mass=record["window_edge_mass"], history=state.history + [record])
+
+    def half_map_fsc(self, half1: Tensor, half2: Tensor, radius_px: float) -> FscResult:
+        """FSC of the unfiltered halves (N, N, N) inside the particle's sphere, zero beyond
+        the reconstructed band (where both hold only the mask's leakage of their common low
+        resolution: no evidence of signal)."""
+        n = self.box_size
+        fsc = compute_fsc(half1 * self.sphere, half2 * self.sphere,
                           pixel_size_a=self.spectra.pixel_size_a)
-        # beyond the reconstructed band both maps hold only the mask's leakage of their
-        # common low resolution: no evidence of signal
-        curve = torch.where(fsc.shells > radius, 0.0, fsc.fsc)
-        fsc = FscResult.from_curve(curve, n, self.spectra.pixel_size_a)
-        resolution_a = fsc.resolution_at(FSC_THRESHOLD)
-        new_radius = n * self.spectra.pixel_size_a / resolution_a
-        improved = new_radius > state.best_radius_px + 0.5
+        curve = torch.where(fsc.shells > radius_px, 0.0, fsc.fsc)
+        return FscResult.from_curve(curve, n, self.spectra.pixel_size_a)
+
+    def _record(self, state: RefineState, radius: float, steps: tuple[float, float],
+                fsc: FscResult, results: list[HalfResult], started: float) -> dict:
+        """metrics.csv's row of an iteration (logged)."""
+        pixel = self.spectra.pixel_size_a
         record = {
             "iteration": state.iteration + 1, "search_radius_px": radius,
-            "search_resolution_a": n * self.spectra.pixel_size_a / radius,
+            "search_resolution_a": self.box_size * pixel / radius,
             "angular_step_deg": math.degrees(steps[0]), "shift_step_px": steps[1],
-            "resolution_0143_a": resolution_a, "resolution_05_a": fsc.resolution_at(0.5),
-            "mean_nll": sum(r.mean_nll for r in infos) / 2,
-            "mean_max_probability": sum(r.mean_max_probability for r in infos) / 2,
-            "mean_rotation_change_deg": sum(r.mean_rotation_change_deg for r in infos) / 2,
+            "resolution_0143_a": fsc.resolution_at(FSC_THRESHOLD),
+            "resolution_05_a": fsc.resolution_at(0.5),
+            "mean_nll": sum(r.mean_nll for r in results) / 2,
+            "mean_max_probability": sum(r.mean_max_probability for r in results) / 2,
+            "mean_rotation_change_deg": sum(r.mean_rotation_change_deg for r in results) / 2,
+            "window_edge_mass": sum(r.mean_edge_mass for r in results) / 2,
             "seconds": time.perf_counter() - started,
         }
         log.info("iteration %d: searched to %.1f A (steps %.2f deg, %.2f px); gold-standard "
-                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg; %.0f s",
+                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg; %.0f%% of the "
+                 "posterior on the window's edge; %.0f s",
                  record["iteration"], record["search_resolution_a"], record["angular_step_deg"],
-                 steps[1], resolution_a, record["resolution_05_a"],
-                 record["mean_rotation_change_deg"], record["seconds"])
-        return RefineState(
-            iteration=state.iteration + 1, rotations=rotations, shifts_px=shifts,
-            half_maps=torch.stack(halves), resolution_radius_px=new_radius,
-            angular_step_rad=steps[0], shift_step_px=steps[1], fsc=fsc.fsc,
-            best_radius_px=max(state.best_radius_px, new_radius),
-            stalls=0 if improved else state.stalls + 1, final=state.final,
-            history=state.history + [record])
+                 steps[1], record["resolution_0143_a"], record["resolution_05_a"],
+                 record["mean_rotation_change_deg"], 100 * record["window_edge_mass"],
+                 record["seconds"])
+        return record
 
     def converged(self, state: RefineState) -> bool:
-        """No gain for two iterations at the finest steps the current cutoff needs."""
-        radius = min(state.resolution_radius_px + self.config.shell_margin,
-                     self.box_size / 2 - 1)
-        finest = next_steps(state, radius, self.box_size)
-        at_finest = (finest[0] >= state.angular_step_rad - 1e-12
-                     and finest[1] >= state.shift_step_px - 1e-12)
-        return state.stalls >= 2 and at_finest
+        """No gain in resolution for two iterations."""
+        return state.stalls >= 2

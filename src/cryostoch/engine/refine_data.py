@@ -48,6 +48,7 @@ class RefineConfig:
     max_iterations: int = 12
     poses_from_input: bool = False  # start from the file's poses instead of a global search
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
+    search_extent: int = 2  # local window: +-this many steps in each rotation and shift axis
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -62,6 +63,8 @@ class RefineConfig:
             raise InputError("--iterations", "must be at least 1")
         if self.initial_resolution_a is not None and not self.initial_resolution_a > 0:
             raise InputError("--initial-resolution-a", "must be positive")
+        if self.search_extent < 1:
+            raise InputError("--search-extent", "must be at least 1")
         if self.shell_margin < 1:
             raise InputError("--shell-margin", "must be at least 1")
         if self.chunk_size < 1:

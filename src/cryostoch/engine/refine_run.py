@@ -116,7 +116,7 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
             state: RefineState, seconds: float) -> RefineResult:
     """The half maps, poses and records first, then the post-processing (map.mrc last)."""
     pixel = run.geometry.pixel_size_a
-    half1, half2 = state.half_maps[0], state.half_maps[1]
+    half1, half2 = state.unfiltered[0], state.unfiltered[1]  # as RELION's _unfil maps
     generator = torch.Generator().manual_seed(config.seed + 31)
     post = postprocess_halves(half1, half2, pixel, generator=generator)
     record = {"config": config.to_dict(), "iterations": state.iteration, "seconds": seconds,

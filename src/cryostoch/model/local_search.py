@@ -38,26 +38,36 @@ from cryostoch.operators.slicing import (
 )
 
 
+def cube_grid(extent: int, dims: int, *, device=None) -> Tensor:
+    """(K, dims) integer points of {-e..e}^dims ordered by distance from the origin (origin
+    first; ties in a fixed order): the layout of `rotation_offsets` and `shift_offsets`."""
+    if extent < 0:
+        raise ValueError("extent must be >= 0")
+    axis = torch.arange(-extent, extent + 1, dtype=torch.float64, device=device)
+    grid = torch.stack(torch.meshgrid(*([axis] * dims), indexing="ij"), -1).reshape(-1, dims)
+    return grid[grid.norm(dim=1).argsort(stable=True)]
+
+
+def on_edge(extent: int, dims: int, *, device=None) -> Tensor:
+    """(K,) bool: which points of `cube_grid` lie on the cube's surface (|index| = extent)."""
+    return cube_grid(extent, dims, device=device).abs().amax(1) == extent
+
+
 def rotation_offsets(step_rad: float, extent: int = 1, *, dtype=torch.float64,
                      device=None) -> Tensor:
-    """(J, 3, 3) small rotations: rotation vectors on the cubic grid step * {-e..e}^3 inside the
-    ball of radius e * step * sqrt(3) (the whole cube), identity first."""
-    if not step_rad > 0 or extent < 0:
-        raise ValueError("step must be positive and extent >= 0")
-    axis = torch.arange(-extent, extent + 1, dtype=dtype, device=device) * step_rad
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    order = grid.norm(dim=1).argsort(stable=True)  # identity (norm 0) first
-    return rotvec_to_matrix(grid[order])
+    """(J, 3, 3) small rotations: rotation vectors step * {-e..e}^3 (`cube_grid`), identity
+    first."""
+    if not step_rad > 0:
+        raise ValueError("step must be positive")
+    return rotvec_to_matrix(cube_grid(extent, 3, device=device) * step_rad).to(dtype)
 
 
 def shift_offsets(step_px: float, extent: int = 1, *, dtype=torch.float64,
                   device=None) -> Tensor:
-    """(S, 2) shift offsets step * {-e..e}^2 in pixels, zero first."""
-    if not step_px > 0 or extent < 0:
-        raise ValueError("step must be positive and extent >= 0")
-    axis = torch.arange(-extent, extent + 1, dtype=dtype, device=device) * step_px
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
-    return grid[grid.norm(dim=1).argsort(stable=True)]
+    """(S, 2) shift offsets step * {-e..e}^2 in pixels (`cube_grid`), zero first."""
+    if not step_px > 0:
+        raise ValueError("step must be positive")
+    return (cube_grid(extent, 2, device=device) * step_px).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -130,18 +140,23 @@ def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_s
 
 def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
                       posterior: Tensor, rotations: Tensor, images: ImageBatch, kx: Tensor,
-                      ky: Tensor, oversampling: int, min_relative_mass: float = 1e-3) -> None:
+                      ky: Tensor, oversampling: int, min_relative_mass: float = 1e-3,
+                      max_rotations: int = 16) -> None:
     """Add the posterior-weighted M-step sums of b images into 3-D half-spectrum accumulators.
 
     numerator: (Kz, Ky, Kx) complex, += B[sum_s r_ijs w p C X u_is] and weights: (Kz, Ky, Kx)
     real, += B[r_ij w p C^2], with B the trilinear back-projection along A_ij (`insert_slices`,
     the adjoint of the reads that scored them). Only rotations holding at least
-    `min_relative_mass` of the image's most probable one are inserted (the rest carry
-    next to nothing); each image's kept mass is renormalised to one.
+    `min_relative_mass` of the image's most probable one, and at most its `max_rotations` most
+    probable, are inserted (the rest carry little and cost as much each); each image's kept
+    mass is renormalised to one.
     posterior: (b, J, S); rotations: (b, J, 3, 3); kx, ky: (M,) float64.
     """
     mass = posterior.sum(-1)  # (b, J)
     keep = mass >= min_relative_mass * mass.amax(1, keepdim=True)
+    if mass.shape[1] > max_rotations:
+        threshold = mass.topk(max_rotations, dim=1).values[:, -1:]
+        keep &= mass >= threshold
     image, rotation = keep.nonzero(as_tuple=True)
     kept_total = (mass * keep).sum(1)  # (b,)
     r = posterior[image, rotation] / kept_total[image].unsqueeze(-1)  # (n, S)
