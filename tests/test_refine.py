@@ -114,6 +114,10 @@ def test_refine_refuses_bad_input_in_one_line(refine_sim, tmp_path, capsys):
                      str(refine_sim / "start.mrc"), "--out", str(tmp_path / "c"),
                      "--poses-from-input", "--quiet"], "poses")
     assert not (tmp_path / "c").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    refused(capsys, refine_argv(refine_sim, damaged, "--resume"), "checkpoint.pt")
 
 
 @pytest.mark.slow

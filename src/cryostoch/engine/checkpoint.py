@@ -33,7 +33,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 CHECKPOINT_KEYS = ("config", "volume", "optimizer", "run")
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
     """The state saved by `save_checkpoint`; InputError (one line) if the file is damaged.
 
     Loaded with `weights_only=True`: a checkpoint holds only tensors, numbers, strings and
@@ -55,7 +55,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - truncated, empty or random files fail in many ways
         raise InputError(path, "is damaged (truncated, empty or not a torch file); remove it "
                          "to start again, or use --overwrite") from None
-    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+    if not isinstance(state, dict) or not all(key in state for key in keys):
         raise InputError(path, "not a cryostoch checkpoint (it lacks the run state); remove it "
                          "to start again, or use --overwrite")
     return state

@@ -98,7 +98,7 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     tau2 = tau2_from_map(volume, geometry.cutoff_radius_px, n // 2 + 2)
     checkpoint = out / CHECKPOINT_NAME
     if resume and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
+        saved = load_checkpoint(checkpoint, keys=("config", "state"))
         if saved.get("config") != config.to_dict():
             raise InputError(checkpoint, "was written with other settings: resume with the "
                              "same options, or use --overwrite")
