@@ -66,7 +66,7 @@ class RefineState:
     stalls: int = 0
     final: bool = False  # the last iteration (reconstruction to Nyquist) is done
     unfiltered: Tensor | None = None  # (2, N, N, N) the halves without the prior (for FSCs)
-    edge_mass: float = 0.0  # posterior share on the search window's surface, last iteration
+    edge_mass: float = 0.0  # median posterior share on the window's surface, last iteration
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -88,7 +88,8 @@ class HalfResult:
     mean_nll: float  # -log evidence + data norm over the candidates, per image
     mean_max_probability: float
     mean_rotation_change_deg: float
-    mean_edge_mass: float  # posterior mass on the search window's surface (wider if large)
+    median_edge_mass: float  # posterior share on the search window's surface, median over
+    # the particles (robust to junk, whose posterior is flat whatever the window)
 
 
 def tau2_from_fsc(fsc: Tensor, back: BackProjection, floor: float = 1e-3) -> Tensor:
@@ -170,7 +171,8 @@ class Refinement:
         t_offsets = shift_offsets(steps[1], extent, device=dev)
         inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
-        nll_sum = prob_sum = change_sum = edge_sum = 0.0
+        nll_sum = prob_sum = change_sum = 0.0
+        edge = torch.empty(len(rows), dtype=torch.float64)
         for chunk in torch.arange(len(rows)).split(self.config.chunk_size):
             batch = self._batch(rows[chunk], keep)
             cand_rot = candidate_rotations(rotations[chunk].to(dev), rot_offsets)
@@ -187,7 +189,7 @@ class Refinement:
             evidence = scores.log_evidence() - math.log(posterior[0].numel())
             nll_sum += float((batch.data_norm() - evidence).sum())
             prob_sum += float(posterior.flatten(1).amax(1).sum())
-            edge_sum += float(len(chunk) - (posterior * inner).sum())
+            edge[chunk] = (1 - (posterior * inner).sum((1, 2))).double().cpu()
             change_sum += float(torch.linalg.matrix_norm(rot_offsets[j] - torch.eye(
                 3, dtype=rot_offsets.dtype, device=dev)).sum())
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
@@ -201,7 +203,7 @@ class Refinement:
         mean_angle = 2 * math.degrees(math.asin(min(1.0, change_sum / count / math.sqrt(8))))
         return HalfResult(self.symmetrize(solved.cpu()), self.symmetrize(unfiltered.cpu()),
                           new_rot, new_shift, nll_sum / count, prob_sum / count, mean_angle,
-                          edge_sum / count)
+                          float(edge.median()) if len(rows) else 0.0)
 
     def _batch(self, rows: Tensor, keep: Tensor) -> ImageBatch:
         """The images `rows` (b,) at the points `keep` (M,) on the device."""
@@ -266,12 +268,12 @@ class Refinement:
             "mean_nll": sum(r.mean_nll for r in results) / 2,
             "mean_max_probability": sum(r.mean_max_probability for r in results) / 2,
             "mean_rotation_change_deg": sum(r.mean_rotation_change_deg for r in results) / 2,
-            "window_edge_mass": sum(r.mean_edge_mass for r in results) / 2,
+            "window_edge_mass": sum(r.median_edge_mass for r in results) / 2,
             "seconds": time.perf_counter() - started,
         }
         log.info("iteration %d: searched to %.1f A (steps %.2f deg, %.2f px); gold-standard "
-                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg; %.0f%% of the "
-                 "posterior on the window's edge; %.0f s",
+                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg; median %.0f%% of "
+                 "the posterior on the window's edge; %.0f s",
                  record["iteration"], record["search_resolution_a"], record["angular_step_deg"],
                  steps[1], record["resolution_0143_a"], record["resolution_05_a"],
                  record["mean_rotation_change_deg"], 100 * record["window_edge_mass"],
