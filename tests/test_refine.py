@@ -54,9 +54,11 @@ def test_refine_improves_on_its_start_and_writes_every_output(refine_sim, tmp_pa
     assert main(refine_argv(refine_sim, out)) == 0
     for name in ("map.mrc", "map_unsharpened.mrc", "half1.mrc", "half2.mrc", "mask.mrc",
                  "fsc.csv", "fsc.png", "guinier.png", "postprocess.json", "poses.star",
-                 "metrics.csv", "refine.json"):
+                 "metrics.csv", "refine.json", "open_in_chimerax.cxc"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint.pt").exists()
+    script = (out / "open_in_chimerax.cxc").read_text()
+    assert all(f"open {name}" in script for name in ("map.mrc", "half1.mrc", "half2.mrc"))
     record = json.loads((out / "refine.json").read_text())
     # the gold standard and the truth both say it went well past the start's 40 A
     assert record["resolution_0143_a"] < 0.75 * START_A

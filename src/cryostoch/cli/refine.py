@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=12,
                         help="most iterations before the last one to Nyquist (default 12; "
                              "it stops earlier at convergence)")
-    parser.add_argument("--search-extent", type=int, default=2,
+    parser.add_argument("--search-extent", type=int, default=1,
                         help="local search window: +-this many steps on each rotation and "
-                             "shift axis (default 2: 125 rotations x 25 shifts per particle)")
+                             "shift axis (default 1: 27 rotations x 9 shifts per particle)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")
@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
           f"after {result.iterations} iterations in {result.seconds:.0f} s")
     print(f"outputs in {result.out_dir}: map.mrc, map_unsharpened.mrc, half1.mrc, half2.mrc, "
           "mask.mrc, fsc.csv, fsc.png, guinier.png, postprocess.json, poses.star, metrics.csv, "
-          "refine.json")
+          "refine.json, open_in_chimerax.cxc")
     return 0

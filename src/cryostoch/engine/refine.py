@@ -10,8 +10,8 @@ start map). Every iteration, for each half:
   each averaged over the point group.
 The FSC of the two unfiltered halves (inside the particle's sphere) sets the next cutoff; the
 angular and shift steps are halved down to what that cutoff needs (half a Fourier pixel of arc
-at its edge) while the posterior fits the search window. It stops when the resolution has not
-improved for two iterations, with one last iteration that reconstructs to Nyquist.
+at its edge). It stops when the resolution has not improved for two iterations at the finest
+steps, with one last iteration that reconstructs to Nyquist.
 """
 
 from __future__ import annotations
@@ -121,18 +121,16 @@ def tau2_from_map(volume: Tensor, radius_px: float, n_shells: int) -> Tensor:
 
 def next_steps(state: RefineState, search_radius_px: float, box_size: int
                ) -> tuple[float, float]:
-    """(angular step rad, shift step px) of the next local search.
+    """(angular step rad, shift step px): halved each iteration down to half a Fourier pixel
+    of arc (rotation) and of phase wavelength (shift) at the search cutoff.
 
-    Halved each iteration down to half a Fourier pixel of arc (rotation) and of phase
-    wavelength (shift) at the search cutoff, while the posterior fits the window; kept when a
-    quarter of it lies on the window's surface and doubled when half does (noisy particles
-    whose poses are known no better than that: a finer grid would only cut their posterior
-    off)."""
+    Measured on beta-galactosidase: following the posterior's width instead (keeping the
+    step while much of the posterior lay on the window's surface) kept the steps at 5-9 deg
+    and ended at 16.8 A; halving regardless reached 13 A."""
     finest_angle = 0.5 / search_radius_px
     finest_shift = max(0.25, box_size / (4 * math.pi * search_radius_px))
-    factor = 2.0 if state.edge_mass > 0.5 else 1.0 if state.edge_mass > 0.25 else 0.5
-    return (max(finest_angle, factor * state.angular_step_rad),
-            max(finest_shift, factor * state.shift_step_px))
+    return (max(finest_angle, 0.5 * state.angular_step_rad),
+            max(finest_shift, 0.5 * state.shift_step_px))
 
 
 class Refinement:
@@ -281,5 +279,10 @@ class Refinement:
         return record
 
     def converged(self, state: RefineState) -> bool:
-        """No gain in resolution for two iterations."""
-        return state.stalls >= 2
+        """No gain in resolution for two iterations at the finest steps the cutoff needs."""
+        radius = min(state.resolution_radius_px + self.config.shell_margin,
+                     self.box_size / 2 - 1)
+        finest = next_steps(state, radius, self.box_size)
+        at_finest = (finest[0] >= state.angular_step_rad - 1e-12
+                     and finest[1] >= state.shift_step_px - 1e-12)
+        return state.stalls >= 2 and at_finest

@@ -48,7 +48,7 @@ class RefineConfig:
     max_iterations: int = 12
     poses_from_input: bool = False  # start from the file's poses instead of a global search
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
-    search_extent: int = 2  # local window: +-this many steps in each rotation and shift axis
+    search_extent: int = 1  # local window: +-this many steps in each rotation and shift axis
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"

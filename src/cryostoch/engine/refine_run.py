@@ -33,10 +33,12 @@ from cryostoch.engine.refine_data import (
 )
 from cryostoch.engine.run_folder import (
     CHECKPOINT_NAME,
+    CHIMERAX_SCRIPT,
     StagedOutputs,
     open_run_folder,
     removed_if_failed_and_empty,
 )
+from cryostoch.engine.viewer import ViewedMap, write_chimerax_script
 from cryostoch.errors import InputError
 from cryostoch.evaluate.postprocess import postprocess_halves
 from cryostoch.evaluate.postprocess_output import write_postprocess
@@ -130,6 +132,14 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
         _write_poses(staged.path("poses.star"), run, state, refinement.subset)
         _write_history(staged.path("metrics.csv"), state.history)
         staged.path("refine.json").write_text(json.dumps(record, indent=2, default=float))
+        diameter_a = 2 * run.geometry.particle_radius_px * pixel
+        write_chimerax_script(staged.path(CHIMERAX_SCRIPT), [
+            ViewedMap("map.mrc", post.map_sharpened, pixel, "the refined map, post-processed",
+                      shown=True),
+            ViewedMap("map_unsharpened.mrc", post.map_unsharpened, pixel, "not sharpened"),
+            ViewedMap("half1.mrc", half1, pixel, "half set 1, unfiltered"),
+            ViewedMap("half2.mrc", half2, pixel, "half set 2, unfiltered")],
+            particle_diameter_a=diameter_a)
     write_postprocess(post, out, pixel, overwrite=True,
                       metadata={"source": "cryostoch refine", "seconds": seconds})
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
