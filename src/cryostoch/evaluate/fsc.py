@@ -22,6 +22,8 @@ from cryostoch.fourier import radial_index, rfft3c
 from cryostoch.io._common import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
     from cryostoch.evaluate.align import Alignment
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "FscResult",
     "compute_fsc",
     "fourier_shell_correlation",
+    "fsc_figure",
     "fsc_report",
     "half_space_weights",
     "plot_fsc",
@@ -209,7 +212,24 @@ def plot_fsc(
     annotate: Sequence[bool] | None = None,
     resolution_ticks: bool = False,
 ) -> None:
-    """Write a PNG of one or more FSC curves against frequency, with the thresholds marked.
+    """Write a PNG of one or more FSC curves against frequency, with the thresholds marked
+    (`fsc_figure`)."""
+    fig = fsc_figure(results, labels=labels, title=title, thresholds=thresholds,
+                     annotate=annotate, resolution_ticks=resolution_ticks)
+    with atomic_path(path) as tmp:  # a failed write leaves no partial file behind
+        fig.savefig(tmp, format="png")
+
+
+def fsc_figure(
+    results: FscResult | Sequence[FscResult],
+    *,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    thresholds: Sequence[float] = (0.5, 0.143),
+    annotate: Sequence[bool] | None = None,
+    resolution_ticks: bool = False,
+) -> Figure:
+    """One or more FSC curves against frequency, with the thresholds marked.
 
     `annotate`: which curves get their threshold crossings marked (default: all).
     `resolution_ticks`: label the frequency axis (still linear in 1/A) in A.
@@ -250,8 +270,7 @@ def plot_fsc(
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # a failed write leaves no partial file behind
-        fig.savefig(tmp, format="png")
+    return fig
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,14 @@ def report_figure(volume: Tensor, metrics: Sequence[dict], *, title: str = "") -
     plt = _pyplot()
     fig = plt.figure(figsize=(12, 7.5), constrained_layout=True)
     grid = fig.add_gridspec(2, 4)
-    ax = fig.add_subplot(grid[0, :2])
+    plot_test_nll(fig.add_subplot(grid[0, :2]), metrics, title=title)
+    plot_objective(fig.add_subplot(grid[1, :2]), metrics)
+    draw_map_views(fig, grid[:, 2:], volume)
+    return fig
+
+
+def plot_test_nll(ax: Axes, metrics: Sequence[dict], *, title: str = "") -> None:
+    """Held-out NLL per image against gradient evaluations (metrics.csv rows)."""
     points = [(m["gradient_evaluations"], m["test_nll"]) for m in metrics
               if m.get("test_nll") is not None]
     if points:
@@ -142,26 +149,35 @@ def report_figure(volume: Tensor, metrics: Sequence[dict], *, title: str = "") -
     ax.set_ylabel("held-out negative log-likelihood per image")
     ax.set_title(title or "test NLL")
     ax.grid(alpha=0.3)
+
+
+def plot_objective(ax: Axes, metrics: Sequence[dict]) -> None:
+    """The minibatch objective against gradient evaluations, with the frequency-marching
+    stage changes marked (dashed, labelled with the new cutoff)."""
     objective = [(m["gradient_evaluations"], m["minibatch_objective"]) for m in metrics
                  if m.get("minibatch_objective") is not None]
-    ax2 = fig.add_subplot(grid[1, :2])
     if objective:
         x, y = zip(*objective, strict=True)
-        ax2.plot(np.maximum(np.asarray(x, dtype=float), 1), y, lw=0.6, color="tab:gray")
-        log_axis(ax2)
+        ax.plot(np.maximum(np.asarray(x, dtype=float), 1), y, lw=0.6, color="tab:gray")
+        log_axis(ax)
     stages = [(m["gradient_evaluations"], m.get("cutoff_resolution_a")) for m in metrics]
     for (_, before), (x, after) in zip(stages, stages[1:], strict=False):
         if before is not None and after is not None and before != after:
-            ax2.axvline(max(x, 1), color="tab:orange", lw=0.8, ls="--")
-            ax2.annotate(f"{after:.0f} A", (max(x, 1), 1), xycoords=("data", "axes fraction"),
-                         xytext=(2, -2), textcoords="offset points", fontsize=7,
-                         color="tab:orange", va="top")
-    ax2.set_xlabel("gradient evaluations")
-    ax2.set_ylabel("minibatch objective (at the stage's cutoff)")
-    ax2.grid(alpha=0.3)
+            ax.axvline(max(x, 1), color="tab:orange", lw=0.8, ls="--")
+            ax.annotate(f"{after:.0f} A", (max(x, 1), 1), xycoords=("data", "axes fraction"),
+                        xytext=(2, -2), textcoords="offset points", fontsize=7,
+                        color="tab:orange", va="top")
+    ax.set_xlabel("gradient evaluations")
+    ax.set_ylabel("minibatch objective (at the stage's cutoff)")
+    ax.grid(alpha=0.3)
+
+
+def draw_map_views(fig: Figure, spec, volume: Tensor) -> None:
+    """Central slices (top row) and projections (bottom row) along z, y and x in the
+    gridspec cell `spec` of `fig`."""
     slices, projections = map_views(volume)
     names = ["z", "y", "x"]
-    small = grid[:, 2:].subgridspec(2, 3)
+    small = spec.subgridspec(2, 3)
     for i in range(3):
         a = fig.add_subplot(small[0, i])
         a.imshow(slices[i], cmap="gray", origin="lower")
@@ -171,6 +187,32 @@ def report_figure(volume: Tensor, metrics: Sequence[dict], *, title: str = "") -
         b.imshow(projections[i], cmap="gray", origin="lower")
         b.set_title(f"projection along {names[i]}", fontsize=9)
         b.axis("off")
+
+
+def _agg_figure(width: float, height: float) -> Figure:
+    """A figure outside pyplot (nothing to close), drawn by Agg."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def convergence_figure(metrics: Sequence[dict], *, title: str = "") -> Figure:
+    """The curves of the report: held-out NLL and the minibatch objective (with the stage
+    changes) against gradient evaluations, side by side."""
+    fig = _agg_figure(11, 3.8)
+    grid = fig.add_gridspec(1, 2)
+    plot_test_nll(fig.add_subplot(grid[0, 0]), metrics, title=title)
+    plot_objective(fig.add_subplot(grid[0, 1]), metrics)
+    return fig
+
+
+def map_views_figure(volume: Tensor) -> Figure:
+    """Central slices and projections of the map (N, N, N) along z, y and x."""
+    fig = _agg_figure(7.5, 5.2)
+    draw_map_views(fig, fig.add_gridspec(1, 1)[0, 0], volume)
     return fig
 
 

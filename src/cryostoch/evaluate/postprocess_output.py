@@ -16,12 +16,17 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryostoch.evaluate.fsc import plot_fsc
+from cryostoch.evaluate.fsc import fsc_figure, plot_fsc
 from cryostoch.evaluate.postprocess import PostprocessResult
 from cryostoch.io import write_map
 
-__all__ = ["OUTPUT_NAMES", "plot_guinier", "postprocess_summary", "write_postprocess"]
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = ["OUTPUT_NAMES", "guinier_figure", "plot_guinier", "postprocess_fsc_figure",
+           "postprocess_summary", "write_postprocess"]
 
 # in the order they are renamed into place: the maps last, `map.mrc` at the very end
 OUTPUT_NAMES = ("fsc.csv", "fsc.png", "guinier.png", "postprocess.json", "mask.mrc",
@@ -74,6 +79,11 @@ def _write_csv(result: PostprocessResult, path: Path) -> None:
 
 def plot_guinier(result: PostprocessResult, path: str | Path) -> None:
     """PNG of ln|F| against s^2 for the FSC-weighted and the sharpened map, with the fit."""
+    guinier_figure(result).savefig(path, format="png")
+
+
+def guinier_figure(result: PostprocessResult) -> Figure:
+    """The figure of `plot_guinier`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -98,15 +108,27 @@ def plot_guinier(result: PostprocessResult, path: str | Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    return fig
+
+
+def _curve_options(result: PostprocessResult) -> dict:
+    """The four FSC curves with their labels, as fsc.png draws them."""
+    labels = ["unmasked", "masked", "phase-randomised (masked)",
+              f"corrected: {result.curve('corrected').describe_resolution(0.143)}"]
+    return {"results": [result.curve(name) for name in CURVES], "labels": labels,
+            "annotate": [False, False, False, True], "resolution_ticks": True,
+            "title": "Gold-standard FSC (Chen et al. 2013 correction)"}
+
+
+def postprocess_fsc_figure(result: PostprocessResult) -> Figure:
+    """The figure of fsc.png: unmasked, masked, phase-randomised and corrected FSC with the
+    0.5 and 0.143 lines."""
+    return fsc_figure(**_curve_options(result))
 
 
 def _plot_curves(result: PostprocessResult, path: Path) -> None:
-    curves = [result.curve(name) for name in CURVES]
-    labels = ["unmasked", "masked", "phase-randomised (masked)",
-              f"corrected: {result.curve('corrected').describe_resolution(0.143)}"]
-    plot_fsc(curves, path, labels=labels, annotate=[False, False, False, True],
-             resolution_ticks=True, title="Gold-standard FSC (Chen et al. 2013 correction)")
+    options = _curve_options(result)
+    plot_fsc(options.pop("results"), path, **options)
 
 
 def write_postprocess(result: PostprocessResult, out_dir: str | Path,

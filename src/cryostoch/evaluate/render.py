@@ -4,9 +4,10 @@ The surface is scikit-image's marching cubes at a given level, drawn by matplotl
 `Poly3DCollection` in an orthographic view, each triangle shaded by its angle to a light that
 sits near the viewer (two-sided Lambert shading: the surface of a noisy map is not always
 closed, so no face is dark just for facing away). Coordinates follow the map's (z, y, x)
-index order as `plots.map_views` does: the view "along z" looks down the z axis with x to the
-right and y up, as ChimeraX opens a map. No pyplot state: every figure is a plain
-`matplotlib.figure.Figure` with an Agg canvas.
+index order, and each view is oriented as the central slice and projection of
+`plots.map_views` along the same axis: along z, x to the right and y up (as ChimeraX opens a
+map); along y, x to the right and z up; along x, y to the right and z up. No pyplot state:
+every figure is a plain `matplotlib.figure.Figure` with an Agg canvas.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class View:
 
 VIEWS = {
     "x": View(0.0, 0.0, (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
-    "y": View(0.0, 90.0, (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+    "y": View(0.0, -90.0, (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
     "z": View(90.0, -90.0, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
 }
 
