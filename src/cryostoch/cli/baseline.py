@@ -86,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{config.label}: held-out NLL per image {nll} after {config.iterations} iterations "
           f"({result.gradient_evaluations} gradient-evaluation equivalents) in "
           f"{result.seconds:.1f} s")
-    print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.png, "
-          "config.json, open_in_chimerax.cxc")
+    print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.html, "
+          "report.png, config.json, open_in_chimerax.cxc")
     return 0

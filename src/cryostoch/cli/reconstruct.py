@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"map: {result.map_path}")
     print(f"held-out NLL per image: {nll}; {result.gradient_evaluations} gradient evaluations "
           f"in {result.seconds:.1f} s")
-    print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.png, "
-          "config.json, open_in_chimerax.cxc, snapshots/")
+    print(f"outputs in {result.out_dir}: map.mrc, metrics.csv, poses.star, report.html, "
+          "report.png, config.json, open_in_chimerax.cxc, snapshots/")
     if args.refine:
         _refine(config, result.map_path, args)
     return 0

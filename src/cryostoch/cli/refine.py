@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
           f"after {result.iterations} iterations in {result.seconds:.0f} s")
     print(f"outputs in {result.out_dir}: map.mrc, map_unsharpened.mrc, half1.mrc, half2.mrc, "
           "mask.mrc, fsc.csv, fsc.png, guinier.png, postprocess.json, poses.star, metrics.csv, "
-          "refine.json, open_in_chimerax.cxc")
+          "refine.json, report.html, open_in_chimerax.cxc")
     return 0

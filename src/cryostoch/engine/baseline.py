@@ -4,8 +4,8 @@
 preparation (working box, cutoff, normalisation, held-out test set), the same final-cutoff
 likelihood model (which scores the held-out set, so curves are comparable with the stochastic
 runs), the same random initial density for the same seed, and the same outputs (map.mrc,
-metrics.csv, poses.star, report.png, config.json). Each iteration uses every training image
-once and updates the map in closed form (`cryostoch.baselines`).
+metrics.csv, poses.star, report.png, report.html, config.json). Each iteration uses every
+training image once and updates the map in closed form (`cryostoch.baselines`).
 
 Accounting: one iteration reads each of the K training images once, so it is counted as K
 gradient-evaluation equivalents and one epoch; the paper compares five baseline iterations with
@@ -167,7 +167,7 @@ class BaselineRun:
         return finish(self.out, prepared, self.volume, state.metrics,
                       gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
                       info=self._info(), title=f"{cfg.label}: {Path(self.config.particles).name}",
-                      noise_precision=self.noise_precision)
+                      command=f"baseline ({cfg.label})", noise_precision=self.noise_precision)
 
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state

@@ -1,5 +1,5 @@
-"""What a finished run writes: maps, metrics.csv, config.json, poses.star, report.png and
-open_in_chimerax.cxc.
+"""What a finished run writes: maps, metrics.csv, config.json, poses.star, report.png,
+report.html (`engine.html_report`) and open_in_chimerax.cxc.
 
 Plain functions of the prepared run and the final state, shared by the stochastic runs and the
 baselines.
@@ -171,14 +171,20 @@ def check_finite_result(run: PreparedRun, volume: Tensor, poses: PoseAssignment 
 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
            gradient_evaluations: int, seconds: float, info: dict, title: str,
-           noise_precision: Tensor | None = None,
+           command: str = "reconstruct", noise_precision: Tensor | None = None,
            class_log_weights: Tensor | None = None) -> ReconstructionResult:
     """Write every output of a finished run (all at once, map.mrc last: `StagedOutputs`) and
     return its summary. InputError, with nothing written, if the run diverged.
 
     volume: (N, N, N) final map, or (K, N, N, N) with classes (map.mrc is then the largest
-    class), in the run's dtype and device; info: what config.json holds (see `run_info`).
+    class), in the run's dtype and device; info: what config.json holds (see `run_info`);
+    command: what report.html calls the run.
     """
+    from cryostoch.engine.html_report import (
+        REPORT_HTML,
+        reconstruction_report_html,
+        write_report_html,
+    )
     from cryostoch.evaluate.plots import reconstruction_report
 
     poses = None
@@ -200,6 +206,10 @@ def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
             write_poses(staged.path("poses.star"), run, poses)
         reconstruction_report(staged.path("report.png"), map_volume, metrics, title=title)
         staged.path("config.json").write_text(json.dumps(info, indent=2, default=str))
+        write_report_html(staged.path(REPORT_HTML), reconstruction_report_html(
+            run, map_volume, metrics, info, poses, command=command, seconds=seconds,
+            gradient_evaluations=gradient_evaluations,
+            class_maps=[(f"class {c + 1}", all_maps[c]) for c in range(len(class_maps))]))
         script = staged.path(CHIMERAX_SCRIPT)  # asked for before map.mrc, which comes last
         maps = write_maps(staged, run, map_volume)
         if class_maps:

@@ -302,7 +302,8 @@ class Reconstruction:
                       info=run_info(self.prepared) | self.noise_and_mask.describe(),
                       noise_precision=self.noise_and_mask.precision(self.prepared.model),
                       class_log_weights=self._class_log_weights(),
-                      title=f"{cfg.optimizer}: {Path(cfg.particles).name}")
+                      title=f"{cfg.optimizer}: {Path(cfg.particles).name}",
+                      command=f"reconstruct ({cfg.optimizer})")
 
     def _check_diverged(self, objective: float, test: float | None) -> None:
         """InputError once the objective, the held-out NLL or the map is not finite."""

@@ -3,9 +3,10 @@
 Outputs (staged and renamed together, map.mrc last): half1.mrc, half2.mrc, the post-processed
 map.mrc (FSC-weighted, sharpened) and map_unsharpened.mrc, mask.mrc, fsc.csv / fsc.png
 (masked, unmasked and phase-randomisation-corrected FSC), guinier.png, poses.star (with
-rlnRandomSubset), metrics.csv (one row per iteration) and refine.json (settings, results,
-timings). checkpoint.pt is written atomically after every iteration; --resume continues from it
-and gives the same result as an uninterrupted run.
+rlnRandomSubset), metrics.csv (one row per iteration), refine.json (settings, results,
+timings) and report.html (all of it on one page: `engine.html_report`). checkpoint.pt is
+written atomically after every iteration; --resume continues from it and gives the same
+result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.engine.checkpoint import load_checkpoint, save_checkpoint
+from cryostoch.engine.html_report import REPORT_HTML, refine_report_html, write_report_html
 from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.refine import Refinement, RefineState, tau2_from_map
 from cryostoch.engine.refine_data import (
@@ -132,6 +134,7 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
         _write_poses(staged.path("poses.star"), run, state, refinement.subset)
         _write_history(staged.path("metrics.csv"), state.history)
         staged.path("refine.json").write_text(json.dumps(record, indent=2, default=float))
+        write_report_html(staged.path(REPORT_HTML), refine_report_html(run, state, post, record))
         diameter_a = 2 * run.geometry.particle_radius_px * pixel
         write_chimerax_script(staged.path(CHIMERAX_SCRIPT), [
             ViewedMap("map.mrc", post.map_sharpened, pixel, "the refined map, post-processed",

@@ -23,9 +23,9 @@ CHIMERAX_SCRIPT = "open_in_chimerax.cxc"  # engine.viewer writes it
 SNAPSHOT_FOLDER = "snapshots"
 # What a run writes at its end (class_NN.mrc with classes); map.mrc is renamed last.
 FINAL_OUTPUTS = ("map.mrc", "map_fullbox.mrc", "config.json", "metrics.csv", "poses.star",
-                 "report.png", CHIMERAX_SCRIPT, "half1.mrc", "half2.mrc", "refine.json",
-                 "map_unsharpened.mrc", "mask.mrc", "fsc.csv", "fsc.png", "guinier.png",
-                 "postprocess.json")
+                 "report.png", "report.html", CHIMERAX_SCRIPT, "half1.mrc", "half2.mrc",
+                 "refine.json", "map_unsharpened.mrc", "mask.mrc", "fsc.csv", "fsc.png",
+                 "guinier.png", "postprocess.json")
 CLASS_MAP_PATTERN = "class_[0-9][0-9].mrc"
 # Hidden temporaries: StagedOutputs' and those of the atomic single-file writers.
 STAGED_PREFIX = ".partial-"
