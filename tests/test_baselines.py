@@ -370,7 +370,8 @@ def test_cli_runs_end_to_end(monkeypatch, capsys, tmp_path, particle_set, method
                             "--max-freq", 0.3, "--test-size", 50, "--shift-range-a", 0,
                             "--quiet")
     assert status == 0, stdout
-    for name in ("map.mrc", "metrics.csv", "poses.star", "report.png", "config.json"):
+    for name in ("map.mrc", "metrics.csv", "poses.star", "report.png", "report.html",
+                 "config.json"):
         assert (out / name).is_file(), name
     assert "map:" in stdout and "held-out NLL" in stdout
     with open(out / "metrics.csv") as handle:

@@ -90,6 +90,7 @@ def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
     info = json.loads((out / "config.json").read_text())
     assert info["particles"]["test"] == 50 and info["versions"]["torch"] == torch.__version__
     assert (out / "report.png").stat().st_size > 10_000
+    assert (out / "report.html").stat().st_size > 50_000  # tests/test_html_report.py checks it
 
 
 def test_resume_continues_exactly(tiny_set, tmp_path, monkeypatch):
