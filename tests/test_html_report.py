@@ -161,6 +161,28 @@ def test_reconstruct_writes_a_self_contained_report(finished, sim, tmp_path):
         "class_sizes", "class_isosurfaces"}
 
 
+def test_reconstruct_refreshes_the_report_at_checkpoints(sim, tmp_path, monkeypatch):
+    from cryostoch.engine.reconstruct import Reconstruction
+
+    pages = []
+    real = Reconstruction._progress_report
+
+    def keep_a_copy(self):
+        real(self)
+        pages.append(tmp_path / f"page_{len(pages)}.html")
+        shutil.copy(self.out / "report.html", pages[-1])
+
+    monkeypatch.setattr(Reconstruction, "_progress_report", keep_a_copy)
+    out = tmp_path / "run"
+    assert main(reconstruct_argv(sim, out, "--epochs", "1", "--batch-size", "65",
+                                 "--checkpoint-interval-s", "0")) == 0
+    assert len(pages) == 2  # after steps 1 and 2 of 3; the end writes the final page
+    assert set(page_figures(pages[-1])) == RECONSTRUCT_FIGURES - {"viewing_directions",
+                                                                  "confidence"}
+    assert "in progress" in pages[-1].read_text()
+    assert "in progress" not in (out / "report.html").read_text()
+
+
 def test_refine_writes_a_self_contained_report(refine_sim, tmp_path):  # noqa: F811
     out = tmp_path / "refined"
     assert main(refine_argv(refine_sim, out, "--iterations", "1")) == 0

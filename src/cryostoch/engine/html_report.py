@@ -102,12 +102,13 @@ def map_section(volume: Tensor, pixel_size_a: float, *, particle_diameter_a: flo
 
 
 def poses_section(euler_deg: np.ndarray | None, probability: np.ndarray | None,
-                  what: str) -> str:
+                  what: str, *, missing: str = "no poses were assigned") -> str:
     """Viewing directions of the particles' poses (rot, tilt) and, when known, the
-    histogram of their best pose's posterior probability."""
+    histogram of their best pose's posterior probability; `missing` says why there are no
+    poses when `euler_deg` is None."""
     parts = []
     if euler_deg is None:
-        parts.append(note_html("no poses were assigned (--no-poses): no viewing directions"))
+        parts.append(note_html(missing))
     else:
         parts.append(figure_html(PageFigure(
             "viewing_directions",
@@ -184,9 +185,11 @@ def noise_section(info: dict, box_size: int, pixel_size_a: float) -> str:
 def reconstruction_report_html(run: PreparedRun, volume: Tensor, metrics: Sequence[dict],
                                info: dict, poses: PoseAssignment | None, *, command: str,
                                seconds: float, gradient_evaluations: int,
-                               class_maps: Sequence[tuple[str, Tensor]] = ()) -> str:
+                               class_maps: Sequence[tuple[str, Tensor]] = (),
+                               in_progress: bool = False) -> str:
     """The page of a reconstruct or baseline run: `volume` (N, N, N) is map.mrc, `class_maps`
-    (label, (N, N, N)) every class when there are several (sizes from `info["classes"]`)."""
+    (label, (N, N, N)) every class when there are several (sizes from `info["classes"]`).
+    `in_progress`: the page of a checkpoint (the current map; poses come at the end)."""
     started = time.perf_counter()
     geometry = run.geometry
     diameter = 2 * geometry.particle_radius_px * geometry.pixel_size_a
@@ -211,10 +214,16 @@ def reconstruction_report_html(run: PreparedRun, volume: Tensor, metrics: Sequen
     if poses is not None:
         euler = run.model.pose_parameters(poses.best_pose_index)[0].cpu().double().numpy()
         probability = poses.probability.numpy()
-    sections.append(poses_section(euler, probability, "every particle's most probable pose"))
+    missing = ("in progress: the poses are assigned when the run ends" if in_progress
+               else "no poses were assigned (write_poses off, as in the paper study's runs)")
+    sections.append(poses_section(euler, probability, "every particle's most probable pose",
+                                  missing=missing))
     sections.append(_built_note(started))
-    return page_html(f"cryostoch {command}", f"{Path(run.config.particles).name} -> "
-                     f"{run.config.out_dir}", sections)
+    subtitle = f"{Path(run.config.particles).name} -> {run.config.out_dir}"
+    if in_progress:
+        subtitle += (f"; in progress: written at the checkpoint after "
+                     f"{gradient_evaluations} gradient evaluations, the current map")
+    return page_html(f"cryostoch {command}", subtitle, sections)
 
 
 # ------------------------------------------------------------------ refine

@@ -293,6 +293,8 @@ class Reconstruction:
             if time.perf_counter() - last_checkpoint >= cfg.checkpoint_interval_s or last:
                 state.seconds = time.perf_counter() - start_time
                 self._checkpoint()
+                if not last:  # the end writes the full page
+                    self._progress_report()
                 last_checkpoint = time.perf_counter()
         if bar:
             bar.close()
@@ -340,6 +342,27 @@ class Reconstruction:
                 write_map(self.out / "snapshots" / f"map_{count:09d}.mrc",
                           volume.float().cpu(), self.prepared.geometry.pixel_size_a)
                 self.state.snapshots_done.append(count)
+
+    def _progress_report(self) -> None:
+        """report.html of the current map at a checkpoint (replaced by the final one; a
+        failure to draw it only warns: it must not end a long run)."""
+        from cryostoch.engine.html_report import (
+            REPORT_HTML,
+            reconstruction_report_html,
+            write_report_html,
+        )
+
+        volume = self.volume.detach()
+        if volume.dim() == 4:  # classes: the currently largest one
+            volume = volume[int(self._class_log_weights().argmax())]
+        try:
+            write_report_html(self.out / REPORT_HTML, reconstruction_report_html(
+                self.prepared, volume.float().cpu(), self.state.metrics,
+                run_info(self.prepared) | self.noise_and_mask.describe(), None,
+                command=f"reconstruct ({self.config.optimizer})", seconds=self.state.seconds,
+                gradient_evaluations=self.state.gradient_evaluations, in_progress=True))
+        except Exception as err:  # noqa: BLE001 (any drawing problem)
+            log.warning("report.html not refreshed at this checkpoint: %s", err)
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, {
