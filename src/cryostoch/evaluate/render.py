@@ -166,7 +166,8 @@ def isosurface_figure(volumes: Sequence[Tensor | np.ndarray], levels: Sequence[f
 def figure_png(fig: Figure, *, dpi: int = FIGURE_DPI) -> bytes:
     """The figure as PNG bytes."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    # no Software text chunk (matplotlib's carries its web address): nothing but the picture
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
 
 
