@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-extent", type=int, default=1,
                         help="local search window: +-this many steps on each rotation and "
                              "shift axis (default 1: 27 rotations x 9 shifts per particle)")
+    parser.add_argument("--global-searches", type=int, default=2,
+                        help="exhaustive pose searches: the first, then (when the local "
+                             "searches have converged) again at the resolution reached, each "
+                             "half against its own map (default 2; 1: local searches only)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         initial_resolution_a=args.initial_resolution_a,
         particle_diameter_a=args.particle_diameter_a, shift_range_a=args.shift_range_a,
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
-        search_extent=args.search_extent,
+        search_extent=args.search_extent, global_rounds=args.global_searches,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, project_root=args.project_root)
     result = refine(config, resume=args.resume, overwrite=args.overwrite)

@@ -16,6 +16,7 @@ steps, with one last iteration that reconstructs to Nyquist.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,6 +68,8 @@ class RefineState:
     final: bool = False  # the last iteration (reconstruction to Nyquist) is done
     unfiltered: Tensor | None = None  # (2, N, N, N) the halves without the prior (for FSCs)
     edge_mass: float = 0.0  # median posterior share on the window's surface, last iteration
+    global_searches: int = 1  # exhaustive searches done (the first one included)
+    global_radius_px: float = 0.0  # cutoff of the last exhaustive search
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -233,14 +236,14 @@ class Refinement:
         fsc = self.half_map_fsc(results[0].unfiltered, results[1].unfiltered, radius)
         new_radius = n * self.spectra.pixel_size_a / fsc.resolution_at(FSC_THRESHOLD)
         record = self._record(state, radius, steps, fsc, results, started)
-        return RefineState(
-            iteration=state.iteration + 1, rotations=rotations, shifts_px=shifts,
+        return dataclasses.replace(
+            state, iteration=state.iteration + 1, rotations=rotations, shifts_px=shifts,
             half_maps=torch.stack([r.volume for r in results]),
             resolution_radius_px=new_radius, angular_step_rad=steps[0],
             shift_step_px=steps[1], fsc=fsc.fsc,
             best_radius_px=max(state.best_radius_px, new_radius),
             stalls=0 if new_radius > state.best_radius_px + 0.5 else state.stalls + 1,
-            final=state.final, unfiltered=torch.stack([r.unfiltered for r in results]),
+            unfiltered=torch.stack([r.unfiltered for r in results]),
             edge_mass=record["window_edge_mass"], history=state.history + [record])
 
     def half_map_fsc(self, half1: Tensor, half2: Tensor, radius_px: float) -> FscResult:

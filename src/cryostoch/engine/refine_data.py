@@ -22,12 +22,13 @@ from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.initial import data_signal_power, model_signal_power
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import assign_poses
-from cryostoch.engine.prepare import PreparedRun
+from cryostoch.engine.prepare import PreparedRun, make_model
 from cryostoch.errors import InputError
 from cryostoch.fourier.grids import HalfPlaneCoefficients, half_plane_coefficients
 from cryostoch.fourier.resample import soft_low_pass
 from cryostoch.fourier.transforms import rfft2c
 from cryostoch.geometry.rotations import euler_to_matrix
+from cryostoch.geometry.symmetry import point_group
 from cryostoch.model.preprocess import normalise_images
 from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
 
@@ -49,6 +50,7 @@ class RefineConfig:
     poses_from_input: bool = False  # start from the file's poses instead of a global search
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
     search_extent: int = 1  # local window: +-this many steps in each rotation and shift axis
+    global_rounds: int = 2  # exhaustive searches (the first, then at the resolution reached)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -63,6 +65,8 @@ class RefineConfig:
             raise InputError("--iterations", "must be at least 1")
         if self.initial_resolution_a is not None and not self.initial_resolution_a > 0:
             raise InputError("--initial-resolution-a", "must be positive")
+        if self.global_rounds < 1:
+            raise InputError("--global-searches", "must be at least 1 (the first search)")
         if self.search_extent < 1:
             raise InputError("--search-extent", "must be at least 1")
         if self.shell_margin < 1:
@@ -179,6 +183,49 @@ def first_poses(run: PreparedRun, volume: Tensor, from_input: bool) -> tuple[Ten
     return euler_to_matrix(euler.cpu()), shifts.cpu().to(torch.float64)
 
 
+def affordable_radius(radius_px: float, run: PreparedRun, max_poses: float = 3e6) -> float:
+    """The largest cutoff <= `radius_px` (and >= the first search's) whose exhaustive
+    quadrature (directions x in-plane angles x shifts, over one asymmetric unit) has at most
+    `max_poses` points: the search costs the fifth power of the radius."""
+    order = point_group(run.config.symmetry).order
+    n_shifts = run.model.n_shifts * (radius_px / run.geometry.cutoff_radius_px) ** 2
+    radius = radius_px
+    while radius > run.geometry.cutoff_radius_px:
+        step = math.atan(1.0 / radius)
+        poses = (3.6 / step) ** 2 / order * math.ceil(2 * math.pi / step) * n_shifts
+        if poses <= max_poses:
+            break
+        radius *= 0.95
+        n_shifts *= 0.95**2
+    return max(radius, run.geometry.cutoff_radius_px)
+
+
+def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: float,
+                 chunk_size: int = 200) -> tuple[Tensor, Tensor, float]:
+    """The exhaustive search of particles `rows` (n_h,) against `volume` (N, N, N) at a
+    cutoff of `radius_px`: ((n_h, 3, 3) rotations, (n_h, 2) shifts px, median best-pose
+    probability). The images are read and normalised again (as the first preprocessing)."""
+    model = make_model(run.config, run.geometry, radius_px)
+    precision = NoiseAndMask(run).precision(model)
+    stats, dataset = run.particles.statistics, run.dataset
+    best, probability = [], []
+    with torch.no_grad():
+        slices = model.slices(volume.to(run.device, run.dtype))
+        for chunk in rows.split(chunk_size):
+            images = dataset.read_images(chunk.numpy()).to(torch.float64)
+            images = normalise_images(images, run.geometry.particle_radius_px,
+                                      stats.noise_sigma, stats.contrast_sign)
+            blocks = model.image_blocks(images.to(run.dtype))
+            table = None if precision is None else precision[run.particles.optics_index[chunk]]
+            result = model.evaluate(slices, blocks, dataset.ctf.index(chunk),
+                                    noise_precision=table)
+            best.append(result.best_pose_index.cpu())
+            probability.append(result.best_pose_probability.double().cpu())
+    euler, shifts = model.pose_parameters(torch.cat(best))
+    return (euler_to_matrix(euler.cpu()), shifts.cpu().to(torch.float64),
+            float(torch.cat(probability).median()))
+
+
 def coarse_steps(run: PreparedRun) -> tuple[float, float]:
     """(angular step rad, shift step px) of the global search's grid."""
     model = run.model
@@ -191,5 +238,5 @@ def coarse_steps(run: PreparedRun) -> tuple[float, float]:
     return math.atan(1.0 / run.geometry.cutoff_radius_px), shift_step
 
 
-__all__ = ["FullSpectra", "RefineConfig", "coarse_steps", "first_poses", "full_spectra",
-           "half_sets", "start_map"]
+__all__ = ["FullSpectra", "RefineConfig", "affordable_radius", "coarse_steps", "first_poses",
+           "full_spectra", "global_poses", "half_sets", "start_map"]

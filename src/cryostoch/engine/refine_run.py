@@ -12,8 +12,10 @@ result as an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,11 @@ from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.refine import Refinement, RefineState, tau2_from_map
 from cryostoch.engine.refine_data import (
     RefineConfig,
+    affordable_radius,
     coarse_steps,
     first_poses,
     full_spectra,
+    global_poses,
     half_sets,
     start_map,
 )
@@ -78,13 +82,44 @@ def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun | No
     run = run or prepare_run(config.search_config())
     refinement, state, tau2 = _start(config, out, resume, run, poses)
     while not state.final:
-        if state.iteration >= config.max_iterations or refinement.converged(state):
+        if refinement.converged(state) and _search_again(config, run, state):
+            state = _search_globally(run, state, refinement.subset)
+        elif state.iteration >= config.max_iterations or refinement.converged(state):
             state.final = True  # one more iteration, reconstructed to Nyquist
         state = refinement.iterate(state, tau2)
         save_checkpoint(out / CHECKPOINT_NAME, {"config": config.to_dict(),
                                                 "state": state.state_dict()})
     seconds = time.perf_counter() - started
     return _finish(config, out, run, refinement, state, seconds)
+
+
+def _search_again(config: RefineConfig, run: PreparedRun, state: RefineState) -> bool:
+    """After local searches converge: one more exhaustive search, if allowed and affordable
+    at a cutoff 30% finer than the last one (poses far from their first guess cannot walk
+    there one local step per iteration)."""
+    if state.global_searches >= config.global_rounds or state.iteration >= config.max_iterations:
+        return False
+    radius = affordable_radius(state.best_radius_px, run)
+    return radius > 1.3 * state.global_radius_px
+
+
+def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> RefineState:
+    """Each half's particles searched exhaustively against that half's own map (so the halves
+    stay independent), at the finest affordable cutoff up to the resolution reached."""
+    radius = affordable_radius(state.best_radius_px, run)
+    rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
+    for h in (1, 2):
+        rows = torch.nonzero(subset == h).flatten()
+        rotations[rows], shifts[rows], probability = global_poses(
+            run, state.half_maps[h - 1], rows, radius)
+        log.info("exhaustive search of half %d at %.1f A: median best-pose probability %.2f",
+                 h, run.geometry.box_size * run.geometry.pixel_size_a / radius, probability)
+    _, coarse_shift = coarse_steps(run)
+    return dataclasses.replace(
+        state, rotations=rotations, shifts_px=shifts, stalls=0,
+        angular_step_rad=math.atan(1.0 / radius),
+        shift_step_px=coarse_shift * run.geometry.cutoff_radius_px / radius,
+        global_searches=state.global_searches + 1, global_radius_px=radius)
 
 
 def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
@@ -112,7 +147,8 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
         run, volume, config.poses_from_input)
     angle, shift = coarse_steps(run)
     state = RefineState(0, rotations.to(torch.float64), shifts.to(torch.float64),
-                        torch.stack([volume, volume]), geometry.cutoff_radius_px, angle, shift)
+                        torch.stack([volume, volume]), geometry.cutoff_radius_px, angle, shift,
+                        global_radius_px=geometry.cutoff_radius_px)
     return refinement, state, tau2
 
 
