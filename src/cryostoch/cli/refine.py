@@ -36,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-extent", type=int, default=1,
                         help="local search window: +-this many steps on each rotation and "
                              "shift axis (default 1: 27 rotations x 9 shifts per particle)")
-    parser.add_argument("--global-searches", type=int, default=2,
+    parser.add_argument("--global-searches", type=int, default=1,
                         help="exhaustive pose searches: the first, then (when the local "
-                             "searches have converged) again at the resolution reached, each "
-                             "half against its own map (default 2; 1: local searches only)")
+                             "searches have converged) again at the finest affordable cutoff up "
+                             "to the resolution reached, each half against its own map "
+                             "(default 1: local searches only after the first)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")

@@ -50,7 +50,7 @@ class RefineConfig:
     poses_from_input: bool = False  # start from the file's poses instead of a global search
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
     search_extent: int = 1  # local window: +-this many steps in each rotation and shift axis
-    global_rounds: int = 2  # exhaustive searches (the first, then at the resolution reached)
+    global_rounds: int = 1  # exhaustive searches (the first, then at the resolution reached)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
