@@ -221,7 +221,10 @@ class Refinement:
         n = self.box_size
         started = time.perf_counter()
         last = n / 2 - 1
-        radius = last if state.final else min(state.resolution_radius_px
+        # from the best resolution so far: a dip of the FSC at the particles' common CTF zero
+        # can cross 0.143 once, and should not shrink the band for good
+        radius = last if state.final else min(max(state.resolution_radius_px,
+                                                  state.best_radius_px)
                                               + self.config.shell_margin, last)
         steps = next_steps(state, radius, n)
         rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
@@ -283,8 +286,8 @@ class Refinement:
 
     def converged(self, state: RefineState) -> bool:
         """No gain in resolution for two iterations at the finest steps the cutoff needs."""
-        radius = min(state.resolution_radius_px + self.config.shell_margin,
-                     self.box_size / 2 - 1)
+        radius = min(max(state.resolution_radius_px, state.best_radius_px)
+                     + self.config.shell_margin, self.box_size / 2 - 1)
         finest = next_steps(state, radius, self.box_size)
         at_finest = (finest[0] >= state.angular_step_rad - 1e-12
                      and finest[1] >= state.shift_step_px - 1e-12)
