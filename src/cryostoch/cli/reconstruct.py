@@ -121,7 +121,8 @@ def _refine(config: ReconstructionConfig, map_path, args: argparse.Namespace) ->
         class_file=config.class_file, keep_classes=config.keep_classes, seed=config.seed,
         device=config.device, dtype=config.dtype, invert=config.invert,
         project_root=config.project_root)
-    result = refine(refine_config, resume=args.resume, overwrite=args.overwrite)
+    result = refine(refine_config, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.quiet)
     print(f"refined map: {result.map_path} (gold-standard FSC 0.143: "
           f"{result.resolution_a:.2f} A, {result.iterations} iterations in "
           f"{result.seconds:.0f} s)")

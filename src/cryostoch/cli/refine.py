@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         search_extent=args.search_extent, global_rounds=args.global_searches,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, project_root=args.project_root)
-    result = refine(config, resume=args.resume, overwrite=args.overwrite)
+    result = refine(config, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.quiet)
     print(f"map: {result.map_path}")
     print(f"gold-standard resolution (FSC 0.143, masked, corrected): {result.resolution_a:.2f} A "
           f"after {result.iterations} iterations in {result.seconds:.0f} s")

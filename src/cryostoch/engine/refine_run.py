@@ -66,20 +66,20 @@ class RefineResult:
 
 
 def refine(config: RefineConfig, *, resume: bool = False, overwrite: bool = False,
-           run: PreparedRun | None = None, poses: tuple[Tensor, Tensor] | None = None
-           ) -> RefineResult:
+           run: PreparedRun | None = None, poses: tuple[Tensor, Tensor] | None = None,
+           progress: bool = True) -> RefineResult:
     """Refine `config.init_map` against the particles; `run` and `poses` ((n, 3, 3), (n, 2)
     px) let `reconstruct --refine` hand over its prepared data and poses."""
     out = Path(config.out_dir)
     with removed_if_failed_and_empty(out):
         open_run_folder(out, overwrite=overwrite, resume=resume)
-        return _refine(config, out, resume, run, poses)
+        started = time.perf_counter()  # the preparation counts in the run's time
+        run = run or prepare_run(config.search_config(), progress=progress)
+        return _refine(config, out, resume, run, poses, started)
 
 
-def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun | None,
-            poses: tuple[Tensor, Tensor] | None) -> RefineResult:
-    started = time.perf_counter()
-    run = run or prepare_run(config.search_config())
+def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
+            poses: tuple[Tensor, Tensor] | None, started: float) -> RefineResult:
     refinement, state, tau2 = _start(config, out, resume, run, poses)
     while not state.final:
         if refinement.converged(state) and _search_again(config, run, state):
