@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "searches have converged) again at the finest affordable cutoff up "
                              "to the resolution reached, each half against its own map "
                              "(default 1: local searches only after the first)")
+    parser.add_argument("--reference-mask", default="sphere",
+                        help="mask of the references in the pose search: sphere (default: the "
+                             "particle diameter) or auto (a soft solvent mask of the current "
+                             "half maps' average, inside that sphere)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         particle_diameter_a=args.particle_diameter_a, shift_range_a=args.shift_range_a,
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
         search_extent=args.search_extent, global_rounds=args.global_searches,
+        reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, project_root=args.project_root)
     result = refine(config, resume=args.resume, overwrite=args.overwrite,

@@ -34,6 +34,7 @@ from cryostoch.baselines.reconstruct_map import (
 )
 from cryostoch.engine.refine_data import FullSpectra, RefineConfig
 from cryostoch.evaluate.fsc import FscResult, compute_fsc
+from cryostoch.evaluate.postprocess import auto_mask
 from cryostoch.fourier.spectrum import SpectrumLayout, oversampled_volume_spectrum
 from cryostoch.model.local_search import (
     ImageBatch,
@@ -70,6 +71,8 @@ class RefineState:
     edge_mass: float = 0.0  # median posterior share on the window's surface, last iteration
     global_searches: int = 1  # exhaustive searches done (the first one included)
     global_radius_px: float = 0.0  # cutoff of the last exhaustive search
+    reference_mask: Tensor | None = None  # (N, N, N) solvent mask of the references (None:
+    # the particle's sphere)
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -153,14 +156,14 @@ class Refinement:
 
     def half_step(self, volume: Tensor, rows: Tensor, rotations: Tensor, shifts_px: Tensor,
                   radius_px: float, steps: tuple[float, float], tau2: Tensor | None,
-                  fsc: Tensor | None) -> HalfResult:
+                  fsc: Tensor | None, mask: Tensor | None = None) -> HalfResult:
         """E- and M-step of one half: particles `rows` (n_h,) at their poses against `volume`
         (N, N, N); the M-step's prior from `fsc` (S,) or, without one, `tau2` (S,)."""
         n, dev = self.box_size, self.device
         points = self.spectra.points
         keep = points.kx**2 + points.ky**2 <= radius_px**2
         kx, ky = points.kx[keep].to(dev), points.ky[keep].to(dev)
-        masked = (volume * self.sphere).to(dev, self.dtype)
+        masked = (volume * (self.sphere if mask is None else mask)).to(dev, self.dtype)
         block, _ = oversampled_volume_spectrum(masked, radius_px + 1.0 / OVERSAMPLING,
                                                OVERSAMPLING)
         layout = SpectrumLayout(n, min(math.floor(radius_px + 1.0), n // 2 - 1), OVERSAMPLING)
@@ -233,7 +236,7 @@ class Refinement:
             rows = torch.nonzero(self.subset == h).flatten()
             result = self.half_step(state.half_maps[h - 1], rows, state.rotations[rows],
                                     state.shifts_px[rows], radius, steps, tau2_start,
-                                    state.fsc)
+                                    state.fsc, state.reference_mask)
             rotations[rows], shifts[rows] = result.rotations, result.shifts_px
             results.append(result)
         fsc = self.half_map_fsc(results[0].unfiltered, results[1].unfiltered, radius)
@@ -247,7 +250,19 @@ class Refinement:
             best_radius_px=max(state.best_radius_px, new_radius),
             stalls=0 if new_radius > state.best_radius_px + 0.5 else state.stalls + 1,
             unfiltered=torch.stack([r.unfiltered for r in results]),
+            reference_mask=self._reference_mask(results, fsc),
             edge_mass=record["window_edge_mass"], history=state.history + [record])
+
+    def _reference_mask(self, results: list[HalfResult], fsc: FscResult) -> Tensor | None:
+        """With reference_mask 'auto': a soft solvent mask of the two halves' average (the
+        post-processing rule, `auto_mask`) inside the sphere, for the next references; one
+        mask for both halves, as RELION's --solvent_mask."""
+        if self.config.reference_mask != "auto":
+            return None
+        mask = auto_mask(results[0].unfiltered, results[1].unfiltered,
+                         self.spectra.pixel_size_a,
+                         resolution_a=fsc.resolution_at(FSC_THRESHOLD))
+        return mask * self.sphere
 
     def half_map_fsc(self, half1: Tensor, half2: Tensor, radius_px: float) -> FscResult:
         """FSC of the unfiltered halves (N, N, N) inside the particle's sphere, zero beyond

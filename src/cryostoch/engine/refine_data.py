@@ -51,6 +51,7 @@ class RefineConfig:
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
     search_extent: int = 1  # local window: +-this many steps in each rotation and shift axis
     global_rounds: int = 1  # exhaustive searches (the first, then at the resolution reached)
+    reference_mask: str = "sphere"  # the references' mask: the particle's sphere, or "auto"
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -65,6 +66,9 @@ class RefineConfig:
             raise InputError("--iterations", "must be at least 1")
         if self.initial_resolution_a is not None and not self.initial_resolution_a > 0:
             raise InputError("--initial-resolution-a", "must be positive")
+        if self.reference_mask not in ("sphere", "auto"):
+            raise InputError("--reference-mask", f"must be sphere or auto, got "
+                             f"{self.reference_mask!r}")
         if self.global_rounds < 1:
             raise InputError("--global-searches", "must be at least 1 (the first search)")
         if self.search_extent < 1:
