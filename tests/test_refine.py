@@ -106,6 +106,8 @@ def test_refine_refuses_bad_input_in_one_line(refine_sim, tmp_path, capsys):
         "--init", str(tmp_path / "missing.mrc"), "--out", str(tmp_path / "a")], "missing.mrc")
     assert not (tmp_path / "a").exists()
     refused(capsys, refine_argv(refine_sim, tmp_path / "b", "--iterations", "0"), "--iterations")
+    refused(capsys, refine_argv(refine_sim, tmp_path / "m", "--reference-mask", "tight"),
+            "--reference-mask")
     no_poses = tmp_path / "no_poses"
     no_poses.mkdir()
     blocks = starfile.read(refine_sim / "particles.star", always_dict=True)
@@ -157,3 +159,27 @@ def test_exhaustive_re_search_finds_the_true_poses(refine_sim):
     assert float((error_deg < 2 * step_deg).double().mean()) > 0.9
     shift_error = (shifts - poses.shifts_px[rows].double()).norm(dim=1)
     assert float((shift_error < 1.5).double().mean()) > 0.9
+
+
+@pytest.mark.slow
+def test_refine_with_an_automatic_reference_mask(refine_sim, tmp_path, monkeypatch):
+    """The solvent-masked references keep the run going past its start (and the mask, used
+    from the second iteration on, lies inside the particle's sphere)."""
+    from cryostoch.engine import refine_run
+
+    out = tmp_path / "masked"
+    seen = []
+    real = refine_module.Refinement.iterate
+
+    def recording(self, state, tau2):
+        if state.reference_mask is not None:
+            seen.append(state.reference_mask)
+        return real(self, state, tau2)
+
+    monkeypatch.setattr(refine_module.Refinement, "iterate", recording)
+    assert main(refine_argv(refine_sim, out, "--reference-mask", "auto")) == 0
+    assert seen and all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in seen)
+    assert all(float(m[0, 0, 0]) == 0 for m in seen)  # the box corner is solvent
+    record = json.loads((out / "refine.json").read_text())
+    assert record["resolution_0143_a"] < 0.75 * START_A
+    assert refine_run.CHECKPOINT_NAME not in [p.name for p in out.iterdir()]
