@@ -290,13 +290,15 @@ class Refinement:
             "window_edge_mass": sum(r.median_edge_mass for r in results) / 2,
             "seconds": time.perf_counter() - started,
         }
+        # with a window of +-1 step every point but the centre is on its surface: the share
+        # says something only for wider windows
+        edge = (f"; median {100 * record['window_edge_mass']:.0f}% of the posterior on the "
+                "window's surface" if self.config.search_extent >= 2 else "")
         log.info("iteration %d: searched to %.1f A (steps %.2f deg, %.2f px); gold-standard "
-                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg; median %.0f%% of "
-                 "the posterior on the window's edge; %.0f s",
+                 "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg%s; %.0f s",
                  record["iteration"], record["search_resolution_a"], record["angular_step_deg"],
                  steps[1], record["resolution_0143_a"], record["resolution_05_a"],
-                 record["mean_rotation_change_deg"], 100 * record["window_edge_mass"],
-                 record["seconds"])
+                 record["mean_rotation_change_deg"], edge, record["seconds"])
         return record
 
     def converged(self, state: RefineState) -> bool:
