@@ -27,8 +27,11 @@ DEFAULT_OPTIMIZER = "sgd"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_particle_options(parser)
-    parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=OPTIMIZER_NAMES,
-                        help=f"stochastic optimiser (default {DEFAULT_OPTIMIZER})")
+    parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER,
+                        help=f"stochastic optimiser: {', '.join(OPTIMIZER_NAMES)} (default "
+                             f"{DEFAULT_OPTIMIZER}), or any torch.optim.Optimizer subclass as "
+                             "package.module:Class (e.g. torch.optim:Adam), started at 1 / L "
+                             "unless --lr")
     parser.add_argument("--epochs", type=float, default=None,
                         help="passes over the data (default: one, and at least 150 minibatch "
                              "steps: many passes over a small data set)")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryostoch.geometry.symmetry import point_group
+from cryostoch.optim.external import is_import_path, load_optimizer_class
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "tonga", "olbfgs", "hf", "adam")
 
@@ -120,8 +121,14 @@ class ReconstructionConfig:
                     for name, value in self._float_fields() if not math.isfinite(value)]
         if (device := device_problem(self.device)) is not None:
             problems.append(device)
-        if self.optimizer not in OPTIMIZER_NAMES:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
+        if is_import_path(self.optimizer):
+            try:
+                load_optimizer_class(self.optimizer)
+            except ValueError as err:
+                problems.append(str(err))
+        elif self.optimizer not in OPTIMIZER_NAMES:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)} or a "
+                            "torch.optim.Optimizer subclass as package.module:Class")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             problems.append("epochs must be positive")
         if self.max_freq is not None and not 0 < self.max_freq <= 0.9:

@@ -1,4 +1,6 @@
-"""``make_optimizer(name, params, lr=None, **options)``: the optimisers by name.
+"""``make_optimizer(name, params, lr=None, **options)``: the optimisers by name, or any
+``torch.optim.Optimizer`` subclass by import path (``package.module:Class``,
+:mod:`cryostoch.optim.external`).
 
 Names (aliases in brackets) and defaults:
 
@@ -37,6 +39,7 @@ from typing import Any
 from torch import Tensor
 
 from cryostoch.optim.base import CountingOptimizer
+from cryostoch.optim.external import ExternalOptimizer, is_import_path, load_optimizer_class
 from cryostoch.optim.first_order import SGD, AdaGrad, Adam, ClassicalMomentum, NesterovMomentum
 from cryostoch.optim.hessian_free import HessianFree
 from cryostoch.optim.lbfgs import OnlineLBFGS
@@ -87,6 +90,9 @@ def make_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]
     (see :mod:`cryostoch.optim.calibration`); other keyword options go to the class (an
     unknown option raises ``ValueError``).
     """
+    if is_import_path(name):  # a torch.optim.Optimizer subclass named by import path
+        return ExternalOptimizer(params, lr, optimizer_class=load_optimizer_class(name),
+                                 **options)
     cls = OPTIMIZERS[canonical_name(name)]
     accepted = {k for k, p in inspect.signature(cls.__init__).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
