@@ -40,6 +40,7 @@ from cryostoch.model.local_search import (
     ImageBatch,
     backproject_local,
     candidate_rotations,
+    cube_grid,
     local_scores,
     on_edge,
     rotation_offsets,
@@ -68,7 +69,6 @@ class RefineState:
     stalls: int = 0
     final: bool = False  # the last iteration (reconstruction to Nyquist) is done
     unfiltered: Tensor | None = None  # (2, N, N, N) the halves without the prior (for FSCs)
-    edge_mass: float = 0.0  # median posterior share on the window's surface, last iteration
     global_searches: int = 1  # exhaustive searches done (the first one included)
     global_radius_px: float = 0.0  # cutoff of the last exhaustive search
     reference_mask: Tensor | None = None  # (N, N, N) solvent mask of the references (None:
@@ -174,8 +174,10 @@ class Refinement:
         rot_offsets = rotation_offsets(steps[0], extent, device=dev)
         t_offsets = shift_offsets(steps[1], extent, device=dev)
         inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
+        # each rotation offset's angle: its rotation vector's length
+        offset_deg = cube_grid(extent, 3, device=dev).norm(dim=1) * math.degrees(steps[0])
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
-        nll_sum = prob_sum = change_sum = 0.0
+        nll_sum = prob_sum = change_sum_deg = 0.0
         edge = torch.empty(len(rows), dtype=torch.float64)
         for chunk in torch.arange(len(rows)).split(self.config.chunk_size):
             batch = self._batch(rows[chunk], keep)
@@ -194,8 +196,7 @@ class Refinement:
             nll_sum += float((batch.data_norm() - evidence).sum())
             prob_sum += float(posterior.flatten(1).amax(1).sum())
             edge[chunk] = (1 - (posterior * inner).sum((1, 2))).double().cpu()
-            change_sum += float(torch.linalg.matrix_norm(rot_offsets[j] - torch.eye(
-                3, dtype=rot_offsets.dtype, device=dev)).sum())
+            change_sum_deg += float(offset_deg[j].sum())
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
                               OVERSAMPLING)
         back = gridded_backprojection(numerator, weights, layout)
@@ -203,10 +204,9 @@ class Refinement:
         solved = solve_map(back, tau2_per_shell=prior, cutoff_px=radius_px)
         unfiltered = solve_map(back, cutoff_px=radius_px)
         count = max(1, len(rows))
-        # ||R - I||_F = 2 sqrt(2) sin(theta / 2): the rotation angle of each change
-        mean_angle = 2 * math.degrees(math.asin(min(1.0, change_sum / count / math.sqrt(8))))
         return HalfResult(self.symmetrize(solved.cpu()), self.symmetrize(unfiltered.cpu()),
-                          new_rot, new_shift, nll_sum / count, prob_sum / count, mean_angle,
+                          new_rot, new_shift, nll_sum / count, prob_sum / count,
+                          change_sum_deg / count,
                           float(edge.median()) if len(rows) else 0.0)
 
     def _batch(self, rows: Tensor, keep: Tensor) -> ImageBatch:
@@ -223,12 +223,7 @@ class Refinement:
         """One gold-standard iteration of both halves; returns the new state."""
         n = self.box_size
         started = time.perf_counter()
-        last = n / 2 - 1
-        # from the best resolution so far: a dip of the FSC at the particles' common CTF zero
-        # can cross 0.143 once, and should not shrink the band for good
-        radius = last if state.final else min(max(state.resolution_radius_px,
-                                                  state.best_radius_px)
-                                              + self.config.shell_margin, last)
+        radius = n / 2 - 1 if state.final else self.search_radius(state)
         steps = next_steps(state, radius, n)
         rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
         results = []
@@ -251,7 +246,7 @@ class Refinement:
             stalls=0 if new_radius > state.best_radius_px + 0.5 else state.stalls + 1,
             unfiltered=torch.stack([r.unfiltered for r in results]),
             reference_mask=self._reference_mask(results, fsc),
-            edge_mass=record["window_edge_mass"], history=state.history + [record])
+            history=state.history + [record])
 
     def _reference_mask(self, results: list[HalfResult], fsc: FscResult) -> Tensor | None:
         """With reference_mask 'auto': a soft solvent mask of the two halves' average (the
@@ -301,11 +296,16 @@ class Refinement:
                  record["mean_rotation_change_deg"], edge, record["seconds"])
         return record
 
+    def search_radius(self, state: RefineState) -> float:
+        """The local searches' cutoff: `shell_margin` shells past the best resolution so far
+        (a dip of the FSC at the particles' common CTF zero can cross 0.143 once, and should
+        not shrink the band for good), at most N/2 - 1."""
+        best = max(state.resolution_radius_px, state.best_radius_px)
+        return min(best + self.config.shell_margin, self.box_size / 2 - 1)
+
     def converged(self, state: RefineState) -> bool:
         """No gain in resolution for two iterations at the finest steps the cutoff needs."""
-        radius = min(max(state.resolution_radius_px, state.best_radius_px)
-                     + self.config.shell_margin, self.box_size / 2 - 1)
-        finest = next_steps(state, radius, self.box_size)
+        finest = next_steps(state, self.search_radius(state), self.box_size)
         at_finest = (finest[0] >= state.angular_step_rad - 1e-12
                      and finest[1] >= state.shift_step_px - 1e-12)
         return state.stalls >= 2 and at_finest

@@ -27,6 +27,7 @@ from cryostoch.errors import InputError
 from cryostoch.fourier.grids import HalfPlaneCoefficients, half_plane_coefficients
 from cryostoch.fourier.resample import soft_low_pass
 from cryostoch.fourier.transforms import rfft2c
+from cryostoch.geometry.quadrature import angular_step_rad, default_shift_step_px
 from cryostoch.geometry.rotations import euler_to_matrix
 from cryostoch.geometry.symmetry import point_group
 from cryostoch.model.preprocess import normalise_images
@@ -116,6 +117,13 @@ class FullSpectra:
         return evaluate_ctf(self.ctf.index(rows).to(device=device), fx, fy).to(dtype)
 
 
+def normalised_images(run: PreparedRun, images: Tensor) -> Tensor:
+    """(b, N, N) float64: images read again, normalised as the run's preprocessing did."""
+    stats = run.particles.statistics
+    return normalise_images(images.to(torch.float64), run.geometry.particle_radius_px,
+                            stats.noise_sigma, stats.contrast_sign)
+
+
 def full_spectra(run: PreparedRun, chunk_size: int = 500) -> FullSpectra:
     """Stream the selected particles once more, normalised as the search's preprocessing was,
     and keep their spectra up to radius N/2 - 1 (bounded memory: one chunk of images)."""
@@ -123,13 +131,10 @@ def full_spectra(run: PreparedRun, chunk_size: int = 500) -> FullSpectra:
     n_box = dataset.box_size
     points = half_plane_coefficients(n_box, n_box / 2 - 1)
     rows_k, cols_k = points.rfft_indices()
-    stats = run.particles.statistics
     coefficients = torch.empty(len(dataset), points.n_points, dtype=torch.complex64)
     done = 0
     for rows, images in dataset.iter_chunks(chunk_size):
-        normalised = normalise_images(images.to(torch.float64), run.geometry.particle_radius_px,
-                                      stats.noise_sigma, stats.contrast_sign)
-        spectra = rfft2c(normalised)  # unitary, as the likelihood's blocks
+        spectra = rfft2c(normalised_images(run, images))  # unitary, as the likelihood's blocks
         coefficients[done:done + len(rows)] = spectra[:, rows_k, cols_k].to(torch.complex64)
         done += len(rows)
     precision = run.particles.background_noise.precision(points, torch.float32)
@@ -211,14 +216,12 @@ def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: floa
     probability). The images are read and normalised again (as the first preprocessing)."""
     model = make_model(run.config, run.geometry, radius_px)
     precision = NoiseAndMask(run).precision(model)
-    stats, dataset = run.particles.statistics, run.dataset
+    dataset = run.dataset
     best, probability = [], []
     with torch.no_grad():
         slices = model.slices(volume.to(run.device, run.dtype))
         for chunk in rows.split(chunk_size):
-            images = dataset.read_images(chunk.numpy()).to(torch.float64)
-            images = normalise_images(images, run.geometry.particle_radius_px,
-                                      stats.noise_sigma, stats.contrast_sign)
+            images = normalised_images(run, dataset.read_images(chunk.numpy()))
             blocks = model.image_blocks(images.to(run.dtype))
             table = None if precision is None else precision[run.particles.optics_index[chunk]]
             result = model.evaluate(slices, blocks, dataset.ctf.index(chunk),
@@ -230,16 +233,13 @@ def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: floa
             float(torch.cat(probability).median()))
 
 
-def coarse_steps(run: PreparedRun) -> tuple[float, float]:
-    """(angular step rad, shift step px) of the global search's grid."""
-    model = run.model
-    shifts = model.shifts.shifts_px
-    if shifts.shape[0] > 1:
-        d = torch.cdist(shifts, shifts)
-        shift_step = float(d[d > 0].min())
-    else:
-        shift_step = 1.0
-    return math.atan(1.0 / run.geometry.cutoff_radius_px), shift_step
+def coarse_steps(run: PreparedRun, radius_px: float | None = None) -> tuple[float, float]:
+    """(angular step rad, shift step px) of the exhaustive search's grid at `radius_px`
+    (default: the first search's cutoff); 1 px without a shift search."""
+    radius = run.geometry.cutoff_radius_px if radius_px is None else radius_px
+    shift_step = default_shift_step_px(run.geometry.box_size, radius) \
+        if run.model.n_shifts > 1 else 1.0
+    return angular_step_rad(radius), shift_step
 
 
 __all__ = ["FullSpectra", "RefineConfig", "affordable_radius", "coarse_steps", "first_poses",

@@ -15,7 +15,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +113,11 @@ def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> Re
             run, state.half_maps[h - 1], rows, radius)
         log.info("exhaustive search of half %d at %.1f A: median best-pose probability %.2f",
                  h, run.geometry.box_size * run.geometry.pixel_size_a / radius, probability)
-    _, coarse_shift = coarse_steps(run)
+    angle, shift = coarse_steps(run, radius)
     return dataclasses.replace(
-        state, rotations=rotations, shifts_px=shifts, stalls=0,
-        angular_step_rad=math.atan(1.0 / radius),
-        shift_step_px=coarse_shift * run.geometry.cutoff_radius_px / radius,
-        global_searches=state.global_searches + 1, global_radius_px=radius)
+        state, rotations=rotations, shifts_px=shifts, stalls=0, angular_step_rad=angle,
+        shift_step_px=shift, global_searches=state.global_searches + 1,
+        global_radius_px=radius)
 
 
 def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,

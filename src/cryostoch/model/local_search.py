@@ -93,7 +93,6 @@ class LocalScores:
     """Scores of b images over their own J rotations x S shifts."""
 
     logits: Tensor  # (b, J, S) log unnormalised posterior (without the data norm)
-    slices: Tensor  # (b, J, M) complex S_ij
     unshifted: Tensor  # (b, S, M) complex w p C X u: the data side at every shift
 
     def posterior(self) -> Tensor:
@@ -135,7 +134,7 @@ def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_s
     power = slices.real**2 + slices.imag**2
     quadratic = 0.5 * (power * (images.weighted_precision * images.ctf**2).unsqueeze(1)).sum(-1)
     logits = cross - quadratic.unsqueeze(-1) + log_shift_prior.unsqueeze(1).to(real_dtype)
-    return LocalScores(logits, slices, unshifted)
+    return LocalScores(logits, unshifted)
 
 
 def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
