@@ -22,6 +22,26 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """How the particles are read and selected, and where the work runs: shared by
+    `reconstruct`, `baseline`, `score` and `refine`."""
+    parser.add_argument("--particle-diameter-a", type=float, default=None,
+                        help="particle diameter (default 80%% of the box)")
+    sign = parser.add_mutually_exclusive_group()
+    sign.add_argument("--invert", dest="invert", action="store_true", default=None,
+                      help="multiply the data by -1 (default: detect the contrast sign)")
+    sign.add_argument("--no-invert", dest="invert", action="store_false",
+                      help="use the data's sign as given")
+    parser.add_argument("--project-root", default=None,
+                        help="folder that relative image paths start from")
+    parser.add_argument("--class-file", default=None,
+                        help="RELION 2-D classification _data.star to select particles by class")
+    parser.add_argument("--keep-classes", type=int_list, default=(),
+                        help="class numbers to keep from --class-file, e.g. 1,4,7")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+
+
 def add_particle_options(parser: argparse.ArgumentParser, *, writes_map: bool = True) -> None:
     """Input, output, working box, cutoff, start, held-out set, selection and device; with
     `writes_map`, what the run folder's viewer script needs (--mass-kda)."""
@@ -38,30 +58,16 @@ def add_particle_options(parser: argparse.ArgumentParser, *, writes_map: bool = 
     parser.add_argument("--init", default="random", help="'random' (sum of spheres) or a map")
     parser.add_argument("--test-size", type=int, default=100, help="held-out test images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     parser.add_argument("--shift-range-a", type=float, default=None,
                         help="radius of the shift search in Angstrom (0: no shifts; default "
                              "8%% of the box, as auto-picked particles sit off-centre)")
     parser.add_argument("--shift-sigma-a", type=float, default=None,
                         help="sigma of the normal shift prior (default: half the range)")
-    parser.add_argument("--particle-diameter-a", type=float, default=None,
-                        help="particle diameter (default 80%% of the box)")
     if writes_map:
         parser.add_argument("--mass-kda", type=float, default=None,
                             help="the molecule's mass in kDa, if known: open_in_chimerax.cxc "
                                  "then shows the surface that encloses its volume (1.21 A^3/Da)")
-    sign = parser.add_mutually_exclusive_group()
-    sign.add_argument("--invert", dest="invert", action="store_true", default=None,
-                      help="multiply the data by -1 (default: detect the contrast sign)")
-    sign.add_argument("--no-invert", dest="invert", action="store_false",
-                      help="use the data's sign as given")
-    parser.add_argument("--project-root", default=None,
-                        help="folder that relative image paths start from")
-    parser.add_argument("--class-file", default=None,
-                        help="RELION 2-D classification _data.star to select particles by class")
-    parser.add_argument("--keep-classes", type=int_list, default=(),
-                        help="class numbers to keep from --class-file, e.g. 1,4,7")
+    add_data_options(parser)
     parser.add_argument("--half-set", type=int, default=None,
                         help="use only the odd (1) or even (2) particles, for half-map FSC")
     parser.add_argument("--noise-model", default="coloured",

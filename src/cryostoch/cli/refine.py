@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from cryostoch.cli._options import add_run_options, apply_threads, int_list
+from cryostoch.cli._options import add_data_options, add_run_options, apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-resolution-a", type=float, default=None,
                         help="low-pass of the start map and resolution of the first, global "
                              "search (default: a fifth of the particle diameter, as ab initio)")
-    parser.add_argument("--particle-diameter-a", type=float, default=None,
-                        help="particle diameter (default 80%% of the box)")
     parser.add_argument("--shift-range-a", type=float, default=None,
                         help="radius of the global search's shifts (default 8%% of the box)")
     parser.add_argument("--iterations", type=int, default=12,
@@ -48,15 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")
-    parser.add_argument("--class-file", default=None,
-                        help="RELION 2-D classification _data.star to select particles by class")
-    parser.add_argument("--keep-classes", type=int_list, default=(),
-                        help="class numbers to keep from --class-file, e.g. 1,4,7")
     parser.add_argument("--seed", type=int, default=0, help="half-set split (default 0)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
-    parser.add_argument("--project-root", default=None,
-                        help="folder that relative image paths start from")
+    add_data_options(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint.pt")
     add_run_options(parser)
@@ -76,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         search_extent=args.search_extent, global_rounds=args.global_searches,
         reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
-        device=args.device, dtype=args.dtype, project_root=args.project_root)
+        device=args.device, dtype=args.dtype, invert=args.invert,
+        project_root=args.project_root)
     result = refine(config, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"map: {result.map_path}")
