@@ -22,8 +22,9 @@ from scipy.spatial.transform import Rotation
 
 from bad_input_support import FAST, refused, write_volume
 from cryostoch.cli.main import main
-from cryostoch.evaluate.align import Alignment, symmetry_equivalent
+from cryostoch.evaluate.align import Alignment
 from cryostoch.evaluate.fsc import compute_fsc
+from cryostoch.evaluate.superimpose import symmetry_equivalent
 from cryostoch.evaluate.transform import resample_onto_grid
 from cryostoch.geometry import euler_to_matrix, point_group
 
@@ -368,8 +369,8 @@ def test_report_log_axes_have_no_overlapping_tick_labels(first, last):
 
 @pytest.mark.parametrize("last", [5000, 499_000, 2_500_000])
 def test_experiment_nll_figure_has_no_overlapping_tick_labels(tmp_path, last):
-    from cryostoch.engine.experiment import MethodRun, nll_figure
-    from cryostoch.evaluate.plots import _pyplot
+    from cryostoch.engine.experiment import MethodRun
+    from cryostoch.evaluate.plots import _pyplot, nll_figure
 
     plt = _pyplot()
     runs = [MethodRun(name, tmp_path, metrics_over(100, last * scale), torch.zeros(4, 4, 4),

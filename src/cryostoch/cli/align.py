@@ -55,7 +55,7 @@ def _read(path: Path):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cryostoch.evaluate.align import align_onto
+    from cryostoch.evaluate.superimpose import align_onto
     from cryostoch.geometry import point_group
     from cryostoch.io.mrc import write_map
 

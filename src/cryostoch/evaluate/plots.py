@@ -246,3 +246,39 @@ def map_gallery(
     plt.close(fig)
 
 
+def nll_figure(runs: Sequence, title: str):
+    """The paper study's Fig. 3: held-out NLL of every run (objects with `.name` and
+    `.metrics`, rows with gradient_evaluations and test_nll) against gradient evaluations, and
+    a zoom on the end (a pyplot figure: close it with `plt.close`)."""
+    plt = _pyplot()
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5))
+    finals = []
+    for run in runs:
+        points = [(m["gradient_evaluations"], m["test_nll"]) for m in run.metrics
+                  if m.get("test_nll") is not None]
+        if not points:
+            continue
+        x, y = zip(*points, strict=True)
+        style = "--" if run.name in ("projmatch", "em") else "-"
+        for a in (ax, zoom):
+            a.plot([max(v, 1) for v in x], y, style, marker=".", ms=3, lw=1.2, label=run.name)
+        finals.append(y[-1])
+        tail = [v for v, g in zip(y, x, strict=True) if g >= 0.5 * x[-1]]
+        finals.extend(tail)
+    log_axis(ax)
+    ax.set_xlabel("gradient evaluations (single images)")
+    ax.set_ylabel("held-out negative log-likelihood per image")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    log_axis(zoom)
+    if finals:
+        low = min(finals)
+        zoom.set_ylim(low - 1, low + 15)
+        xmax = max(m["gradient_evaluations"] for r in runs for m in r.metrics)
+        zoom.set_xlim(max(1, xmax / 10), xmax * 1.1)
+    zoom.set_title("zoom on the end")
+    zoom.set_xlabel("gradient evaluations")
+    for a in (ax, zoom):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
