@@ -28,6 +28,7 @@ from cryostoch.operators import (
     inplane_sample_points,
     insert_slice_weights,
     insert_slices,
+    insert_slices_and_weights,
     sample_blocks,
     shift_images,
     shift_phases,
@@ -115,6 +116,32 @@ def test_weight_insertion_matches_complex_insertion_of_real_values():
     w = torch.rand(3, coeffs.n_points, generator=gen, dtype=torch.float64)
     ref = insert_slices(w.to(torch.complex128), rotations, coeffs.kx, coeffs.ky, shape).real
     assert torch.allclose(insert_slice_weights(w, rotations, coeffs.kx, coeffs.ky, shape), ref)
+
+
+@pytest.mark.parametrize("oversampling", [1, 2])
+def test_fused_insertion_is_the_adjoint_of_the_sampled_reads(oversampling):
+    """`insert_slices_and_weights` accumulates, in place, the adjoint of grid_sample's reads
+    (autograd of `extract_slices_sampled`, an independent code path) for the complex values
+    and for the real weights, points past the block's edge included."""
+    shape = (17, 17, 9)
+    rotations = random_rotations(5, 4)
+    coeffs = half_plane_coefficients(32, 8.4)
+    kx, ky = coeffs.kx / oversampling, coeffs.ky / oversampling
+    u = torch.randn(5, coeffs.n_points, generator=gen, dtype=torch.complex128)
+    w = torch.rand(5, coeffs.n_points, generator=gen, dtype=torch.float64)
+    start = torch.randn(shape, generator=gen, dtype=torch.complex128)
+    numerator, weight_grid = start.clone(), start.real.clone()
+    insert_slices_and_weights(numerator, weight_grid, u, w, rotations, kx, ky, oversampling)
+    probe = torch.zeros(shape, dtype=torch.complex128, requires_grad=True)
+    reads = extract_slices_sampled(probe, rotations, kx, ky, oversampling)
+    (expected,) = torch.autograd.grad(reads, probe, grad_outputs=u)
+    assert torch.allclose(numerator - start, expected, atol=1e-12)
+    real_probe = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    reads = extract_slices_sampled(real_probe.to(torch.complex128), rotations, kx, ky,
+                                   oversampling)
+    # a real volume read at Hermitian-flipped points is still real: the weights' adjoint
+    (expected_w,) = torch.autograd.grad(reads.real, real_probe, grad_outputs=w)
+    assert torch.allclose(weight_grid - start.real, expected_w, atol=1e-12)
 
 
 def gaussian_blobs(n: int, centres: torch.Tensor, sigma: float, amps: torch.Tensor):

@@ -14,6 +14,7 @@ from cryostoch.operators.slicing import (
     hermitian_fold_half_plane,
     insert_slice_weights,
     insert_slices,
+    insert_slices_and_weights,
     slice_points_3d,
     trilinear_stencil,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "hermitian_fold_half_plane",
     "inplane_sample_points",
     "insert_slice_weights",
+    "insert_slices_and_weights",
     "insert_slices",
     "sample_blocks",
     "shift_images",
