@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from tests.conftest import random_ctf
 
@@ -23,6 +24,7 @@ from cryostoch.model.local_search import (
     backproject_local,
     candidate_rotations,
     local_scores,
+    posterior_spread,
     rotation_offsets,
     shift_offsets,
 )
@@ -164,3 +166,34 @@ def test_back_projection_of_noise_free_images_gives_the_map_back():
     assert float(fsc[1:int(radius) - 1].min()) > 0.95
     scale = float((estimate * truth).sum() / (truth * truth).sum())
     assert abs(scale - 1) < 0.05
+
+
+@pytest.mark.parametrize("extent", [1, 2])
+def test_posterior_spread_is_the_rms_offset_per_axis(extent):
+    """Uniform over the window: the second moment of a uniform integer on -e..e, e(e+1)/3,
+    per axis; all mass on the centre: 0; all mass on one shift corner: extent."""
+    n_rot, n_shift = (2 * extent + 1) ** 3, (2 * extent + 1) ** 2
+    uniform = torch.full((1, n_rot, n_shift), 1.0 / (n_rot * n_shift), dtype=torch.float64)
+    expected = math.sqrt(extent * (extent + 1) / 3)
+    assert torch.allclose(posterior_spread(uniform, extent),
+                          torch.tensor([[expected, expected]], dtype=torch.float64))
+    peaked = torch.zeros(1, n_rot, n_shift, dtype=torch.float64)
+    peaked[0, 0, 0] = 1.0  # the identity and zero shift come first (cube_grid's order)
+    assert torch.allclose(posterior_spread(peaked, extent),
+                          torch.zeros(1, 2, dtype=torch.float64))
+    corner = torch.zeros(1, n_rot, n_shift, dtype=torch.float64)
+    corner[0, 0, -1] = 1.0  # the farthest shift offset: (e, e) or (-e, -e)
+    assert torch.allclose(posterior_spread(corner, extent)[0, 1],
+                          torch.tensor(float(extent), dtype=torch.float64))
+
+
+def test_adapted_step_follows_the_posterior_width():
+    """Wide posterior (uniform over the window): doubled; narrow: halved; within bounds."""
+    from cryostoch.engine.refine import adapted_step
+
+    wide = math.sqrt(2 / 3)  # uniform over an extent-1 window
+    assert adapted_step(1.0, wide, 1, 0.1, 4.0) == 2.0
+    assert adapted_step(1.0, 0.05, 1, 0.1, 4.0) == 0.5
+    assert adapted_step(1.0, 0.3, 1, 0.1, 4.0) == 1.0
+    assert adapted_step(3.0, wide, 1, 0.1, 4.0) == 4.0  # at most the coarsest
+    assert adapted_step(0.15, 0.0, 1, 0.1, 4.0) == 0.1  # at least the finest

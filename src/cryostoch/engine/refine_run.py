@@ -117,7 +117,7 @@ def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> Re
     return dataclasses.replace(
         state, rotations=rotations, shifts_px=shifts, stalls=0, angular_step_rad=angle,
         shift_step_px=shift, global_searches=state.global_searches + 1,
-        global_radius_px=radius)
+        global_radius_px=radius, spread=None)
 
 
 def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
@@ -131,7 +131,8 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     subset = half_sets(run.dataset, config.seed)
     sphere = soft_sphere_mask(n, geometry.particle_radius_px, dtype=torch.float64)
     shift_sigma = max(geometry.shift_range_a / geometry.pixel_size_a, 1.0)
-    refinement = Refinement(config, spectra, subset, sphere, run.symmetrize, shift_sigma)
+    refinement = Refinement(config, spectra, subset, sphere, run.symmetrize, shift_sigma,
+                            coarse_steps(run))
     tau2 = tau2_from_map(volume, geometry.cutoff_radius_px, n // 2 + 2)
     checkpoint = out / CHECKPOINT_NAME
     if resume and checkpoint.exists():

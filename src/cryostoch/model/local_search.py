@@ -136,6 +136,21 @@ def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_s
     return LocalScores(logits, unshifted)
 
 
+def posterior_spread(posterior: Tensor, extent: int) -> Tensor:
+    """(b, 2) each image's posterior rms offset from the window's centre per axis, in steps:
+    over the rotation axes (first) and the shift axes (second).
+
+    posterior: (b, J, S) over the `cube_grid(extent, 3)` rotation offsets and the
+    `cube_grid(extent, 2)` shift offsets. A posterior filling the window evenly gives
+    sqrt(extent (extent + 1) / 3); one on the centre gives 0.
+    """
+    grid3 = cube_grid(extent, 3, device=posterior.device).to(posterior.dtype)
+    grid2 = cube_grid(extent, 2, device=posterior.device).to(posterior.dtype)
+    rotation = posterior.sum(2) @ (grid3.square().sum(1) / 3)
+    shift = posterior.sum(1) @ (grid2.square().sum(1) / 2)
+    return torch.stack([rotation, shift], 1).sqrt()
+
+
 def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
                       posterior: Tensor, rotations: Tensor, images: ImageBatch, kx: Tensor,
                       ky: Tensor, oversampling: int, min_relative_mass: float = 1e-3,
