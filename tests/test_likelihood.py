@@ -89,12 +89,14 @@ def make_model(n=16, radius=4.0, n_dir=6, n_inplane=5, shift_radius=0.0, seed=0,
                                                                               seed))
 
 
-def reference_nll(model: MarginalLikelihood, volume, blocks, ctf, precision=None):
+def reference_nll(model: MarginalLikelihood, volume, blocks, ctf, precision=None,
+                  log_joint=False):
     """The same objective written directly with autograd-friendly tensor ops (no chunking).
 
     precision: optional (B, M) per-coefficient 1 / sigma^2 (coloured noise): the Gaussian's
     quadratic form weights coefficient k of image i by w_k precision_ik and its normaliser is
-    sum_k w_k log(2 pi / precision_ik) / 2."""
+    sum_k w_k log(2 pi / precision_ik) / 2. With log_joint: the (B, P, T, D) log prior plus
+    log likelihood of every pose instead."""
     b = blocks.shape[0]
     weights = model.weights_k.expand(b, -1) if precision is None \
         else model.weights_k * precision  # (B, M)
@@ -115,6 +117,8 @@ def reference_nll(model: MarginalLikelihood, volume, blocks, ctf, precision=None
     exact_norm = 0.5 * (weights * coeffs.abs() ** 2).sum(-1).reshape(-1, 1, 1, 1)
     energy = energy - interpolated_norm + exact_norm
     logw = model.log_weights_pd.unsqueeze(1) + model.log_weights_t.reshape(1, -1, 1)
+    if log_joint:
+        return logw.unsqueeze(0) - energy  # (B, P, T, D)
     lse = torch.logsumexp((logw.unsqueeze(0) - energy).reshape(blocks.shape[0], -1), dim=1)
     if precision is None:
         return -lse + model.log_normaliser
@@ -188,6 +192,26 @@ def test_chunking_does_not_change_results():
     assert torch.equal(a.best_pose_index, b.best_pose_index)
     assert torch.allclose(a.slice_gradient, b.slice_gradient)
     assert torch.allclose(a.statistics[0], b.statistics[0])
+
+
+@pytest.mark.parametrize("budget_mb", [512.0, 0.002])
+def test_top_poses_are_the_most_probable_points_of_the_direct_posterior(budget_mb):
+    """The K best poses and their probabilities equal those of the posterior written out
+    directly (every pose's energy, no chunking), in one pass and over direction chunks."""
+    model = make_model(n_dir=9, shift_radius=1.5, memory_budget_mb=budget_mb)
+    volume = blob_volume(16, 3)
+    ctf = ctf_batch(4, 5)
+    rotations = random_rotations(4, torch.Generator().manual_seed(11)).to(F64)
+    images = simulate(volume, rotations, torch.zeros(4, 2, dtype=F64), ctf, 4.0, 0.5, 3)
+    blocks = model.image_blocks(images)
+    result = model.evaluate(model.slices(volume), blocks, ctf, top_k=6)
+    joint = reference_nll(model, volume, blocks, ctf, log_joint=True)  # (B, P, T, D)
+    flat = joint.permute(0, 3, 1, 2).reshape(4, -1)  # the engine's (d * P + p) * T + t
+    posterior = torch.softmax(flat, dim=1)
+    expected_prob, expected_index = posterior.topk(6, dim=1)
+    assert torch.equal(result.top_pose_index, expected_index)
+    assert torch.allclose(result.top_pose_probability, expected_prob, rtol=1e-9, atol=1e-12)
+    assert torch.equal(result.best_pose_index, expected_index[:, 0])
 
 
 def test_one_point_quadrature_equals_real_space_conditional_likelihood():

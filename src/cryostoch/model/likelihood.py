@@ -101,6 +101,8 @@ class LikelihoodResult:
     nll: Tensor  # (B,) negative log marginal likelihood of each image
     best_pose_index: Tensor  # (B,) flat index (d * P + p) * T + t of the most probable point
     best_pose_probability: Tensor  # (B,) its posterior probability
+    top_pose_index: Tensor | None = None  # (B, K) the K most probable points, best first
+    top_pose_probability: Tensor | None = None  # (B, K) their posterior probabilities
     slice_gradient: Tensor | None = None  # (D, M) complex dL/dS of sum(nll) * gradient_scale
     statistics: tuple[Tensor, Tensor] | None = None  # EM: (sum r w C X (D,M), sum r w C^2 (D,M))
     extras: dict = field(default_factory=dict)
@@ -254,6 +256,7 @@ class MarginalLikelihood:
         statistics: bool = False,
         noise_precision: Tensor | None = None,
         class_log_weights: Tensor | None = None,
+        top_k: int = 1,
     ) -> LikelihoodResult:
         """Evaluate a batch of images against the slices of one volume.
 
@@ -266,6 +269,8 @@ class MarginalLikelihood:
         coefficient (coloured noise, `cryostoch.model.noise`); None: white noise (all 1). The
         model's noise sigma (a posterior temperature) scales it further.
         class_log_weights: (K,) log prior probability of each class (None: uniform).
+        top_k: also return the `top_k` most probable quadrature points of each image (the
+        candidates of a coarse-to-fine search; ties in the kernel's order).
         """
         s = slices.detach().to(self.complex_dtype)
         blocks = self.crop_blocks(blocks)
@@ -280,6 +285,9 @@ class MarginalLikelihood:
         nll = torch.empty(n_images, dtype=self.dtype, device=self.device)
         best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
         best_prob = torch.empty(n_images, dtype=self.dtype, device=self.device)
+        k = min(top_k, self.grid.size)
+        top_index = torch.empty(n_images, k, dtype=torch.long, device=self.device)
+        top_prob = torch.empty(n_images, k, dtype=self.dtype, device=self.device)
         image_chunk, dir_chunk = self.kernel.chunk_sizes(n_images)
         ctf_values = self.images.ctf_values(ctf)  # (B, P, M)
         inv_var = 1.0 / self.config.noise_sigma**2
@@ -294,13 +302,17 @@ class MarginalLikelihood:
             data_op, quad_lhs = self._data_operand(blocks[start:stop], ctf_values[start:stop],
                                                    layout, precision)
             lse, arg, top = self.kernel.run(data_op, quad_lhs, model_op, power, layout, b,
-                                            dir_chunk, sums)
+                                            dir_chunk, sums, top_k=k)
             quadratic, normaliser = self._data_term(blocks[start:stop], precision)
             nll[start:stop] = -lse + quadratic + normaliser
-            best_index[start:stop] = arg
-            best_prob[start:stop] = torch.exp(top - lse)
+            best_index[start:stop] = arg[:, 0]
+            best_prob[start:stop] = torch.exp(top[:, 0] - lse)
+            top_index[start:stop] = arg
+            top_prob[start:stop] = torch.exp(top - lse.unsqueeze(1))
 
         result = LikelihoodResult(nll, best_index, best_prob)
+        if top_k > 1:
+            result.top_pose_index, result.top_pose_probability = top_index, top_prob
         if want_grad:
             result.slice_gradient = sums.slice_gradient(s, gradient_scale)
         if statistics:

@@ -183,20 +183,23 @@ class PosteriorKernel:
         return per_image.sub_(offset.unsqueeze(1)).clamp_(min=floor).exp_()
 
     def run(self, data_op, quad_lhs, model_op, power, layout, b, dir_chunk,
-            sums: PosteriorSums | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(log-sum-exp (b,), flat index of the best point (b,), its logit (b,)); adds the
-        posterior sums into `sums` when given."""
+            sums: PosteriorSums | None, top_k: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-sum-exp (b,), flat indices of the `top_k` most probable points (b, top_k),
+        their logits (b, top_k), best first); adds the posterior sums into `sums` when
+        given."""
         if dir_chunk >= self.grid.n_directions:
-            return self._single_pass(data_op, quad_lhs, model_op, power, layout, b, sums)
+            return self._single_pass(data_op, quad_lhs, model_op, power, layout, b, sums,
+                                     top_k)
         return self._chunked_passes(data_op, quad_lhs, model_op, power, layout, b, dir_chunk,
-                                    sums)
+                                    sums, top_k)
 
-    def _single_pass(self, data_op, quad_lhs, model_op, power, layout, b, sums):
+    def _single_pass(self, data_op, quad_lhs, model_op, power, layout, b, sums, top_k):
         rows, n_dir = data_op.shape[0], self.grid.n_directions
         logits = self.logits(data_op, quad_lhs, model_op, power, 0, n_dir, b,
                              out=self.buffer("logits", rows, n_dir))
         per_image = logits.view(b, -1)
-        top, arg_local = per_image.max(dim=1)
+        values, arg_local = per_image.topk(min(top_k, per_image.shape[1]), dim=1)
+        top = values[:, 0]
         self.shifted_exp_(per_image, top)
         total = per_image.sum(1)
         lse = top + torch.log(total)
@@ -204,25 +207,31 @@ class PosteriorKernel:
         if sums is not None:
             per_image.div_(total.unsqueeze(1))
             self.accumulate(logits, data_op, quad_lhs, layout, b, 0, n_dir, sums)
-        return lse, arg, top
+        return lse, arg, values
 
-    def _chunked_passes(self, data_op, quad_lhs, model_op, power, layout, b, dir_chunk, sums):
-        """Two passes over direction chunks: a stable running log-sum-exp, then the sums."""
+    def _chunked_passes(self, data_op, quad_lhs, model_op, power, layout, b, dir_chunk, sums,
+                        top_k):
+        """Two passes over direction chunks: a stable running log-sum-exp (and running top
+        k), then the sums."""
         rows, n_dir = data_op.shape[0], self.grid.n_directions
         running_max = torch.full((b,), -math.inf, dtype=self.dtype, device=self.device)
         running_sum = torch.zeros(b, dtype=self.dtype, device=self.device)
-        arg = torch.zeros(b, dtype=torch.long, device=self.device)
+        best = torch.full((b, 0), -math.inf, dtype=self.dtype, device=self.device)
+        arg = torch.zeros(b, 0, dtype=torch.long, device=self.device)
         for d0 in range(0, n_dir, dir_chunk):
             d1 = min(n_dir, d0 + dir_chunk)
             buf = self.buffer("logits", rows, d1 - d0)
             per_image = self.logits(data_op, quad_lhs, model_op, power, d0, d1, b,
                                     out=buf).view(b, -1)
-            chunk_max, chunk_arg = per_image.max(dim=1)
-            new_max = torch.maximum(running_max, chunk_max)
+            chunk_values, chunk_arg = per_image.topk(min(top_k, per_image.shape[1]), dim=1)
+            # merge with the running list; ties keep the earlier chunk's (as max did)
+            merged = torch.cat([best, chunk_values], 1)
+            merged_arg = torch.cat([arg, self.grid.from_chunk_argmax(chunk_arg, d0, d1 - d0)], 1)
+            best, order = merged.topk(min(top_k, merged.shape[1]), dim=1, sorted=True)
+            arg = merged_arg.gather(1, order)
+            new_max = torch.maximum(running_max, chunk_values[:, 0])
             running_sum = running_sum * torch.exp(running_max - new_max) + self.shifted_exp_(
                 per_image, new_max).sum(1)
-            arg = torch.where(chunk_max > running_max,
-                              self.grid.from_chunk_argmax(chunk_arg, d0, d1 - d0), arg)
             running_max = new_max
         lse = running_max + torch.log(running_sum)
         if sums is not None:
@@ -232,4 +241,4 @@ class PosteriorKernel:
                 logits = self.logits(data_op, quad_lhs, model_op, power, d0, d1, b, out=buf)
                 self.shifted_exp_(logits.view(b, -1), lse)
                 self.accumulate(logits, data_op, quad_lhs, layout, b, d0, d1, sums)
-        return lse, arg, running_max
+        return lse, arg, best
