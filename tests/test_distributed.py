@@ -1,0 +1,172 @@
+"""Data parallel runs under torchrun (gloo on the CPU): the shares of a minibatch, the sums
+over shares, and whole runs with 1 and 2 processes that must agree and resume each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_ctf
+from cryostoch.cli.main import main
+from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.distributed import World, share_bounds, world_from_env
+from cryostoch.errors import InputError
+from cryostoch.evaluate.fsc import fourier_shell_correlation
+from cryostoch.io.mrc import read_map
+from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
+from cryostoch.model.objective import minibatch_objective
+from cryostoch.model.prior import PriorConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+
+
+# ------------------------------------------------------------------ shares of a minibatch
+@pytest.mark.parametrize("n", [0, 1, 5, 20, 101])
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_shares_cover_every_row_once_in_order(n, size):
+    bounds = [share_bounds(n, rank, size) for rank in range(size)]
+    rows = [i for start, stop in bounds for i in range(start, stop)]
+    assert rows == list(range(n))
+    lengths = [stop - start for start, stop in bounds]
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_world_share_of_tensors_and_arrays():
+    rows = torch.tensor([7, 3, 9, 1, 4])
+    assert World(0, 2).share(rows).tolist() == [7, 3]
+    assert World(1, 2).share(rows).tolist() == [9, 1, 4]
+    assert World(1, 2).share(np.arange(4)).tolist() == [2, 3]
+    assert World().share(rows) is not None and World().share(rows).tolist() == rows.tolist()
+    with pytest.raises(ValueError):
+        share_bounds(3, 2, 2)
+
+
+def test_one_process_world_is_a_no_op():
+    world = World()
+    x = torch.arange(4.0)
+    assert world.sum_(x) is x and x.tolist() == [0, 1, 2, 3]
+    assert world.sum_float(2.5) == 2.5
+    assert world.gathered_rows(4, x) is x
+    assert world.on_main(lambda: 3) == 3
+    world.check_same(x, "x")
+
+
+def test_world_from_torchrun_variables():
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}
+    assert world_from_env("cpu", env) == World(3, 4, 1, "cpu")
+    assert world_from_env("cuda", env).device == "cuda:1"
+    assert world_from_env("cuda:0", {}) == World(device="cuda:0")  # no torchrun: as given
+    with pytest.raises(InputError, match="CUDA_VISIBLE_DEVICES"):
+        world_from_env("cuda:0", env)
+
+
+def test_sum_over_shares_gives_the_whole_minibatch():
+    """The objective of a minibatch evaluated in two shares whose sums are added (as an
+    all-reduce would) equals the objective of the whole minibatch evaluated at once."""
+    model = MarginalLikelihood(LikelihoodConfig(box_size=16, pixel_size_a=4.0,
+                                                max_radius_px=3.0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    volume = torch.randn(16, 16, 16, generator=g, dtype=torch.float64)
+    images = torch.randn(6, 16, 16, generator=g, dtype=torch.float64)
+    blocks, ctf, prior = model.image_blocks(images), random_ctf(6, 1), PriorConfig()
+    whole = minibatch_objective(volume, blocks, ctf, model, prior, 100)
+    second: list[torch.Tensor] = []  # share 2's sums, in the order they are reduced
+    minibatch_objective(volume, blocks[4:], ctf.index(slice(4, 6)), model, prior, 100,
+                        batch_total=6, sum_over_shares=lambda t: second.append(t.clone()) or t)
+    sums = iter(second)
+    first = minibatch_objective(volume, blocks[:4], ctf.index(slice(0, 4)), model, prior, 100,
+                                batch_total=6, sum_over_shares=lambda t: t + next(sums))
+    torch.testing.assert_close(first.gradient, whole.gradient, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(first.value, whole.value, rtol=1e-12, atol=0.0)
+
+
+# ------------------------------------------------------------------ whole runs under torchrun
+def environment() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def launch(processes: int, *args: str) -> None:
+    """`cryostoch ARGS` (or a script) under torchrun with `processes` gloo processes."""
+    target = list(args) if args[0].endswith(".py") else ["-m", "cryostoch.cli.main", *args]
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(processes), *target]
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def reconstruct_args(particles: Path, out: Path, *extra: str) -> list[str]:
+    return ["reconstruct", str(particles), "--out", str(out), "--epochs", "1", "--batch-size",
+            "20", "--test-size", "20", "--shift-range-a", "0", "--seed", "3", "--threads", "1",
+            "--quiet", *extra]
+
+
+def fsc_inside_cutoff(run_a: Path, run_b: Path) -> np.ndarray:
+    """FSC of the two runs' map.mrc in every shell up to the likelihood's cutoff."""
+    a, _ = read_map(run_a / "map.mrc")
+    b, _ = read_map(run_b / "map.mrc")
+    shells, fsc = fourier_shell_correlation(a.double(), b.double())
+    cutoff = json.loads((run_a / "config.json").read_text())["cutoff_radius_px"]
+    return fsc[shells <= cutoff].numpy()
+
+
+@pytest.fixture(scope="module")
+def particles(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distributed") / "sim"
+    assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
+                 "--pixel-size-a", "8", "--seed", "5", "--out", str(out), "--montage", "0",
+                 "--quiet"]) == 0
+    return out / "particles.star"
+
+
+@pytest.fixture(scope="module")
+def runs(particles, tmp_path_factory) -> dict[int, Path]:
+    """The same reconstruction with 1 and with 2 processes."""
+    folder = tmp_path_factory.mktemp("runs")
+    for n in (1, 2):
+        launch(n, *reconstruct_args(particles, folder / f"ranks{n}"))
+    return {n: folder / f"ranks{n}" for n in (1, 2)}
+
+
+@needs_torchrun
+def test_two_processes_give_the_map_of_one(runs):
+    """Only the order of the sums differs (two partial sums all-reduced instead of one sum over
+    the minibatch), so the maps agree to rounding."""
+    fsc = fsc_inside_cutoff(runs[1], runs[2])
+    assert (fsc > 0.99).all(), fsc
+    info = {n: json.loads((runs[n] / "config.json").read_text()) for n in (1, 2)}
+    assert (info[1]["world_size"], info[2]["world_size"]) == (1, 2)
+    # rank 0 alone wrote: one set of outputs, no temporaries of another rank
+    assert sorted(p.name for p in runs[2].iterdir()) == sorted(p.name for p in runs[1].iterdir())
+
+
+@needs_torchrun
+def test_checkpoints_resume_across_process_counts(particles, runs, tmp_path):
+    """A run stopped after 5 steps with 2 processes finishes with 1, and one stopped with 1
+    finishes with 2; both end where the uninterrupted runs do."""
+    support = str(ROOT / "tests" / "distributed_support.py")
+    for before, after in ((2, 1), (1, 2)):
+        out = tmp_path / f"{before}to{after}"
+        args = reconstruct_args(particles, out)
+        config = ReconstructionConfig(
+            particles=str(particles), out_dir=str(out), epochs=1.0, batch_size=20, test_size=20,
+            shift_range_a=0.0, seed=3, checkpoint_interval_s=0.0)
+        settings = tmp_path / f"{before}to{after}.json"
+        settings.write_text(json.dumps(config.to_dict()))
+        launch(before, support, str(settings), "5")
+        assert (out / "checkpoint.pt").exists() and not (out / "map.mrc").exists()
+        launch(after, *args, "--resume")
+        resumed, whole = (np.genfromtxt(run / "metrics.csv", delimiter=",", names=True)
+                          for run in (out, runs[after]))
+        assert np.array_equal(resumed["gradient_evaluations"], whole["gradient_evaluations"])
+        np.testing.assert_allclose(resumed["test_nll"], whole["test_nll"], rtol=1e-4)
+        assert (fsc_inside_cutoff(runs[after], out) > 0.99).all()
