@@ -170,3 +170,18 @@ def test_checkpoints_resume_across_process_counts(particles, runs, tmp_path):
         assert np.array_equal(resumed["gradient_evaluations"], whole["gradient_evaluations"])
         np.testing.assert_allclose(resumed["test_nll"], whole["test_nll"], rtol=1e-4)
         assert (fsc_inside_cutoff(runs[after], out) > 0.99).all()
+
+
+@needs_torchrun
+@pytest.mark.parametrize("method", ["em", "projmatch"])
+def test_baselines_with_two_processes_give_the_map_of_one(particles, tmp_path, method):
+    """Each rank back-projects its share of the images; the sums are all-reduced before the
+    closed-form M-step."""
+    for n in (1, 2):
+        launch(n, "baseline", method, str(particles), "--out", str(tmp_path / f"ranks{n}"),
+               "--iterations", "2", "--test-size", "20", "--shift-range-a", "0", "--threads",
+               "1", "--quiet")
+    assert (fsc_inside_cutoff(tmp_path / "ranks1", tmp_path / "ranks2") > 0.99).all()
+    nll = [np.genfromtxt(tmp_path / f"ranks{n}" / "metrics.csv", delimiter=",",
+                         names=True)["test_nll"] for n in (1, 2)]
+    np.testing.assert_allclose(nll[0], nll[1], rtol=1e-6)
