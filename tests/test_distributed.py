@@ -4,9 +4,6 @@ over shares, and whole runs with 1 and 2 processes that must agree and resume ea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +21,13 @@ from cryostoch.io.mrc import read_map, write_map
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.objective import minibatch_objective
 from cryostoch.model.prior import PriorConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+from distributed_support import (
+    ROOT,
+    fsc_inside_cutoff,
+    launch,
+    needs_torchrun,
+    reconstruct_args,
+)
 
 
 # ------------------------------------------------------------------ shares of a minibatch
@@ -91,35 +91,6 @@ def test_sum_over_shares_gives_the_whole_minibatch():
 
 
 # ------------------------------------------------------------------ whole runs under torchrun
-def environment() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-def launch(processes: int, *args: str) -> None:
-    """`cryostoch ARGS` (or a script) under torchrun with `processes` gloo processes."""
-    target = list(args) if args[0].endswith(".py") else ["-m", "cryostoch.cli.main", *args]
-    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(processes), *target]
-    done = subprocess.run(command, env=environment(), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def reconstruct_args(particles: Path, out: Path, *extra: str) -> list[str]:
-    return ["reconstruct", str(particles), "--out", str(out), "--epochs", "1", "--batch-size",
-            "20", "--test-size", "20", "--shift-range-a", "0", "--seed", "3", "--threads", "1",
-            "--quiet", *extra]
-
-
-def fsc_inside_cutoff(run_a: Path, run_b: Path) -> np.ndarray:
-    """FSC of the two runs' map.mrc in every shell up to the likelihood's cutoff."""
-    a, _ = read_map(run_a / "map.mrc")
-    b, _ = read_map(run_b / "map.mrc")
-    shells, fsc = fourier_shell_correlation(a.double(), b.double())
-    cutoff = json.loads((run_a / "config.json").read_text())["cutoff_radius_px"]
-    return fsc[shells <= cutoff].numpy()
-
-
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed") / "sim"
