@@ -25,33 +25,16 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from likelihood import median_time  # benchmarks/ is on a script's path
+
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(work, device: torch.device, repeats: int) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronise(device)
-        start = time.perf_counter()
-        work()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_cost(box: int, radius_px: float, batch: int, device: str,
@@ -72,7 +55,7 @@ def step_cost(box: int, radius_px: float, batch: int, device: str,
                                     defocus_angle_deg=30.0, voltage_kv=300.0,
                                     spherical_aberration_mm=2.7, amplitude_contrast=0.1)
     half = batch // 2
-    times = [median_seconds(lambda b=b: minibatch_objective(
+    times = [median_time(lambda b=b: minibatch_objective(
         volume, blocks[:b], ctf.index(slice(0, b)), model, PriorConfig(), 50_000), dev, repeats)
         for b in (half, batch)]
     per_image = (times[1] - times[0]) / (batch - half)
@@ -89,7 +72,7 @@ def allreduce_worker(box: int, repeats: int) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     gradient = torch.ones(box, box, box, device=device)
-    seconds = median_seconds(lambda: dist.all_reduce(gradient), device, repeats)
+    seconds = median_time(lambda: dist.all_reduce(gradient), device, repeats)
     if dist.get_rank() == 0:
         print(f"ALLREDUCE {seconds!r}", flush=True)
     dist.destroy_process_group()

@@ -46,6 +46,7 @@ from cryostoch.model.local_search import (
 from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
 from cryostoch.simulate.particles import ProjectionModel
 from cryostoch.simulate.phantom import phantom_volume
+from likelihood import synchronise  # benchmarks/ is on a script's path
 
 PIXEL_A = 4.0
 
@@ -66,11 +67,6 @@ def make_images(box: int, n: int, snr: float, shift_radius: float, seed: int):
     scale = math.sqrt(snr / float(clean.var()))  # white noise of sigma 1 at this SNR
     noisy = clean * scale + torch.randn(clean.shape, generator=g, dtype=torch.float64)
     return noisy, rotations, shifts, ctf, volume * scale
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def exhaustive(volume, images, ctf, box, radius, shift_radius, device):

@@ -48,6 +48,16 @@ def launch(processes: int, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def simulated_particles(folder: Path) -> Path:
+    """particles.star of 300 box-32 phantom particles at 8 A in `folder`."""
+    from cryostoch.cli.main import main
+
+    assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
+                 "--pixel-size-a", "8", "--seed", "5", "--out", str(folder), "--montage", "0",
+                 "--quiet"]) == 0
+    return folder / "particles.star"
+
+
 def reconstruct_args(particles: Path, out: Path, *extra: str) -> list[str]:
     return ["reconstruct", str(particles), "--out", str(out), "--epochs", "1", "--batch-size",
             "20", "--test-size", "20", "--shift-range-a", "0", "--seed", "3", "--threads", "1",

@@ -18,7 +18,13 @@ from cryostoch.cli.main import main
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.objective import minibatch_objective
 from cryostoch.model.prior import PriorConfig
-from distributed_support import fsc_inside_cutoff, launch, needs_torchrun, reconstruct_args
+from distributed_support import (
+    fsc_inside_cutoff,
+    launch,
+    needs_torchrun,
+    reconstruct_args,
+    simulated_particles,
+)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -26,11 +32,7 @@ pytestmark = [pytest.mark.cuda,
 
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cuda") / "sim"
-    assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
-                 "--pixel-size-a", "8", "--seed", "5", "--out", str(out), "--montage", "0",
-                 "--quiet"]) == 0
-    return out / "particles.star"
+    return simulated_particles(tmp_path_factory.mktemp("cuda") / "sim")
 
 
 def test_objective_and_gradient_on_cuda_match_the_cpu():

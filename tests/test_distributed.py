@@ -27,6 +27,7 @@ from distributed_support import (
     launch,
     needs_torchrun,
     reconstruct_args,
+    simulated_particles,
 )
 
 
@@ -93,11 +94,7 @@ def test_sum_over_shares_gives_the_whole_minibatch():
 # ------------------------------------------------------------------ whole runs under torchrun
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("distributed") / "sim"
-    assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
-                 "--pixel-size-a", "8", "--seed", "5", "--out", str(out), "--montage", "0",
-                 "--quiet"]) == 0
-    return out / "particles.star"
+    return simulated_particles(tmp_path_factory.mktemp("distributed") / "sim")
 
 
 @pytest.fixture(scope="module")
