@@ -119,6 +119,21 @@ def test_two_processes_give_the_map_of_one(runs):
 
 
 @needs_torchrun
+def test_refusals_under_torchrun_print_one_error_line(particles, runs, tmp_path):
+    """An error rank 0 meets alone (a folder that holds a run) and one every rank meets (too
+    small a minibatch): one `cryostoch: error` line, a failed exit, no folder created."""
+    for args, names in ((reconstruct_args(particles, runs[1]), (str(runs[1]), "--overwrite")),
+                        (reconstruct_args(particles, tmp_path / "new", "--batch-size", "1"),
+                         ("--batch-size", "2 processes"))):
+        done = launch(2, *args, check=False)
+        errors = [line for line in done.stderr.splitlines() if "cryostoch: error" in line]
+        assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+        assert all(name in errors[0] for name in names), errors[0]
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow  # 50-75 s here: four runs of which two stop after 5 steps
+@needs_torchrun
 def test_checkpoints_resume_across_process_counts(particles, runs, tmp_path):
     """A run stopped after 5 steps with 2 processes finishes with 1, and one stopped with 1
     finishes with 2; both end where the uninterrupted runs do."""

@@ -43,7 +43,7 @@ from cryostoch.engine.run_folder import (
     open_run_folder,
 )
 from cryostoch.engine.schedule import Schedule, Stage
-from cryostoch.errors import InputError
+from cryostoch.errors import InputError, SharedInputError
 from cryostoch.io.mrc import write_map
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
 from cryostoch.model.likelihood import MarginalLikelihood
@@ -129,9 +129,10 @@ class Reconstruction:
     def __init__(self, config: ReconstructionConfig, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
                  world: World = ONE_PROCESS) -> None:
-        if world.size > config.effective_batch_size:
-            raise InputError("--batch-size", f"{config.effective_batch_size} images cannot be "
-                             f"shared by {world.size} processes: give each at least one")
+        if world.size > config.effective_batch_size:  # every rank finds it; rank 0 says it
+            raise (InputError if world.is_main else SharedInputError)(
+                "--batch-size", f"{config.effective_batch_size} images cannot be shared by "
+                f"{world.size} processes: give each at least one")
         self.config = config
         self.world = world
         self.progress = progress and world.is_main
