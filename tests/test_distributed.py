@@ -118,6 +118,23 @@ def test_two_processes_give_the_map_of_one(runs):
     assert sorted(p.name for p in runs[2].iterdir()) == sorted(p.name for p in runs[1].iterdir())
 
 
+@pytest.mark.slow  # about 30 s here
+@needs_torchrun
+def test_noise_update_and_classes_with_two_processes_match_one(particles, tmp_path):
+    """The noise re-estimation's residuals and the class counts are summed over the ranks:
+    in float64 the class maps agree to rounding."""
+    for n in (1, 2):
+        launch(n, *reconstruct_args(particles, tmp_path / f"ranks{n}", "--noise-update",
+                                    "--classes", "2", "--dtype", "float64"))
+    for name in ("class_01.mrc", "class_02.mrc"):
+        a, _ = read_map(tmp_path / "ranks1" / name)
+        b, _ = read_map(tmp_path / "ranks2" / name)
+        assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max()), name
+    info = [json.loads((tmp_path / f"ranks{n}" / "config.json").read_text()) for n in (1, 2)]
+    assert info[0]["classes"] == info[1]["classes"]
+    assert info[0]["noise_variance_per_shell"] == info[1]["noise_variance_per_shell"]
+
+
 @needs_torchrun
 def test_refusals_under_torchrun_print_one_error_line(particles, runs, tmp_path):
     """An error rank 0 meets alone (a folder that holds a run) and one every rank meets (too
