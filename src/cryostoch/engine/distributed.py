@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 def share_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """[start, stop) of rank `rank`'s contiguous share of n items split over `size` ranks:
-    shares differ by at most one item, the first ranks take the larger ones, and together
+    shares differ by at most one item, the later ranks take the larger ones, and together
     they cover 0..n-1 once, in order."""
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} outside a world of {size}")
@@ -112,7 +112,7 @@ class World:
     def on_main(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0 alone and hand its result to every rank; an InputError it
         raises is raised on every rank (rank 0 prints it, see `SharedInputError`), so no rank
-        goes on alone."""
+        goes on alone. Any other exception ends rank 0, and torchrun then stops the others."""
         if not self.parallel:
             return work()
         outcome: tuple[bool, object] = (True, None)
