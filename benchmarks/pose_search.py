@@ -16,7 +16,8 @@ Images of the built-in phantom at known poses, with real-looking CTFs and white 
   of the same integral.
 Prints seconds per image of both, the speed-up, the share of images whose best poses agree
 within one step of the exhaustive grid (rotation and shift), and the mean |NLL difference|,
-all measured in this run.
+all measured in this run. `--device cuda` runs both searches on a GPU (the images are made
+on the CPU).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cryostoch.model.local_search import (
 from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
 from cryostoch.simulate.particles import ProjectionModel
 from cryostoch.simulate.phantom import phantom_volume
+from likelihood import synchronise  # benchmarks/ is on a script's path
 
 PIXEL_A = 4.0
 
@@ -69,28 +71,34 @@ def make_images(box: int, n: int, snr: float, shift_radius: float, seed: int):
     return noisy, rotations, shifts, ctf, volume * scale
 
 
-def exhaustive(volume, images, ctf, box, radius, shift_radius, top_k=1):
-    """(best rotations (n, 3, 3), best shifts (n, 2), NLL (n,), seconds, model); with
-    top_k > 1 the rotations (n, K, 3, 3) and shifts (n, K, 2) of the K most probable poses."""
+def exhaustive(volume, images, ctf, box, radius, shift_radius, device, top_k=1):
+    """(best rotations (n, 3, 3), best shifts (n, 2), NLL (n,), seconds, model), on the
+    CPU; with top_k > 1 the rotations (n, K, 3, 3) and shifts (n, K, 2) of the K most
+    probable poses."""
     config = LikelihoodConfig(box_size=box, pixel_size_a=PIXEL_A, max_radius_px=radius,
                               shift_radius_px=shift_radius, memory_budget_mb=512.0)
-    model = MarginalLikelihood(config, dtype=torch.float32)
+    model = MarginalLikelihood(config, dtype=torch.float32, device=device)
+    synchronise(device)
     start = time.perf_counter()
     with torch.no_grad():
-        slices = model.slices(volume.float())
-        result = model.evaluate(slices, model.image_blocks(images.float()), ctf, top_k=top_k)
+        slices = model.slices(volume.float().to(device))
+        result = model.evaluate(slices, model.image_blocks(images.float().to(device)), ctf,
+                                top_k=top_k)
+    synchronise(device)
     seconds = time.perf_counter() - start
     if top_k > 1:
         index = result.top_pose_index
         euler, shifts = model.pose_parameters(index.flatten())
-        return (euler_to_matrix(euler).view(*index.shape, 3, 3), shifts.view(*index.shape, 2),
-                result.nll.double(), seconds, model)
+        return (euler_to_matrix(euler.cpu()).view(*index.shape, 3, 3),
+                shifts.cpu().view(*index.shape, 2), result.nll.double().cpu(), seconds, model)
     euler, shifts = model.pose_parameters(result.best_pose_index)
-    return euler_to_matrix(euler), shifts, result.nll.double(), seconds, model
+    return (euler_to_matrix(euler.cpu()), shifts.cpu(), result.nll.double().cpu(), seconds,
+            model)
 
 
-def local_batch(images, ctf, box, radius):
-    """ImageBatch (white noise of sigma 1) at the half-plane points inside `radius`."""
+def local_batch(images, ctf, box, radius, device):
+    """ImageBatch (white noise of sigma 1) on `device` at the half-plane points inside
+    `radius`."""
     from cryostoch.fourier.transforms import rfft2c
 
     points = half_plane_coefficients(box, radius)
@@ -99,23 +107,24 @@ def local_batch(images, ctf, box, radius):
     scale = 1.0 / (box * PIXEL_A)
     c = evaluate_ctf(ctf, (points.kx * scale)[None], (points.ky * scale)[None]).float()
     weights = points.weights.float().expand(images.shape[0], -1).contiguous()
-    return points, ImageBatch(coefficients, c, weights)
+    return points, ImageBatch(coefficients.to(device), c.to(device), weights.to(device))
 
 
 def local_round(block, points, batch, box, rotations, shifts, angle_step, shift_step, extent,
                 shift_log_density):
     """One local round: (best rotations, best shifts, log sum of weighted candidates)."""
-    offsets = rotation_offsets(angle_step, extent)
-    t_offsets = shift_offsets(shift_step, extent)
+    device = rotations.device
+    offsets = rotation_offsets(angle_step, extent, device=device)
+    t_offsets = shift_offsets(shift_step, extent, device=device)
     cands = candidate_rotations(rotations, offsets)
     cand_shifts = shifts.unsqueeze(1) + t_offsets
     # each candidate's share of the prior: Haar measure (8 pi^2 in rotation-vector volume)
     # times the shift prior's density, over the cell of the local grid
     log_prior = shift_log_density(cand_shifts) + 2 * math.log(shift_step)
-    scores = local_scores(block, 2, points.kx.float(), points.ky.float(), box, batch, cands,
-                          cand_shifts, log_prior)
+    scores = local_scores(block, 2, points.kx.float().to(device), points.ky.float().to(device),
+                          box, batch, cands, cand_shifts, log_prior)
     best = scores.logits.flatten(1).argmax(1)
-    pick = torch.arange(len(best))
+    pick = torch.arange(len(best), device=device)
     j, s = best // t_offsets.shape[0], best % t_offsets.shape[0]
     log_rotation_weight = 3 * math.log(angle_step) - math.log(8 * math.pi**2)
     evidence = scores.log_evidence().double() + log_rotation_weight
@@ -127,23 +136,26 @@ def best_start(block, points, batch, box, rotations, shifts, angle, shift_step,
     """One local round around each of K starts per image, (n, K, 3, 3) and (n, K, 2): the
     best pose of the start whose round holds the most evidence, ((n, 3, 3), (n, 2))."""
     n, k = rotations.shape[:2]
-    repeat = torch.arange(n).repeat_interleave(k)
+    device = rotations.device
+    repeat = torch.arange(n, device=device).repeat_interleave(k)
     expanded = ImageBatch(batch.coefficients[repeat], batch.ctf[repeat],
                           batch.weighted_precision[repeat])
     rot, sh, evidence, _ = local_round(block, points, expanded, box, rotations.reshape(-1, 3, 3),
                                        shifts.reshape(-1, 2), angle, shift_step, 1,
                                        shift_log_density)
-    pick = evidence.view(n, k).argmax(1) + torch.arange(n) * k
+    pick = evidence.view(n, k).argmax(1) + torch.arange(n, device=device) * k
     return rot[pick], sh[pick]
 
 
-def pruned(volume, images, ctf, box, radius, shift_radius, top_k=4):
+def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=4):
     """Coarse exhaustive search (its top_k poses), then local rounds: (rotations, shifts,
-    NLL, seconds)."""
+    NLL, seconds), on the CPU."""
     coarse_radius = max(4.0, radius / 3)
     rot, shifts, _, coarse_seconds, coarse = exhaustive(volume, images, ctf, box, coarse_radius,
-                                                        shift_radius, top_k=max(2, top_k))
+                                                        shift_radius, device,
+                                                        top_k=max(2, top_k))
     rot, shifts = rot[:, :top_k], shifts[:, :top_k]
+    synchronise(device)
     start = time.perf_counter()
     quad = coarse.shifts
     sigma_free = shift_quadrature(shift_radius, 0.05, math.inf)  # the prior's density
@@ -153,13 +165,14 @@ def pruned(volume, images, ctf, box, radius, shift_radius, top_k=4):
         inside = t.norm(dim=-1) <= shift_radius + 1e-9
         return torch.where(inside, -log_area, -math.inf)
 
-    points, batch = local_batch(images, ctf, box, radius)
-    block, _ = oversampled_volume_spectrum(volume.float(), radius + 0.5, 2)
+    points, batch = local_batch(images, ctf, box, radius, device)
+    block, _ = oversampled_volume_spectrum(volume.float().to(device), radius + 0.5, 2)
     angle = angular_step_rad(coarse_radius)
     shift_step = float(torch.cdist(quad.shifts_px, quad.shifts_px).masked_fill(
-        torch.eye(quad.size, dtype=torch.bool), math.inf).min()) if quad.size > 1 else 1.0
+        torch.eye(quad.size, dtype=torch.bool, device=quad.shifts_px.device), math.inf
+    ).min()) if quad.size > 1 else 1.0
     fine_angle, fine_shift = angular_step_rad(radius), box / (2 * math.pi * radius)
-    rot, shifts = rot.double(), shifts.double()
+    rot, shifts = rot.double().to(device), shifts.double().to(device)
     angle, shift_step = max(angle / 2, fine_angle / 2), max(shift_step / 2, fine_shift / 2)
     rot, shifts = best_start(block, points, batch, box, rot, shifts, angle, shift_step,
                              shift_log_density)
@@ -171,7 +184,8 @@ def pruned(volume, images, ctf, box, radius, shift_radius, top_k=4):
         block, points, batch, box, rot, shifts, angle, shift_step, 3, shift_log_density)
     normaliser = 0.5 * points.degrees_of_freedom * math.log(2 * math.pi)
     nll = data_norm - evidence + normaliser
-    return rot, shifts, nll, coarse_seconds + time.perf_counter() - start
+    synchronise(device)
+    return (rot.cpu(), shifts.cpu(), nll.cpu(), coarse_seconds + time.perf_counter() - start)
 
 
 def angle_between_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,26 +203,28 @@ def main() -> None:
     parser.add_argument("--snr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--top-k", type=int, default=4,
                         help="coarse poses per image that start a local round")
     parser.add_argument("--verbose", action="store_true", help="per-image differences")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     images, _, _, ctf, volume = make_images(args.box, args.n_images, args.snr,
                                             args.shift_radius, args.seed)
     print(f"box {args.box}, {args.n_images} images, SNR {args.snr}, shifts within "
-          f"{args.shift_radius} px, {args.top_k} coarse poses per image, torch threads "
-          f"{torch.get_num_threads()}")
+          f"{args.shift_radius} px, {args.top_k} coarse poses per image, {device}, torch "
+          f"threads {torch.get_num_threads()}")
     print("| cutoff (Nyquist) | radius px | exhaustive poses | exhaustive s/image | "
           "pruned s/image | speed-up | best pose agrees | mean abs NLL diff | mean NLL diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for fraction in (float(v) for v in args.max_freq.split(",")):
         radius = max_radius_px(args.box, fraction)
         rot_x, sh_x, nll_x, sec_x, model = exhaustive(volume, images, ctf, args.box, radius,
-                                                      args.shift_radius)
+                                                      args.shift_radius, device)
         rot_p, sh_p, nll_p, sec_p = pruned(volume, images, ctf, args.box, radius,
-                                           args.shift_radius, args.top_k)
+                                           args.shift_radius, device, args.top_k)
         step_deg = math.degrees(angular_step_rad(radius))
         shift_step = default_shift_step_px(args.box, radius)
         agree = ((angle_between_deg(rot_x, rot_p) <= 1.5 * step_deg)

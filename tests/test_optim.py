@@ -644,6 +644,7 @@ def test_factory_names_aliases_and_groups():
     assert torch.allclose(x, torch.full((3,), -0.1)) and torch.allclose(y, torch.full((2,), -0.2))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_matches_cpu(name):

@@ -15,3 +15,8 @@ class InputError(Exception):
         self.source = str(source)
         self.problem = " ".join(str(problem).split())
         super().__init__(f"{self.source}: {self.problem}")
+
+
+class SharedInputError(InputError):
+    """An InputError that rank 0 of a data parallel run met and handed to the other ranks:
+    rank 0 prints it, the others stay quiet (`engine/distributed.py`)."""

@@ -55,6 +55,7 @@ def em_iteration(
     refine_iterations: int = 10,
     progress: Callable[[int], None] | None = None,
     noise_precision: Tensor | None = None,
+    sum_over_shares: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """One E-step over every image and a closed-form M-step.
 
@@ -62,12 +63,13 @@ def em_iteration(
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
     `progress(n)` is called after each chunk of n images. noise_precision: (K, M) per-image
     precision 1 / sigma_k^2 (coloured noise): the E-step's posteriors and the M-step's sums
-    are then noise-weighted, as RELION's are.
+    are then noise-weighted, as RELION's are. `sum_over_shares`: for `blocks` that are one
+    share of the images (data parallel), see `accumulate_and_solve`.
     """
     return accumulate_and_solve(partial(_posterior_weights, model), model, volume, blocks, ctf,
                                 regulariser=regulariser, chunk_size=chunk_size,
                                 refine_iterations=refine_iterations, progress=progress,
-                                noise_precision=noise_precision)
+                                noise_precision=noise_precision, sum_over_shares=sum_over_shares)
 
 
 def batch_em(

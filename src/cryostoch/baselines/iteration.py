@@ -84,10 +84,15 @@ def accumulate_and_solve(
     refine_iterations: int,
     progress: Callable[[int], None] | None,
     noise_precision: Tensor | None = None,
+    sum_over_shares: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """One iteration: `assign` every chunk under `volume`, sum, and solve for the new map.
 
-    noise_precision: (K, M) per-image noise precision (coloured noise) or None (white)."""
+    noise_precision: (K, M) per-image noise precision (coloured noise) or None (white).
+    Data parallel: `blocks` may be one share of the images, the others assigned elsewhere;
+    `sum_over_shares` (in place, e.g. an all-reduce) then sums the shares' back-projection
+    sums, NLLs and image counts before the map is solved, so every share gets the same map;
+    `pose_index` and `score` cover this share's images only."""
     n = blocks.shape[0]
     if n == 0:
         raise ValueError("a baseline iteration needs at least one image")
@@ -112,9 +117,16 @@ def accumulate_and_solve(
                 nll_sum = (nll_sum or 0.0) + part.nll_sum
             if progress is not None:
                 progress(stop - start)
+        count = float(n)
+        if sum_over_shares is not None:
+            sum_over_shares(numerator)
+            sum_over_shares(denominator)
+            totals = sum_over_shares(torch.tensor([nll_sum or 0.0, count], dtype=torch.float64))
+            nll_sum = None if nll_sum is None else float(totals[0])
+            count = float(totals[1])
         new = closed_form_map(numerator, denominator, model, regulariser=regulariser,
                               current=volume, refine_iterations=refine_iterations)
-    return IterationResult(new, pose, score, None if nll_sum is None else nll_sum / n)
+    return IterationResult(new, pose, score, None if nll_sum is None else nll_sum / count)
 
 
 def iterate(

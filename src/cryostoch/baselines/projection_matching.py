@@ -50,16 +50,19 @@ def projection_matching_iteration(
     chunk_size: int = 500,
     refine_iterations: int = 10,
     progress: Callable[[int], None] | None = None,
+    sum_over_shares: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """Assign each image its best pose by cross-correlation, then reconstruct (closed form).
 
     blocks: (K, 2h+1, h+1) image blocks in the model's layout (any device); ctf: their CTFs.
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
-    `progress(n)` is called after each chunk of n images.
+    `progress(n)` is called after each chunk of n images. `sum_over_shares`: for `blocks`
+    that are one share of the images (data parallel), see `accumulate_and_solve`.
     """
     return accumulate_and_solve(partial(_best_correlation, model), model, volume, blocks, ctf,
                                 regulariser=regulariser, chunk_size=chunk_size,
-                                refine_iterations=refine_iterations, progress=progress)
+                                refine_iterations=refine_iterations, progress=progress,
+                                sum_over_shares=sum_over_shares)
 
 
 def projection_matching(

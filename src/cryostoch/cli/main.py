@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 import warnings
 
 from cryostoch import __version__
-from cryostoch.errors import InputError
+from cryostoch.errors import InputError, SharedInputError
 
 # OSErrors that are faults of the place written to, not of the program: one line, exit 2.
 WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -49,14 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_unless_main(rank: int) -> None:
+    """Under torchrun, ranks other than 0 print no results, logs or progress: rank 0 speaks
+    for the run (warnings and errors of their own still show)."""
+    if rank == 0:
+        return
+    import logging
+
+    logging.disable(logging.INFO)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; 0 without it
+    quiet_unless_main(rank)
     try:
         with warnings.catch_warnings(record=True) as caught:
             result = args._run(args)
+    except SharedInputError:  # rank 0 met it and prints it
+        return 2
     except InputError as err:  # the error alone: warnings on the way to it only distract
-        print(f"cryostoch: error: {err}", file=sys.stderr)
+        where = f" (rank {rank})" if rank else ""
+        print(f"cryostoch: error{where}: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in WRITE_FAULTS:
@@ -69,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print("cryostoch: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0

@@ -91,11 +91,18 @@ def config_from_args(args: argparse.Namespace) -> ReconstructionConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryostoch.engine.reconstruct import reconstruct
+    from cryostoch.engine.distributed import joined
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = config_from_args(args)
     apply_threads(args)
+    with joined(config.device):  # under torchrun: one process group for both steps
+        return _reconstruct_and_refine(config, args)
+
+
+def _reconstruct_and_refine(config: ReconstructionConfig, args: argparse.Namespace) -> int:
+    from cryostoch.engine.reconstruct import reconstruct
+
     result = reconstruct(config, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"

@@ -13,6 +13,9 @@ five epochs (250,000 gradient evaluations for K = 50,000) of the stochastic meth
 rows: `minibatch_objective` is the mean training NLL of the iteration's E-step (batch EM: under
 the map before the update; empty for projection matching, which evaluates no likelihood),
 `learning_rate` is empty. No checkpoints are written (an iteration is one pass over the data).
+
+Under torchrun each rank takes a contiguous share of the training images; the E-step sums
+(back-projections, NLLs) are all-reduced before the M-step, so every rank solves the same map.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import torch
 from cryostoch.baselines import METHODS, Regulariser, em_iteration, projection_matching_iteration
 from cryostoch.baselines.iteration import IterationResult
 from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.distributed import ONE_PROCESS, World, cleaned_up_by_main, joined
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import METRIC_FIELDS, ReconstructionResult, finish, run_info
 from cryostoch.engine.prepare import prepare_run
 from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.reconstruct import RunState
-from cryostoch.engine.run_folder import open_run_folder, removed_if_failed_and_empty
+from cryostoch.engine.run_folder import open_run_folder
 from cryostoch.engine.schedule import Schedule
 from cryostoch.errors import InputError
 
@@ -104,16 +108,17 @@ class BaselineRun:
     """A prepared baseline run; `run()` does `config.iterations` iterations and writes outputs."""
 
     def __init__(self, config: BaselineConfig, *, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, world: World = ONE_PROCESS) -> None:
         self.baseline = config
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.is_main
         self.last_iteration: IterationResult | None = None
         # one iteration = one epoch, so the epoch bookkeeping (and the start's band limit,
         # from the schedule's first stage) read as for a stochastic run of that length
         self.config = dataclasses.replace(config.reconstruction, epochs=float(config.iterations))
         self.out = self.config.out_path
-        open_run_folder(self.out, overwrite=overwrite)
-        self.prepared = prepare_run(self.config, progress=progress)
+        world.on_main(lambda: open_run_folder(self.out, overwrite=overwrite))
+        self.prepared = prepare_run(self.config, progress=self.progress)
         schedule = Schedule.from_config(self.config, self.prepared.geometry.cutoff_radius_px,
                                         self.prepared.n_train)
         # the same noise model and mask as a stochastic run, so the same start
@@ -132,13 +137,17 @@ class BaselineRun:
         log.info("%s: %d iterations over %d training images (%d directions x %d angles x %d "
                  "shifts); M-step regulariser: %s", cfg.label, cfg.iterations, prepared.n_train,
                  model.n_directions, model.n_inplane, model.n_shifts, cfg.regulariser.describe())
+        world = self.world
         bar = progress_bar(cfg.iterations * prepared.n_train, cfg.label, self.progress)
-        self._log_metrics(None, prepared.test_nll(self.volume, self.noise_precision), start_time)
-        options = {}
+        self._log_metrics(None, self._test_nll(), start_time)
+        rows = world.share(torch.arange(prepared.n_train))  # this rank's images
+        options = {"sum_over_shares": world.sum_} if world.parallel else {}
         if self.noise_precision is not None and cfg.method == "em":
-            options["noise_precision"] = self.noise_precision[train.optics_index]
+            options["noise_precision"] = self.noise_precision[train.optics_index[rows]]
+        blocks, ctf = (train.blocks[rows], train.ctf.index(rows)) if world.parallel \
+            else (train.blocks, train.ctf)
         for _ in range(cfg.iterations):
-            result = step(model, self.volume, train.blocks, train.ctf,
+            result = step(model, self.volume, blocks, ctf,
                           regulariser=cfg.regulariser, chunk_size=cfg.chunk_size,
                           refine_iterations=cfg.refine_iterations,
                           progress=bar.update if bar else None, **options)
@@ -148,11 +157,13 @@ class BaselineRun:
                                  f"{state.iteration + 1}")
             self.volume = prepared.symmetrize(result.volume.detach())
             self.noise_and_mask.apply_(self.volume)
-            self.last_iteration = result
+            self.last_iteration = dataclasses.replace(  # every rank's poses, on every rank
+                result, pose_index=world.gathered_rows(prepared.n_train, result.pose_index),
+                score=world.gathered_rows(prepared.n_train, result.score))
             state.iteration += 1
             state.images_seen += prepared.n_train
             state.gradient_evaluations += prepared.n_train
-            test = prepared.test_nll(self.volume, self.noise_precision)
+            test = self._test_nll()
             self._log_metrics(result.mean_nll, test, start_time)
             row = self.state.metrics[-1]
             log.info("iteration %d: %s%s(%.1f s)", state.iteration,
@@ -167,7 +178,11 @@ class BaselineRun:
         return finish(self.out, prepared, self.volume, state.metrics,
                       gradient_evaluations=state.gradient_evaluations, seconds=state.seconds,
                       info=self._info(), title=f"{cfg.label}: {Path(self.config.particles).name}",
-                      command=f"baseline ({cfg.label})", noise_precision=self.noise_precision)
+                      command=f"baseline ({cfg.label})", noise_precision=self.noise_precision,
+                      world=world)
+
+    def _test_nll(self) -> float | None:
+        return self.prepared.test_nll(self.volume, self.noise_precision, world=self.world)
 
     def _log_metrics(self, objective, test, start_time) -> None:
         s = self.state
@@ -198,9 +213,12 @@ class BaselineRun:
 def run_baseline(config: BaselineConfig, *, overwrite: bool = False,
                  progress: bool = True) -> ReconstructionResult:
     """Prepare the data and run the baseline; see `BaselineRun`. A failed run leaves no
-    empty folder behind."""
-    with removed_if_failed_and_empty(config.reconstruction.out_path):
-        return BaselineRun(config, overwrite=overwrite, progress=progress).run()
+    empty folder behind. Under torchrun, one rank of a data parallel run."""
+    with joined(config.reconstruction.device) as world, \
+            cleaned_up_by_main(world, config.reconstruction.out_path):
+        config = dataclasses.replace(config, reconstruction=dataclasses.replace(
+            config.reconstruction, device=world.device))  # cuda -> cuda:LOCAL_RANK
+        return BaselineRun(config, overwrite=overwrite, progress=progress, world=world).run()
 
 
 __all__ = ["METHOD_LABELS", "BaselineConfig", "BaselineRun", "run_baseline"]

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.prepare import PreparedRun
 from cryostoch.engine.preprocess import PreparedParticles
 from cryostoch.model.likelihood import MarginalLikelihood
@@ -38,28 +39,32 @@ def most_probable_classes(model: MarginalLikelihood, volume: Tensor,
     """
     with torch.no_grad():
         slices = model.slices(volume.detach())
-        return torch.cat([model.class_of(result.best_pose_index).cpu()
-                          for _, _, result in particles.evaluate_chunks(
-                              model, slices, rows, noise_precision=noise_precision,
-                              class_log_weights=class_log_weights)])
+        return torch.cat([torch.zeros(0, dtype=torch.long)]  # no rows: a rank's empty share
+                         + [model.class_of(result.best_pose_index).cpu()
+                            for _, _, result in particles.evaluate_chunks(
+                                model, slices, rows, noise_precision=noise_precision,
+                                class_log_weights=class_log_weights)])
 
 
-def class_shares(classes: Tensor, n_classes: int) -> Tensor:
-    """(K,) float64 share of the particles in each class (0-based labels (n,))."""
-    counts = torch.bincount(classes, minlength=n_classes).to(torch.float64)
+def class_shares(classes: Tensor, n_classes: int, world: World = ONE_PROCESS) -> Tensor:
+    """(K,) float64 share of the particles in each class (0-based labels (n,)); with several
+    ranks, of the labels of all ranks together."""
+    counts = world.sum_(torch.bincount(classes, minlength=n_classes).to(torch.float64))
     return counts / counts.sum().clamp(min=1)
 
 
 def update_classes(run: PreparedRun, model: MarginalLikelihood, volume: Tensor,
                    noise_precision: Tensor | None, log_weights: list[float],
-                   generator: torch.Generator) -> list[float]:
-    """New log proportions (K,) from a sample of training images; re-seeds emptied classes
-    in `volume` (K, N, N, N) in place."""
+                   generator: torch.Generator, world: World = ONE_PROCESS) -> list[float]:
+    """New log proportions (K,) from a sample of training images (each rank of `world`
+    classifies its share); re-seeds emptied classes in `volume` (K, N, N, N) in place, alike
+    on every rank (`generator` is seeded alike)."""
     n_classes = volume.shape[0]
     sample = torch.arange(min(run.n_train, SAMPLE_SIZE))
     current = torch.tensor(log_weights, dtype=torch.float64)
-    classes = most_probable_classes(model, volume, run.train, sample, noise_precision, current)
-    shares = class_shares(classes, n_classes)
+    classes = most_probable_classes(model, volume, run.train, world.share(sample),
+                                    noise_precision, current)
+    shares = class_shares(classes, n_classes, world)
     log.info("class shares: %s", ", ".join(f"{100 * float(s):.0f}%" for s in shares))
     largest = int(shares.argmax())
     with torch.no_grad():

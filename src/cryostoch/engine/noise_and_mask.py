@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import Tensor
 
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.prepare import PreparedRun
 from cryostoch.evaluate.transform import soft_sphere_mask
 from cryostoch.model.likelihood import MarginalLikelihood
@@ -74,12 +75,13 @@ class NoiseAndMask:
         log.info("solvent mask follows the map: %.1f%% of the box", 100 * mask_fraction(self.mask))
 
     def reestimate(self, run: PreparedRun, model: MarginalLikelihood, volume: Tensor,
-                   class_log_weights: Tensor | None) -> None:
+                   class_log_weights: Tensor | None, world: World = ONE_PROCESS) -> None:
         """sigma^2 per shell and group from the expected residual |X - C S|^2 under the pose
         posterior of the current map (RELION's sigma2_noise update), on up to
         `NOISE_SAMPLE` training images per group, inside `model`'s cutoff (the current
         stage's, at temperature 1: beyond it the map holds no signal yet); shells beyond it
-        keep their earlier estimate."""
+        keep their earlier estimate. Each rank of `world` sums the residuals of its share of
+        the images; the sums are all-reduced."""
         if self.noise is None:
             return
         train = run.train
@@ -92,12 +94,14 @@ class NoiseAndMask:
                     continue
                 residual = torch.zeros(model.n_points, dtype=torch.float64)
                 for _, blocks, result in train.evaluate_chunks(
-                        model, slices, rows, noise_precision=precision, statistics=True,
+                        model, slices, world.share(rows), noise_precision=precision,
+                        statistics=True,
                         class_log_weights=class_log_weights):
                     coeffs = model.image_coefficients(blocks)
                     image_power = (coeffs.real**2 + coeffs.imag**2).double().sum(0)
                     residual += residual_power(slices, *result.statistics, image_power,
                                                model.weights_k * precision[group]).cpu()
+                world.sum_(residual)
                 shells = shell_means(residual / len(rows), model.coefficients,
                                      self.noise.variance.shape[1])
                 self.noise = updated_spectrum(self.noise, group, shells)

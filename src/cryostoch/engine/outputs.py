@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cryostoch import __version__
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.prepare import PreparedRun
 from cryostoch.engine.run_folder import CHIMERAX_SCRIPT, StagedOutputs
 from cryostoch.engine.schedule import run_epochs
@@ -104,23 +105,28 @@ class PoseAssignment:
 
 
 def assign_poses(run: PreparedRun, volume: Tensor, noise_precision: Tensor | None = None,
-                 class_log_weights: Tensor | None = None) -> PoseAssignment:
-    """Score every particle against `volume` (N, N, N) or (K, N, N, N) at the final cutoff.
+                 class_log_weights: Tensor | None = None,
+                 world: World = ONE_PROCESS) -> PoseAssignment:
+    """Score every particle against `volume` (N, N, N) or (K, N, N, N) at the final cutoff
+    (each rank of `world` its share; every rank gets all of them).
 
     noise_precision: (G, M) per optics group at the final model's coefficients (coloured
     noise) or None (white); class_log_weights: (K,) log class proportions or None."""
     model, particles = run.model, run.particles
-    best, prob, nll = [], [], []
+    n = len(particles)
+    best = [torch.zeros(0, dtype=torch.long)]  # a rank's share may be empty
+    prob, nll = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
     with torch.no_grad():
         slices = model.slices(volume.detach())
         for _, _, res in particles.evaluate_chunks(
-                model, slices, torch.arange(len(particles)), noise_precision=noise_precision,
+                model, slices, world.share(torch.arange(n)), noise_precision=noise_precision,
                 class_log_weights=class_log_weights):
             best.append(res.best_pose_index.cpu())
             prob.append(res.best_pose_probability.double().cpu())
             nll.append(res.nll.double().cpu())
-    best = torch.cat(best)
-    return PoseAssignment(best, torch.cat(prob), torch.cat(nll), model.class_of(best).cpu())
+    best = world.gathered_rows(n, torch.cat(best))
+    return PoseAssignment(best, world.gathered_rows(n, torch.cat(prob)),
+                          world.gathered_rows(n, torch.cat(nll)), model.class_of(best).cpu())
 
 
 def write_poses(path: Path, run: PreparedRun, poses: PoseAssignment) -> None:
@@ -172,14 +178,31 @@ def check_finite_result(run: PreparedRun, volume: Tensor, poses: PoseAssignment 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
            gradient_evaluations: int, seconds: float, info: dict, title: str,
            command: str = "reconstruct", noise_precision: Tensor | None = None,
-           class_log_weights: Tensor | None = None) -> ReconstructionResult:
+           class_log_weights: Tensor | None = None,
+           world: World = ONE_PROCESS) -> ReconstructionResult:
     """Write every output of a finished run (all at once, map.mrc last: `StagedOutputs`) and
     return its summary. InputError, with nothing written, if the run diverged.
 
     volume: (N, N, N) final map, or (K, N, N, N) with classes (map.mrc is then the largest
     class), in the run's dtype and device; info: what config.json holds (see `run_info`);
-    command: what report.html calls the run.
+    command: what report.html calls the run. With several ranks, all score the particles and
+    rank 0 alone writes; every rank returns once the files are there.
     """
+    poses = None
+    if run.config.write_poses or volume.dim() == 4:
+        poses = assign_poses(run, volume, noise_precision, class_log_weights, world)
+    check_finite_result(run, volume.detach(), poses, metrics)
+    world.check_same(volume, "final maps")
+    return world.on_main(lambda: _write_outputs(
+        out, run, volume, metrics, poses, gradient_evaluations=gradient_evaluations,
+        seconds=seconds, info=info | {"world_size": world.size}, title=title,
+        command=command))
+
+
+def _write_outputs(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict],
+                   poses: PoseAssignment | None, *, gradient_evaluations: int, seconds: float,
+                   info: dict, title: str, command: str) -> ReconstructionResult:
+    """`finish`'s files (see there)."""
     from cryostoch.engine.html_report import (
         REPORT_HTML,
         reconstruction_report_html,
@@ -187,10 +210,6 @@ def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,
     )
     from cryostoch.evaluate.plots import reconstruction_report
 
-    poses = None
-    if run.config.write_poses or volume.dim() == 4:
-        poses = assign_poses(run, volume, noise_precision, class_log_weights)
-    check_finite_result(run, volume.detach(), poses, metrics)
     all_maps = volume.detach().float().cpu()
     map_volume = all_maps
     class_maps: list[ViewedMap] = []

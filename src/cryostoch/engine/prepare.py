@@ -25,6 +25,7 @@ from cryostoch.engine.config import (
     MASK_KINDS,
     ReconstructionConfig,
 )
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.preprocess import (
     PreparedParticles,
     ResampledDataset,
@@ -173,9 +174,10 @@ class PreparedRun:
         return self.model.dtype
 
     def test_nll(self, volume: Tensor, noise_precision: Tensor | None = None,
-                 class_log_weights: Tensor | None = None) -> float | None:
+                 class_log_weights: Tensor | None = None,
+                 world: World = ONE_PROCESS) -> float | None:
         """Mean held-out NLL per image of `volume` (N, N, N) or (K, N, N, N) at the final
-        cutoff.
+        cutoff; each rank of `world` scores its share of the held-out images.
 
         noise_precision: (G, M) per optics group at the final model's coefficients, or None
         (white noise); class_log_weights: (K,) log class proportions (None: uniform).
@@ -186,10 +188,11 @@ class PreparedRun:
         with torch.no_grad():
             slices = self.model.slices(volume.detach())
             for _, _, result in self.test.evaluate_chunks(
-                    self.model, slices, torch.arange(len(self.test)), chunk_size=100,
-                    noise_precision=noise_precision, class_log_weights=class_log_weights):
+                    self.model, slices, world.share(torch.arange(len(self.test))),
+                    chunk_size=100, noise_precision=noise_precision,
+                    class_log_weights=class_log_weights):
                 total += float(result.nll.sum())
-        return total / len(self.test)
+        return world.sum_float(total) / len(self.test)
 
     def model_at(self, radius_px: float, temperature: float = 1.0) -> MarginalLikelihood:
         """The likelihood at a cutoff and posterior temperature (noise sigma sqrt(T)): the

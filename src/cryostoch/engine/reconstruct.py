@@ -6,10 +6,18 @@ only on the seed and the epoch (so every optimiser sees the same images in the s
 a resumed run repeats an uninterrupted one exactly). The cutoff and posterior temperature of
 each step come from the pure `Schedule`. Progress is counted in gradient evaluations of single
 images, as in the paper.
+
+Under torchrun (`engine/distributed.py`) every rank draws the same minibatch, evaluates its
+share of it, and the closure returns the all-reduced objective and gradient: the optimisers
+only ever see whole-minibatch values, so every statistic they take from the closure
+(calibration, Hessian-vector products, curvature pairs) is the global one and every rank takes
+the same step. Rank 0 alone writes; checkpoints hold only this global state, so a run resumes
+with any number of ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,6 +32,7 @@ from cryostoch import __version__
 from cryostoch.engine.checkpoint import load_checkpoint, save_checkpoint
 from cryostoch.engine.classes import update_classes
 from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.distributed import ONE_PROCESS, World, cleaned_up_by_main, joined
 from cryostoch.engine.initial import initial_volume
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import ReconstructionResult, finish, run_info
@@ -32,10 +41,9 @@ from cryostoch.engine.progress import progress_bar
 from cryostoch.engine.run_folder import (
     CHECKPOINT_NAME,
     open_run_folder,
-    removed_if_failed_and_empty,
 )
 from cryostoch.engine.schedule import Schedule, Stage
-from cryostoch.errors import InputError
+from cryostoch.errors import InputError, SharedInputError
 from cryostoch.io.mrc import write_map
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
 from cryostoch.model.likelihood import MarginalLikelihood
@@ -119,15 +127,21 @@ class Reconstruction:
     """A prepared run; `run()` iterates until the configured number of epochs."""
 
     def __init__(self, config: ReconstructionConfig, *, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> None:
+                 overwrite: bool = False, progress: bool = True,
+                 world: World = ONE_PROCESS) -> None:
+        if world.size > config.effective_batch_size:  # every rank finds it; rank 0 says it
+            raise (InputError if world.is_main else SharedInputError)(
+                "--batch-size", f"{config.effective_batch_size} images cannot be shared by "
+                f"{world.size} processes: give each at least one")
         self.config = config
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.is_main
         self.out = config.out_path
-        open_run_folder(self.out, overwrite=overwrite, resume=resume)
         self.checkpoint_path = self.out / CHECKPOINT_NAME
-        # a damaged or foreign checkpoint fails before the data are prepared
-        saved = self._saved_state() if resume and self.checkpoint_path.exists() else None
-        self.prepared = prepare_run(config, progress=progress)
+        # a damaged or foreign checkpoint fails before the data are prepared; rank 0 reads it
+        # and hands it to the others (the folder may be on rank 0's node only)
+        saved = world.on_main(lambda: self._open_folder(resume, overwrite))
+        self.prepared = prepare_run(config, progress=self.progress)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
         if config.epochs is None:
@@ -149,6 +163,11 @@ class Reconstruction:
                                          self.noise_and_mask.precision(self.prepared.model))
             self.noise_and_mask.apply_(self.volume)
             self._make_optimizer()
+
+    def _open_folder(self, resume: bool, overwrite: bool) -> dict | None:
+        """Check and create the output folder; the checkpoint's state when resuming."""
+        open_run_folder(self.out, overwrite=overwrite, resume=resume)
+        return self._saved_state() if resume and self.checkpoint_path.exists() else None
 
     def _make_optimizer(self) -> None:
         self.volume = self.volume.detach().clone().requires_grad_(True)
@@ -202,13 +221,13 @@ class Reconstruction:
             model = self.prepared.model_at(stage.radius_px)
             # before `stages.get` below builds the new stage with the new precision
             self.noise_and_mask.reestimate(self.prepared, model, self.volume,
-                                           self._class_log_weights())
+                                           self._class_log_weights(), self.world)
         current = self.stages.get(stage)
         if changed and self.config.classes > 1:
             generator = torch.Generator().manual_seed(self.config.seed + self.state.iteration)
             self.state.class_log_weights = update_classes(
                 self.prepared, current.model, self.volume, current.noise_precision,
-                self._class_log_weights().tolist(), generator)
+                self._class_log_weights().tolist(), generator, self.world)
         return current
 
     def _class_log_weights(self) -> Tensor | None:
@@ -223,19 +242,22 @@ class Reconstruction:
     def _closure(self, rows: np.ndarray, current: StageModel):
         """The objective on one minibatch at the current map; sets .grad, returns the value."""
         prepared, model = self.prepared, current.model
-        index = torch.as_tensor(rows)
+        index = self.world.share(torch.as_tensor(rows))  # this rank's share of the minibatch
         blocks = model.crop_blocks(prepared.train.blocks[index]).to(prepared.device,
                                                                     non_blocking=True)
         ctf = prepared.train.ctf.index(index)
         precision = prepared.train.noise_precision(current.noise_precision, index)
         class_log_weights = self._class_log_weights()
+        # one process: the plain minibatch mean (bit-identical to a run without torchrun)
+        shares = {"batch_total": len(rows), "sum_over_shares": self.world.sum_} \
+            if self.world.parallel else {}
 
         def closure() -> Tensor:
             out = minibatch_objective(self.volume.detach(), blocks, ctf, model, self.prior,
                                       prepared.n_train, preconditioner=current.preconditioner,
                                       likelihood_weight=model.config.noise_sigma**2,
                                       noise_precision=precision,
-                                      class_log_weights=class_log_weights)
+                                      class_log_weights=class_log_weights, **shares)
             # the gradient of f(S V) for the symmetrizing projection S: the map stays symmetric
             self.volume.grad = prepared.symmetrize(out.gradient)
             return out.value
@@ -244,7 +266,8 @@ class Reconstruction:
 
     def _test_nll(self) -> float | None:
         precision = self.noise_and_mask.precision(self.prepared.model)
-        return self.prepared.test_nll(self.volume, precision, self._class_log_weights())
+        return self.prepared.test_nll(self.volume, precision, self._class_log_weights(),
+                                      self.world)
 
     def _should_test(self, iteration: int, last: bool) -> bool:
         every = self.config.test_every
@@ -273,7 +296,8 @@ class Reconstruction:
         batch, total = cfg.effective_batch_size, self.total_images
         start_time = time.perf_counter() - state.seconds
         last_checkpoint = time.perf_counter()
-        (self.out / "snapshots").mkdir(exist_ok=True)
+        if self.world.is_main:
+            (self.out / "snapshots").mkdir(exist_ok=True)
         bar = progress_bar(total, f"{cfg.optimizer} x {batch}", self.progress,
                            initial=min(state.images_seen, total), unit="img")
         if state.iteration == 0 and not state.metrics:
@@ -290,7 +314,9 @@ class Reconstruction:
                 bar.set_postfix(epoch=f"{state.images_seen / self.prepared.n_train:.2f}",
                                 grads=state.gradient_evaluations, obj=f"{objective:.2f}",
                                 **({"test": f"{test:.2f}"} if test is not None else {}))
-            if time.perf_counter() - last_checkpoint >= cfg.checkpoint_interval_s or last:
+            # rank 0's clock decides alone: writing needs no other rank
+            due = time.perf_counter() - last_checkpoint >= cfg.checkpoint_interval_s or last
+            if due and self.world.is_main:
                 state.seconds = time.perf_counter() - start_time
                 self._checkpoint()
                 if not last:  # the end writes the full page
@@ -305,7 +331,7 @@ class Reconstruction:
                       noise_precision=self.noise_and_mask.precision(self.prepared.model),
                       class_log_weights=self._class_log_weights(),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}",
-                      command=f"reconstruct ({cfg.optimizer})")
+                      command=f"reconstruct ({cfg.optimizer})", world=self.world)
 
     def _check_diverged(self, objective: float, test: float | None) -> None:
         """InputError once the objective, the held-out NLL or the map is not finite."""
@@ -339,8 +365,9 @@ class Reconstruction:
             volume = volume[int(self._class_log_weights().argmax())]
         for count in self.config.snapshots:
             if count not in self.state.snapshots_done and self.state.gradient_evaluations >= count:
-                write_map(self.out / "snapshots" / f"map_{count:09d}.mrc",
-                          volume.float().cpu(), self.prepared.geometry.pixel_size_a)
+                if self.world.is_main:
+                    write_map(self.out / "snapshots" / f"map_{count:09d}.mrc",
+                              volume.float().cpu(), self.prepared.geometry.pixel_size_a)
                 self.state.snapshots_done.append(count)
 
     def _progress_report(self) -> None:
@@ -378,7 +405,9 @@ class Reconstruction:
 def reconstruct(config: ReconstructionConfig, *, resume: bool = False, overwrite: bool = False,
                 progress: bool = True) -> ReconstructionResult:
     """Run a reconstruction into `config.out_dir` (see `open_run_folder` for the folder rules);
-    a failed run leaves no empty folder behind."""
-    with removed_if_failed_and_empty(config.out_path):
-        return Reconstruction(config, resume=resume, overwrite=overwrite,
-                              progress=progress).run()
+    a failed run leaves no empty folder behind. Under torchrun, one rank of a data parallel
+    run (`engine/distributed.py`); every rank returns the same result."""
+    with joined(config.device) as world, cleaned_up_by_main(world, config.out_path):
+        config = dataclasses.replace(config, device=world.device)  # cuda -> cuda:LOCAL_RANK
+        return Reconstruction(config, resume=resume, overwrite=overwrite, progress=progress,
+                              world=world).run()

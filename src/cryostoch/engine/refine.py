@@ -13,6 +13,10 @@ angular and shift steps are halved down to what that cutoff needs (half a Fourie
 at its edge) once the posterior is narrow enough, widened when it fills the window. It stops
 when the resolution has not improved for two iterations at steps the posterior no longer asks to
 shrink, with one last iteration that reconstructs to Nyquist.
+
+Under torchrun each rank searches a contiguous share of each half's particles; the
+back-projection sums, the scalar sums and the particles' new poses are all-reduced, so every
+rank solves the same half maps.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cryostoch.baselines.reconstruct_map import (
     shell_power,
     solve_map,
 )
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.refine_data import FullSpectra, RefineConfig
 from cryostoch.evaluate.fsc import FscResult, compute_fsc
 from cryostoch.evaluate.postprocess import auto_mask
@@ -170,9 +175,10 @@ class Refinement:
 
     def __init__(self, config: RefineConfig, spectra: FullSpectra, subset: Tensor,
                  sphere: Tensor, symmetrize, shift_sigma_px: float,
-                 coarsest_steps: tuple[float, float]) -> None:
+                 coarsest_steps: tuple[float, float], world: World = ONE_PROCESS) -> None:
         self.config = config
         self.coarsest_steps = coarsest_steps  # (rad, px) the widest local steps
+        self.world = world
         self.spectra = spectra
         self.subset = subset  # (n,) 1 or 2
         self.sphere = sphere  # (N, N, N) float64 soft mask of the particle
@@ -208,7 +214,8 @@ class Refinement:
         nll_sum = prob_sum = change_sum_deg = 0.0
         edge = torch.empty(len(rows), dtype=torch.float64)
         spread = torch.empty(len(rows), 2, dtype=torch.float64)
-        for chunk in torch.arange(len(rows)).split(self.config.chunk_size):
+        mine = self.world.share(torch.arange(len(rows)))  # this rank's particles of the half
+        for chunk in mine.split(self.config.chunk_size):
             batch = self._batch(rows[chunk], keep)
             cand_rot = candidate_rotations(rotations[chunk].to(dev), rot_offsets)
             cand_shift = shifts_px[chunk].to(dev).unsqueeze(1) + t_offsets
@@ -229,6 +236,14 @@ class Refinement:
             change_sum_deg += float(offset_deg[j].sum())
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
                               OVERSAMPLING)
+        if self.world.parallel:
+            new_rot, new_shift, edge, spread = (
+                self.world.gathered_rows(len(rows), x[mine])
+                for x in (new_rot, new_shift, edge, spread))
+            self.world.sum_(numerator)
+            self.world.sum_(weights)
+            nll_sum, prob_sum, change_sum_deg = self.world.sum_(torch.tensor(
+                [nll_sum, prob_sum, change_sum_deg], dtype=torch.float64)).tolist()
         back = gridded_backprojection(numerator, weights, layout)
         prior = tau2_from_fsc(fsc, back) if fsc is not None else tau2
         solved = solve_map(back, tau2_per_shell=prior, cutoff_px=radius_px)

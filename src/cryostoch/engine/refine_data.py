@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cryostoch.engine.checks import read_init_map
 from cryostoch.engine.config import ReconstructionConfig
+from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.initial import data_signal_power, model_signal_power
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import assign_poses
@@ -175,8 +176,10 @@ def start_map(run: PreparedRun, path: str) -> Tensor:
     return volume * math.sqrt(target / power)
 
 
-def first_poses(run: PreparedRun, volume: Tensor, from_input: bool) -> tuple[Tensor, Tensor]:
-    """((n, 3, 3) float64 rotations, (n, 2) float64 shifts in pixels) of every particle."""
+def first_poses(run: PreparedRun, volume: Tensor, from_input: bool,
+                world: World = ONE_PROCESS) -> tuple[Tensor, Tensor]:
+    """((n, 3, 3) float64 rotations, (n, 2) float64 shifts in pixels) of every particle
+    (each rank of `world` searches its share)."""
     if from_input:
         poses = run.dataset.poses
         if poses is None:
@@ -185,7 +188,7 @@ def first_poses(run: PreparedRun, volume: Tensor, from_input: bool) -> tuple[Ten
         return euler_to_matrix(poses.euler_deg.to(torch.float64)), \
             poses.shifts_px.to(torch.float64)
     precision = NoiseAndMask(run).precision(run.model)
-    found = assign_poses(run, volume.to(run.device, run.dtype), precision)
+    found = assign_poses(run, volume.to(run.device, run.dtype), precision, world=world)
     euler, shifts = run.model.pose_parameters(found.best_pose_index)
     log.info("global search at %.1f A: median best-pose probability %.2f",
              run.geometry.cutoff_resolution_a, float(found.probability.median()))
@@ -210,17 +213,20 @@ def affordable_radius(radius_px: float, run: PreparedRun, max_poses: float = 3e6
 
 
 def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: float,
-                 chunk_size: int = 200) -> tuple[Tensor, Tensor, float]:
+                 chunk_size: int = 200,
+                 world: World = ONE_PROCESS) -> tuple[Tensor, Tensor, float]:
     """The exhaustive search of particles `rows` (n_h,) against `volume` (N, N, N) at a
     cutoff of `radius_px`: ((n_h, 3, 3) rotations, (n_h, 2) shifts px, median best-pose
-    probability). The images are read and normalised again (as the first preprocessing)."""
+    probability). The images are read and normalised again (as the first preprocessing);
+    each rank of `world` searches its share of them."""
     model = make_model(run.config, run.geometry, radius_px)
     precision = NoiseAndMask(run).precision(model)
     dataset = run.dataset
-    best, probability = [], []
+    best = [torch.zeros(0, dtype=torch.long)]  # a rank's share may be empty
+    probability = [torch.zeros(0, dtype=torch.float64)]
     with torch.no_grad():
         slices = model.slices(volume.to(run.device, run.dtype))
-        for chunk in rows.split(chunk_size):
+        for chunk in world.share(rows).split(chunk_size):
             images = normalised_images(run, dataset.read_images(chunk.numpy()))
             blocks = model.image_blocks(images.to(run.dtype))
             table = None if precision is None else precision[run.particles.optics_index[chunk]]
@@ -228,9 +234,9 @@ def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: floa
                                     noise_precision=table)
             best.append(result.best_pose_index.cpu())
             probability.append(result.best_pose_probability.double().cpu())
-    euler, shifts = model.pose_parameters(torch.cat(best))
+    euler, shifts = model.pose_parameters(world.gathered_rows(len(rows), torch.cat(best)))
     return (euler_to_matrix(euler.cpu()), shifts.cpu().to(torch.float64),
-            float(torch.cat(probability).median()))
+            float(world.gathered_rows(len(rows), torch.cat(probability)).median()))
 
 
 def coarse_steps(run: PreparedRun, radius_px: float | None = None) -> tuple[float, float]:

@@ -7,6 +7,10 @@ rlnRandomSubset), metrics.csv (one row per iteration), refine.json (settings, re
 timings) and report.html (all of it on one page: `engine.html_report`). checkpoint.pt is
 written atomically after every iteration; --resume continues from it and gives the same
 result as an uninterrupted run.
+
+Under torchrun every rank holds the particles and both halves' state and searches its share
+of each half (`engine/refine.py`); rank 0 alone writes, and the checkpoint holds only the
+global state, so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.engine.checkpoint import load_checkpoint, save_checkpoint
+from cryostoch.engine.distributed import World, cleaned_up_by_main, joined
 from cryostoch.engine.html_report import REPORT_HTML, refine_report_html, write_report_html
 from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.refine import Refinement, RefineState, tau2_from_map
@@ -41,7 +46,6 @@ from cryostoch.engine.run_folder import (
     CHIMERAX_SCRIPT,
     StagedOutputs,
     open_run_folder,
-    removed_if_failed_and_empty,
 )
 from cryostoch.engine.viewer import ViewedMap, write_chimerax_script
 from cryostoch.errors import InputError
@@ -68,28 +72,33 @@ def refine(config: RefineConfig, *, resume: bool = False, overwrite: bool = Fals
            run: PreparedRun | None = None, poses: tuple[Tensor, Tensor] | None = None,
            progress: bool = True) -> RefineResult:
     """Refine `config.init_map` against the particles; `run` and `poses` ((n, 3, 3), (n, 2)
-    px) let `reconstruct --refine` hand over its prepared data and poses."""
+    px) let `reconstruct --refine` hand over its prepared data and poses. Under torchrun,
+    one rank of a data parallel run; every rank returns the same result."""
     out = Path(config.out_dir)
-    with removed_if_failed_and_empty(out):
-        open_run_folder(out, overwrite=overwrite, resume=resume)
+    with joined(config.device) as world, cleaned_up_by_main(world, out):
+        config = dataclasses.replace(config, device=world.device)  # cuda -> cuda:LOCAL_RANK
+        world.on_main(lambda: open_run_folder(out, overwrite=overwrite, resume=resume))
         started = time.perf_counter()  # the preparation counts in the run's time
-        run = run or prepare_run(config.search_config(), progress=progress)
-        return _refine(config, out, resume, run, poses, started)
+        run = run or prepare_run(config.search_config(), progress=progress and world.is_main)
+        return _refine(config, out, resume, run, poses, started, world)
 
 
 def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
-            poses: tuple[Tensor, Tensor] | None, started: float) -> RefineResult:
-    refinement, state, tau2 = _start(config, out, resume, run, poses)
+            poses: tuple[Tensor, Tensor] | None, started: float, world: World) -> RefineResult:
+    refinement, state, tau2 = _start(config, out, resume, run, poses, world)
     while not state.final:
         if refinement.converged(state) and _search_again(config, run, state):
-            state = _search_globally(run, state, refinement.subset)
+            state = _search_globally(run, state, refinement.subset, world)
         elif state.iteration >= config.max_iterations or refinement.converged(state):
             state.final = True  # one more iteration, reconstructed to Nyquist
         state = refinement.iterate(state, tau2)
-        save_checkpoint(out / CHECKPOINT_NAME, {"config": config.to_dict(),
-                                                "state": state.state_dict()})
+        if world.is_main:
+            save_checkpoint(out / CHECKPOINT_NAME, {"config": config.to_dict(),
+                                                    "state": state.state_dict()})
     seconds = time.perf_counter() - started
-    return _finish(config, out, run, refinement, state, seconds)
+    world.check_same(state.unfiltered, "half maps")
+    return world.on_main(lambda: _finish(config, out, run, refinement, state, seconds,
+                                         world.size))
 
 
 def _search_again(config: RefineConfig, run: PreparedRun, state: RefineState) -> bool:
@@ -102,7 +111,8 @@ def _search_again(config: RefineConfig, run: PreparedRun, state: RefineState) ->
     return radius > 1.3 * state.global_radius_px
 
 
-def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> RefineState:
+def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor,
+                     world: World) -> RefineState:
     """Each half's particles searched exhaustively against that half's own map (so the halves
     stay independent), at the finest affordable cutoff up to the resolution reached."""
     radius = affordable_radius(state.best_radius_px, run)
@@ -110,7 +120,7 @@ def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> Re
     for h in (1, 2):
         rows = torch.nonzero(subset == h).flatten()
         rotations[rows], shifts[rows], probability = global_poses(
-            run, state.half_maps[h - 1], rows, radius)
+            run, state.half_maps[h - 1], rows, radius, world=world)
         log.info("exhaustive search of half %d at %.1f A: median best-pose probability %.2f",
                  h, run.geometry.box_size * run.geometry.pixel_size_a / radius, probability)
     angle, shift = coarse_steps(run, radius)
@@ -121,7 +131,8 @@ def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor) -> Re
 
 
 def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
-           poses: tuple[Tensor, Tensor] | None) -> tuple[Refinement, RefineState, Tensor]:
+           poses: tuple[Tensor, Tensor] | None, world: World
+           ) -> tuple[Refinement, RefineState, Tensor]:
     geometry = run.geometry
     n = geometry.box_size
     if n != run.dataset.box_size:
@@ -132,18 +143,14 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     sphere = soft_sphere_mask(n, geometry.particle_radius_px, dtype=torch.float64)
     shift_sigma = max(geometry.shift_range_a / geometry.pixel_size_a, 1.0)
     refinement = Refinement(config, spectra, subset, sphere, run.symmetrize, shift_sigma,
-                            coarse_steps(run))
+                            coarse_steps(run), world)
     tau2 = tau2_from_map(volume, geometry.cutoff_radius_px, n // 2 + 2)
-    checkpoint = out / CHECKPOINT_NAME
-    if resume and checkpoint.exists():
-        saved = load_checkpoint(checkpoint, keys=("config", "state"))
-        if saved.get("config") != config.to_dict():
-            raise InputError(checkpoint, "was written with other settings: resume with the "
-                             "same options, or use --overwrite")
-        log.info("resuming after iteration %d", saved["state"]["iteration"])
-        return refinement, RefineState.from_state_dict(saved["state"]), tau2
+    saved = world.on_main(lambda: _saved_state(config, out) if resume else None)
+    if saved is not None:
+        log.info("resuming after iteration %d", saved["iteration"])
+        return refinement, RefineState.from_state_dict(saved), tau2
     rotations, shifts = poses if poses is not None else first_poses(
-        run, volume, config.poses_from_input)
+        run, volume, config.poses_from_input, world)
     angle, shift = coarse_steps(run)
     state = RefineState(0, rotations.to(torch.float64), shifts.to(torch.float64),
                         torch.stack([volume, volume]), geometry.cutoff_radius_px, angle, shift,
@@ -151,8 +158,22 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     return refinement, state, tau2
 
 
+def _saved_state(config: RefineConfig, out: Path) -> dict | None:
+    """The checkpoint's state, checked to continue `config` (None without a checkpoint); the
+    device may differ (another number of processes or GPUs)."""
+    checkpoint = out / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return None
+    saved = load_checkpoint(checkpoint, keys=("config", "state"))
+    if not isinstance(saved.get("config"), dict) or \
+            {**saved["config"], "device": config.device} != config.to_dict():
+        raise InputError(checkpoint, "was written with other settings: resume with the "
+                         "same options, or use --overwrite")
+    return saved["state"]
+
+
 def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refinement,
-            state: RefineState, seconds: float) -> RefineResult:
+            state: RefineState, seconds: float, world_size: int) -> RefineResult:
     """The half maps, poses and records first, then the post-processing (map.mrc last)."""
     pixel = run.geometry.pixel_size_a
     half1, half2 = state.unfiltered[0], state.unfiltered[1]  # as RELION's _unfil maps
@@ -162,7 +183,7 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
               "n_particles": len(refinement.subset),
               "resolution_0143_a": post.resolution_a, "resolution_05_a": post.resolution_05_a,
               "resolution_unmasked_a": post.curve("unmasked").resolution_at(0.143),
-              "bfactor_a2": post.bfactor, "history": state.history}
+              "bfactor_a2": post.bfactor, "history": state.history, "world_size": world_size}
     with StagedOutputs(out) as staged:
         write_map(staged.path("half1.mrc"), half1, pixel)
         write_map(staged.path("half2.mrc"), half2, pixel)

@@ -6,6 +6,7 @@ so that the expectation over minibatches equals the full objective divided by K.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ def minibatch_objective(
     likelihood_weight: float = 1.0,
     noise_precision: Tensor | None = None,
     class_log_weights: Tensor | None = None,
+    batch_total: int | None = None,
+    sum_over_shares: Callable[[Tensor], Tensor] | None = None,
 ) -> ObjectiveValue:
     """Objective and (optionally) its gradient with respect to the real volume.
 
@@ -58,10 +61,16 @@ def minibatch_objective(
     `noise_precision`: (B, M) or (M,) per-coefficient noise precision (coloured noise);
     `class_log_weights`: (K,) log class proportions when `volume` is (K, N, N, N); see
     `MarginalLikelihood.evaluate`.
+
+    Data parallel: `blocks` may be one share of a minibatch of `batch_total` images, the
+    other shares evaluated elsewhere; `sum_over_shares` (in place, e.g. an all-reduce) then
+    sums the shares' likelihood gradients and NLL sums before the prior is added once, so
+    every share gets the whole minibatch's value and gradient. Without it, `blocks` is the
+    whole minibatch.
     """
     if n_training_images < 1:
         raise ValueError("n_training_images must be >= 1")
-    batch = blocks.shape[0]
+    batch = blocks.shape[0] if batch_total is None else batch_total
     if compute_gradient:
         prior_value, prior_gradient = negative_log_prior_and_gradient(volume.detach(), prior)
         result, gradient = model.nll_and_gradient(volume, blocks, ctf,
@@ -69,6 +78,8 @@ def minibatch_objective(
                                                   preconditioner=preconditioner,
                                                   noise_precision=noise_precision,
                                                   class_log_weights=class_log_weights)
+        if sum_over_shares is not None:
+            gradient = sum_over_shares(gradient)
         gradient = gradient + prior_gradient / n_training_images
     else:
         prior_value = negative_log_prior(volume.detach(), prior)
@@ -77,6 +88,9 @@ def minibatch_objective(
                                     noise_precision=noise_precision,
                                     class_log_weights=class_log_weights)
         gradient = None
-    mean_nll = result.nll.mean()
+    if sum_over_shares is None:
+        mean_nll = result.nll.mean()
+    else:
+        mean_nll = (sum_over_shares(result.nll.double().sum()) / batch).to(result.nll.dtype)
     value = likelihood_weight * mean_nll + prior_value.detach() / n_training_images
     return ObjectiveValue(value.detach(), mean_nll.detach(), prior_value.detach(), gradient, result)
