@@ -147,7 +147,7 @@ def best_start(block, points, batch, box, rotations, shifts, angle, shift_step,
     return rot[pick], sh[pick]
 
 
-def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=4):
+def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8):
     """Coarse exhaustive search (its top_k poses), then local rounds: (rotations, shifts,
     NLL, seconds), on the CPU."""
     coarse_radius = max(4.0, radius / 3)
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--top-k", type=int, default=4,
+    parser.add_argument("--top-k", type=int, default=8,
                         help="coarse poses per image that start a local round")
     parser.add_argument("--verbose", action="store_true", help="per-image differences")
     args = parser.parse_args()

@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=12,
                         help="most iterations before the last one to Nyquist (default 12; "
                              "it stops earlier at convergence)")
-    parser.add_argument("--search-extent", type=int, default=1,
+    parser.add_argument("--search-extent", type=int, default=2,
                         help="local search window: +-this many steps on each rotation and "
-                             "shift axis (default 1: 27 rotations x 9 shifts per particle)")
+                             "shift axis (default 2: 125 rotations x 25 shifts per particle)")
     parser.add_argument("--global-searches", type=int, default=1,
                         help="exhaustive pose searches: the first, then (when the local "
                              "searches have converged) again at the finest affordable cutoff up "
