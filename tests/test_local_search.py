@@ -24,6 +24,7 @@ from cryostoch.model.local_search import (
     backproject_local,
     candidate_rotations,
     local_scores,
+    oversampled_candidates,
     posterior_spread,
     rotation_offsets,
     shift_offsets,
@@ -131,6 +132,43 @@ def test_local_search_finds_the_true_pose_one_step_away():
     best = scores.logits.flatten(1).argmax(1)
     assert torch.equal(best // 9, k)
     assert torch.equal(best % 9, s)
+
+
+def test_fine_pass_samples_the_cells_that_hold_the_most_mass_at_half_the_step():
+    """The fine candidates are the 2 x 2 x 2 and 2 x 2 half-step centres of the coarse cells
+    with the most posterior mass: rotations A_j R(c step / 4) for the 8 sign vectors c (so a
+    quarter step off A_j on every axis), shifts t_s + (+-step / 4, +-step / 4)."""
+    g = torch.Generator().manual_seed(21)
+    b, step, shift_step = 3, math.radians(5.0), 0.8
+    start = random_rotations(b, generator=g, dtype=torch.float64)
+    cands = candidate_rotations(start, rotation_offsets(step, 1))  # (b, 27, 3, 3)
+    shifts = torch.randn(b, 1, 2, generator=g, dtype=torch.float64) + shift_offsets(shift_step, 1)
+    posterior = torch.rand(b, 27, 9, generator=g, dtype=torch.float64)
+    posterior /= posterior.sum((1, 2), keepdim=True)
+    fine_rot, fine_shift = oversampled_candidates(posterior, cands, shifts, step, shift_step,
+                                                  n_rotation_cells=3, n_shift_cells=2)
+    assert fine_rot.shape == (b, 24, 3, 3) and fine_shift.shape == (b, 8, 2)
+    top_rot = posterior.sum(2).topk(3, dim=1).indices
+    top_shift = posterior.sum(1).topk(2, dim=1).indices
+    signs = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0)
+                          for z in (-1.0, 1.0)], dtype=torch.float64)
+    for i in range(b):
+        for cell in range(3):
+            coarse = cands[i, top_rot[i, cell]]
+            for k in range(8):
+                relative = coarse.T @ fine_rot[i, 8 * cell + k]
+                # the relative rotation's vector: step / 4 times one of the 8 sign vectors
+                vector = torch.stack([relative[2, 1] - relative[1, 2],
+                                      relative[0, 2] - relative[2, 0],
+                                      relative[1, 0] - relative[0, 1]]) / 2
+                angle = math.sqrt(3) * step / 4
+                vector *= angle / math.sin(angle)
+                assert (vector / (step / 4) - signs).norm(dim=1).min() < 1e-9
+        for cell in range(2):
+            offsets = fine_shift[i, 4 * cell:4 * cell + 4] - shifts[i, top_shift[i, cell]]
+            assert torch.allclose(offsets.abs(), torch.full((4, 2), shift_step / 4,
+                                                            dtype=torch.float64))
+            assert len({tuple(o.sign().tolist()) for o in offsets}) == 4
 
 
 def test_back_projection_of_noise_free_images_gives_the_map_back():

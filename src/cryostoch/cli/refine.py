@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-extent", type=int, default=2,
                         help="local search window: +-this many steps on each rotation and "
                              "shift axis (default 2: 125 rotations x 25 shifts per particle)")
+    parser.add_argument("--fine-pass", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample the cells that hold most of each particle's posterior "
+                             "again at half the steps, for the reconstruction and the poses "
+                             "(RELION's adaptive oversampling; default on)")
     parser.add_argument("--global-searches", type=int, default=1,
                         help="exhaustive pose searches: the first, then (when the local "
                              "searches have converged) again at the finest affordable cutoff up "
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         initial_resolution_a=args.initial_resolution_a,
         particle_diameter_a=args.particle_diameter_a, shift_range_a=args.shift_range_a,
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
-        search_extent=args.search_extent, global_rounds=args.global_searches,
+        search_extent=args.search_extent, fine_pass=args.fine_pass,
+        global_rounds=args.global_searches,
         reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, invert=args.invert,

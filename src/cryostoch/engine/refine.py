@@ -44,11 +44,12 @@ from cryostoch.evaluate.postprocess import auto_mask
 from cryostoch.fourier.spectrum import SpectrumLayout, oversampled_volume_spectrum
 from cryostoch.model.local_search import (
     ImageBatch,
+    LocalScores,
     backproject_local,
     candidate_rotations,
-    cube_grid,
     local_scores,
     on_edge,
+    oversampled_candidates,
     posterior_spread,
     rotation_offsets,
     shift_offsets,
@@ -136,6 +137,12 @@ def tau2_from_map(volume: Tensor, radius_px: float, n_shells: int) -> Tensor:
     return out.clamp(min=1e-30)
 
 
+def rotation_angle_deg(a: Tensor, b: Tensor) -> Tensor:
+    """(n,) the angle in degrees of the rotation between a (n, 3, 3) and b (n, 3, 3)."""
+    trace = (a.transpose(1, 2) @ b.to(a.dtype)).diagonal(dim1=1, dim2=2).sum(-1)
+    return torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1, 1)))
+
+
 def adapted_step(step: float, spread_steps: float, extent: int, finest: float,
                  coarsest: float) -> float:
     """The next step of one search axis from the posterior's rms width on it (in steps):
@@ -208,8 +215,6 @@ class Refinement:
         rot_offsets = rotation_offsets(steps[0], extent, device=dev)
         t_offsets = shift_offsets(steps[1], extent, device=dev)
         inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
-        # each rotation offset's angle: its rotation vector's length
-        offset_deg = cube_grid(extent, 3, device=dev).norm(dim=1) * math.degrees(steps[0])
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
         nll_sum = prob_sum = change_sum_deg = 0.0
         edge = torch.empty(len(rows), dtype=torch.float64)
@@ -217,23 +222,27 @@ class Refinement:
         mine = self.world.share(torch.arange(len(rows)))  # this rank's particles of the half
         for chunk in mine.split(self.config.chunk_size):
             batch = self._batch(rows[chunk], keep)
-            cand_rot = candidate_rotations(rotations[chunk].to(dev), rot_offsets)
+            start_rot = rotations[chunk].to(dev)
+            cand_rot = candidate_rotations(start_rot, rot_offsets)
             cand_shift = shifts_px[chunk].to(dev).unsqueeze(1) + t_offsets
-            log_prior = -0.5 * (cand_shift**2).sum(-1) / self.shift_sigma_px**2
-            scores = local_scores(block, OVERSAMPLING, kx, ky, n, batch, cand_rot, cand_shift,
-                                  log_prior)
+            scores = self._scores(block, kx, ky, batch, cand_rot, cand_shift)
             posterior = scores.posterior()
-            best = posterior.flatten(1).argmax(1)
-            j, s = best // t_offsets.shape[0], best % t_offsets.shape[0]
-            pick = torch.arange(len(chunk), device=dev)
-            new_rot[chunk] = cand_rot[pick, j].cpu()
-            new_shift[chunk] = cand_shift[pick, s].cpu()
             evidence = scores.log_evidence() - math.log(posterior[0].numel())
             nll_sum += float((batch.data_norm() - evidence).sum())
             prob_sum += float(posterior.flatten(1).amax(1).sum())
             edge[chunk] = (1 - (posterior * inner).sum((1, 2))).double().cpu()
             spread[chunk] = posterior_spread(posterior, extent).double().cpu()
-            change_sum_deg += float(offset_deg[j].sum())
+            if self.config.fine_pass:  # the M-step and the poses from the finer samples
+                cand_rot, cand_shift = oversampled_candidates(posterior, cand_rot, cand_shift,
+                                                              *steps)
+                scores = self._scores(block, kx, ky, batch, cand_rot, cand_shift)
+                posterior = scores.posterior()
+            best = posterior.flatten(1).argmax(1)
+            j, s = best // cand_shift.shape[1], best % cand_shift.shape[1]
+            pick = torch.arange(len(chunk), device=dev)
+            new_rot[chunk] = cand_rot[pick, j].cpu()
+            new_shift[chunk] = cand_shift[pick, s].cpu()
+            change_sum_deg += float(rotation_angle_deg(start_rot, cand_rot[pick, j]).sum())
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
                               OVERSAMPLING)
         if self.world.parallel:
@@ -254,6 +263,14 @@ class Refinement:
                           change_sum_deg / count,
                           float(edge.median()) if len(rows) else 0.0,
                           *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)))
+
+    def _scores(self, block: Tensor, kx: Tensor, ky: Tensor, batch: ImageBatch,
+                rotations: Tensor, shifts_px: Tensor) -> LocalScores:
+        """Scores of b images over their candidates (b, J, 3, 3) x (b, S, 2), with the
+        Gaussian shift prior."""
+        log_prior = -0.5 * (shifts_px**2).sum(-1) / self.shift_sigma_px**2
+        return local_scores(block, OVERSAMPLING, kx, ky, self.box_size, batch, rotations,
+                            shifts_px, log_prior)
 
     def _batch(self, rows: Tensor, keep: Tensor) -> ImageBatch:
         """The images `rows` (b,) at the points `keep` (M,) on the device."""

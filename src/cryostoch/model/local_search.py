@@ -151,6 +151,36 @@ def posterior_spread(posterior: Tensor, extent: int) -> Tensor:
     return torch.stack([rotation, shift], 1).sqrt()
 
 
+def oversampled_candidates(posterior: Tensor, rotations: Tensor, shifts_px: Tensor,
+                           rotation_step_rad: float, shift_step_px: float,
+                           n_rotation_cells: int = 8, n_shift_cells: int = 4
+                           ) -> tuple[Tensor, Tensor]:
+    """The fine pass of a local search (RELION's adaptive oversampling): each of the
+    `n_rotation_cells` rotation candidates and `n_shift_cells` shift candidates that hold the
+    most posterior mass is split into the 2 x 2 x 2 (rotation) and 2 x 2 (shift) centres of
+    its cell at half the step, so the significant region is sampled twice as finely.
+
+    posterior: (b, J, S) over rotations (b, J, 3, 3) x shifts_px (b, S, 2) on a grid of
+    steps `rotation_step_rad`, `shift_step_px`. Returns (b, 8 Kr, 3, 3) rotations and
+    (b, 4 Ks, 2) shifts: A_j R(d) for d in (+-step / 4)^3, t_s + (+-step / 4)^2, cell by cell.
+    Every fine point holds the same share of its cell, so they need no weights of their own.
+    """
+    b = posterior.shape[0]
+    top_rot = posterior.sum(2).topk(min(n_rotation_cells, posterior.shape[1]), dim=1).indices
+    top_shift = posterior.sum(1).topk(min(n_shift_cells, posterior.shape[2]), dim=1).indices
+    corners3 = cube_grid(1, 3, device=posterior.device)
+    corners3 = corners3[corners3.abs().amin(1) == 1]  # the 8 corners (+-1, +-1, +-1)
+    corners2 = cube_grid(1, 2, device=posterior.device)
+    corners2 = corners2[corners2.abs().amin(1) == 1]  # the 4 corners (+-1, +-1)
+    sub_rot = rotvec_to_matrix(corners3 * (rotation_step_rad / 4)).to(rotations.dtype)
+    chosen = rotations.gather(1, top_rot[..., None, None].expand(-1, -1, 3, 3))
+    fine_rot = (chosen.unsqueeze(2) @ sub_rot).reshape(b, -1, 3, 3)
+    chosen_shift = shifts_px.gather(1, top_shift[..., None].expand(-1, -1, 2))
+    fine_shift = chosen_shift.unsqueeze(2) + (corners2 * (shift_step_px / 4)).to(
+        shifts_px.dtype)
+    return fine_rot, fine_shift.reshape(b, -1, 2)
+
+
 def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
                       posterior: Tensor, rotations: Tensor, images: ImageBatch, kx: Tensor,
                       ky: Tensor, oversampling: int, min_relative_mass: float = 1e-3,
