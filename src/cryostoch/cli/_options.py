@@ -23,8 +23,8 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    """How the particles are read and selected, and where the work runs: shared by
-    `reconstruct`, `baseline`, `score` and `refine`."""
+    """How the particles are read and selected, where the work runs and where the preprocessed
+    particles are kept: shared by `reconstruct`, `baseline`, `score` and `refine`."""
     parser.add_argument("--particle-diameter-a", type=float, default=None,
                         help="particle diameter (default 80%% of the box)")
     sign = parser.add_mutually_exclusive_group()
@@ -40,6 +40,11 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="class numbers to keep from --class-file, e.g. 1,4,7")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep the preprocessed particles in a file in DIR instead of in "
+                             "memory (memory then stays bounded whatever the number of "
+                             "particles); reused by later runs on the same particles and "
+                             "settings")
 
 
 def add_particle_options(parser: argparse.ArgumentParser, *, writes_map: bool = True) -> None:
@@ -103,7 +108,7 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
         keep_classes=tuple(args.keep_classes), half_set=args.half_set,
         noise_model=args.noise_model, mask=args.mask, symmetry=args.symmetry,
         noise_update=args.noise_update, mask_threshold=args.mask_threshold,
-        mass_kda=getattr(args, "mass_kda", None),
+        mass_kda=getattr(args, "mass_kda", None), cache_dir=args.cache_dir,
     )
 
 

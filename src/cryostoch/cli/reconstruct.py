@@ -130,7 +130,7 @@ def _refine(config: ReconstructionConfig, map_path, args: argparse.Namespace) ->
         particle_diameter_a=config.particle_diameter_a, shift_range_a=config.shift_range_a,
         class_file=config.class_file, keep_classes=config.keep_classes, seed=config.seed,
         device=config.device, dtype=config.dtype, invert=config.invert,
-        project_root=config.project_root)
+        project_root=config.project_root, cache_dir=config.cache_dir)
     result = refine(refine_config, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"refined map: {result.map_path} (gold-standard FSC 0.143: "

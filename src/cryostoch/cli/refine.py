@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, invert=args.invert,
-        project_root=args.project_root)
+        project_root=args.project_root, cache_dir=args.cache_dir)
     result = refine(config, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"map: {result.map_path}")

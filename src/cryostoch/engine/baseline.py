@@ -118,7 +118,7 @@ class BaselineRun:
         self.config = dataclasses.replace(config.reconstruction, epochs=float(config.iterations))
         self.out = self.config.out_path
         world.on_main(lambda: open_run_folder(self.out, overwrite=overwrite))
-        self.prepared = prepare_run(self.config, progress=self.progress)
+        self.prepared = prepare_run(self.config, progress=self.progress, world=world)
         schedule = Schedule.from_config(self.config, self.prepared.geometry.cutoff_radius_px,
                                         self.prepared.n_train)
         # the same noise model and mask as a stochastic run, so the same start
@@ -144,8 +144,8 @@ class BaselineRun:
         options = {"sum_over_shares": world.sum_} if world.parallel else {}
         if self.noise_precision is not None and cfg.method == "em":
             options["noise_precision"] = self.noise_precision[train.optics_index[rows]]
-        blocks, ctf = (train.blocks[rows], train.ctf.index(rows)) if world.parallel \
-            else (train.blocks, train.ctf)
+        share = train.subset(rows.numpy()) if world.parallel else train  # on disk: a view
+        blocks, ctf = share.blocks, share.ctf
         for _ in range(cfg.iterations):
             result = step(model, self.volume, blocks, ctf,
                           regulariser=cfg.regulariser, chunk_size=cfg.chunk_size,

@@ -33,6 +33,7 @@ from cryostoch.geometry.quadrature import (
     shift_quadrature,
 )
 from cryostoch.geometry.symmetry import point_group
+from cryostoch.io.cache import check_cache_dir
 from cryostoch.io.mrc import check_map, read_map
 
 if TYPE_CHECKING:  # prepare.py calls `check_before_work`
@@ -111,7 +112,8 @@ def estimate_peak_bytes(config: ReconstructionConfig, box: int, pixel_size_a: fl
     image_side = p * m * (16 * 24 * 3 + 16) + p * t * m * 2 * real
     volume_side = d * m * (8 * (8 + real + 1) + 48) + 3 * d * m * 2 * real
     h = math.ceil((radius_px + 2.5 / config.image_oversampling) * config.image_oversampling)
-    blocks = n_particles * (2 * h + 1) * (h + 1) * 2 * real
+    # with --cache-dir the blocks stay on disk: a minibatch or chunk at a time in memory
+    blocks = 0 if config.cache_dir else n_particles * (2 * h + 1) * (h + 1) * 2 * real
     # the posterior kernel holds a few temporaries of the memory budget at once (measured)
     return int(image_side + volume_side + blocks + 4 * config.memory_budget_mb * 2**20)
 
@@ -150,7 +152,8 @@ def check_memory(config: ReconstructionConfig, box: int, pixel_size_a: float,
                                  n_particles)
     refuse_if_short(option, needed, torch.device(config.device),
                     f"use a coarser cutoff ({option}), a smaller working box (--box), a "
-                    "narrower --shift-range-a or fewer particles")
+                    "narrower --shift-range-a, fewer particles or --cache-dir (the "
+                    "preprocessed particles on disk)")
 
 
 def read_init_map(path: str | Path, data_box: int, data_pixel_a: float, working_box: int,
@@ -183,3 +186,5 @@ def check_before_work(config: ReconstructionConfig, dataset: ParticleDataset,
         read_init_map(config.init, dataset.box_size, dataset.pixel_size_a, geometry.box_size)
     check_memory(config, geometry.box_size, geometry.pixel_size_a, geometry.cutoff_radius_px,
                  geometry.shift_range_a, len(dataset))
+    if config.cache_dir is not None:
+        check_cache_dir(config.cache_dir)

@@ -115,6 +115,8 @@ class ReconstructionConfig:
     # the molecule's mass, if known: only sets the surface level of open_in_chimerax.cxc
     mass_kda: float | None = None
     optimizer_options: dict = field(default_factory=dict)
+    # preprocessed particles in a file here (reused across runs) instead of in memory
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         problems = [f"{name.replace('_', '-')} must be a finite number, got {value}"
@@ -254,6 +256,6 @@ class ReconstructionConfig:
         """The fields that must match for a checkpoint to resume this run exactly."""
         d = self.to_dict()
         for free in ("epochs", "gradient_budget", "out_dir", "device", "checkpoint_interval_s",
-                     "write_poses", "snapshots", "test_every", "mass_kda"):
+                     "write_poses", "snapshots", "test_every", "mass_kda", "cache_dir"):
             d.pop(free)
         return d

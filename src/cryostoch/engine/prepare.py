@@ -8,6 +8,7 @@ start from the same `PreparedRun`, so for one seed they see the same data and th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -26,11 +27,14 @@ from cryostoch.engine.config import (
     ReconstructionConfig,
 )
 from cryostoch.engine.distributed import ONE_PROCESS, World
+from cryostoch.engine.particle_cache import cached_rows, source_fingerprint
 from cryostoch.engine.preprocess import (
     PreparedParticles,
     ResampledDataset,
     estimate_normalisation,
+    particles_of,
     prepare_particles,
+    stream_blocks,
 )
 from cryostoch.engine.progress import progress_bar
 from cryostoch.errors import InputError
@@ -47,6 +51,8 @@ from cryostoch.io.dataset import ParticleDataset, open_particles
 from cryostoch.io.mrc import check_map, read_map
 from cryostoch.io.star import read_class_assignments
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
+from cryostoch.model.noise import NoiseSpectrum
+from cryostoch.model.preprocess import NormalisationStatistics
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +254,10 @@ class Symmetrizer:
                             for v in volume])
 
 
-def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> PreparedRun:
-    """Open, select, measure and preprocess the particles; split off the test set."""
+def prepare_run(config: ReconstructionConfig, *, progress: bool = True,
+                world: World = ONE_PROCESS) -> PreparedRun:
+    """Open, select, measure and preprocess the particles; split off the test set. With
+    --cache-dir, rank 0 of `world` builds the cache and every rank reads it."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", "CUDA was requested but torch sees no GPU")
@@ -264,14 +272,14 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
     # read before the preprocessing, so that a bad mask file fails at once
     given_mask = None if config.mask in MASK_KINDS else read_mask(config.mask, geometry.box_size)
     model = make_model(config, geometry, geometry.cutoff_radius_px)
-    particles = _preprocess(config, dataset, geometry, model, progress)
+    particles = _preprocess(config, dataset, geometry, model, progress, world)
     n = len(particles)  # more than config.test_size: `check_before_work`
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919))
     test_rows = perm[: config.test_size].sort().values.numpy()
     train_rows = perm[config.test_size :].sort().values.numpy()
     train = particles.subset(train_rows)
     test = particles.subset(test_rows) if config.test_size else None
-    if device.type != "cpu":
+    if device.type != "cpu" and isinstance(train.blocks, Tensor):  # on disk: by the chunk
         train.blocks = train.blocks.to(device)
         if test is not None:
             test.blocks = test.blocks.to(device)
@@ -282,23 +290,62 @@ def prepare_run(config: ReconstructionConfig, *, progress: bool = True) -> Prepa
 
 def _preprocess(config: ReconstructionConfig, dataset: ParticleDataset,
                 geometry: WorkingGeometry, model: MarginalLikelihood,
-                progress: bool) -> PreparedParticles:
-    """Normalisation, contrast sign and every image's Fourier block (logged)."""
+                progress: bool, world: World) -> PreparedParticles:
+    """Normalisation, contrast sign and every image's Fourier block (logged): in memory, or
+    in the --cache-dir file (read back, or built by rank 0)."""
     data = dataset
     if config.box_size and config.box_size != dataset.box_size:
         data = ResampledDataset(dataset, config.box_size)
-    g = torch.Generator().manual_seed(config.seed)
-    stats = estimate_normalisation(data, geometry.particle_radius_px, generator=g,
-                                   invert=config.invert)
+    if config.cache_dir is None:
+        stats = _normalisation(config, data, geometry)
+        bar = progress_bar(len(data), "preprocessing", progress)
+        prepared = prepare_particles(data, model, stats, geometry.particle_radius_px,
+                                     progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    else:
+        prepared = _cached_particles(config, dataset, data, geometry, model, progress, world)
+    stats = prepared.statistics
     log.info(
         "noise sigma %.4g (background of %d images); contrast %s (score %+.3f)%s",
         stats.noise_sigma, stats.n_images_used,
         "protein white" if stats.contrast_sign > 0 else "protein black: inverting",
         stats.sign_score, "" if config.invert is None else " [forced by --invert]",
     )
-    bar = progress_bar(len(data), "preprocessing", progress)
-    prepared = prepare_particles(data, model, stats, geometry.particle_radius_px,
-                                 progress=bar.update if bar else None)
-    if bar:
-        bar.close()
     return prepared
+
+
+def _normalisation(config: ReconstructionConfig, data, geometry: WorkingGeometry
+                   ) -> NormalisationStatistics:
+    g = torch.Generator().manual_seed(config.seed)
+    return estimate_normalisation(data, geometry.particle_radius_px, generator=g,
+                                  invert=config.invert)
+
+
+def _cached_particles(config: ReconstructionConfig, dataset: ParticleDataset, data,
+                      geometry: WorkingGeometry, model: MarginalLikelihood, progress: bool,
+                      world: World) -> PreparedParticles:
+    """`prepare_particles` with the blocks in a --cache-dir file (`engine/particle_cache.py`):
+    the same numbers, streamed to disk chunk by chunk, or read back when the key matches."""
+    layout = model.images.layout
+    shape = (len(data), layout.centred_length, layout.half_length)
+    key = {"source": source_fingerprint(dataset), "box": geometry.box_size,
+           "cutoff_radius_px": model.config.max_radius_px,
+           "image_oversampling": config.image_oversampling,
+           "particle_radius_px": geometry.particle_radius_px, "invert": config.invert,
+           "seed": config.seed}
+
+    def build(writer) -> dict:
+        stats = _normalisation(config, data, geometry)
+        bar = progress_bar(len(data), "preprocessing", progress)
+        noise = stream_blocks(data, model, stats, geometry.particle_radius_px, writer.write,
+                              progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        return {"statistics": dataclasses.asdict(stats),
+                "noise_variance": noise.variance.tolist()}  # float64: exact through JSON
+
+    blocks, results = cached_rows(config.cache_dir, "blocks", key, shape, model.complex_dtype,
+                                  build, world)
+    noise = NoiseSpectrum(torch.tensor(results["noise_variance"], dtype=torch.float64))
+    return particles_of(data, blocks, NormalisationStatistics(**results["statistics"]), noise)

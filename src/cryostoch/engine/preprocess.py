@@ -1,4 +1,5 @@
-"""Load-time preprocessing: a particle data set -> small in-memory Fourier blocks.
+"""Load-time preprocessing: a particle data set -> small Fourier blocks (in memory, or in a
+cache file with --cache-dir: `engine/particle_cache.py`).
 
 Done once per run (paper section 4: images rescaled so the noise sigma is 1):
 1. estimate the noise standard deviation from the background of a sample of images (and,
@@ -7,7 +8,7 @@ Done once per run (paper section 4: images rescaled so the noise sigma is 1):
 3. stream every image in chunks: subtract its background mean, divide by the noise sigma,
    apply the sign, and keep only its oversampled Fourier block inside the largest cutoff.
 An epoch then never touches the full images again, and memory is bounded by the chunk size
-plus the blocks (a few kB per image).
+plus the blocks (a few kB per image; on disk with --cache-dir, so not even those).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cryostoch.errors import InputError
+from cryostoch.io.cache import DiskRows
 from cryostoch.io.dataset import ParticleDataset
 from cryostoch.model.likelihood import LikelihoodResult, MarginalLikelihood
 from cryostoch.model.noise import (
@@ -42,9 +44,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedParticles:
-    """Normalised particle spectra kept in memory for the whole run."""
+    """Normalised particle spectra for the whole run, in memory or on disk (--cache-dir)."""
 
-    blocks: Tensor  # (n, 2h+1, h+1) complex, the model's image layout
+    blocks: Tensor | DiskRows  # (n, 2h+1, h+1) complex, the model's image layout
     ctf: CtfParameters  # (n,)
     dataset_indices: np.ndarray  # row of each particle in the source data set
     statistics: NormalisationStatistics
@@ -55,9 +57,11 @@ class PreparedParticles:
         return int(self.blocks.shape[0])
 
     def subset(self, rows: np.ndarray | Tensor) -> PreparedParticles:
+        """The particles `rows`: their blocks copied when in memory, a view when on disk."""
         rows_t = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        on_disk = isinstance(self.blocks, DiskRows)
         return PreparedParticles(
-            self.blocks[rows_t],
+            self.blocks.subset(rows_t) if on_disk else self.blocks[rows_t],
             self.ctf.index(rows_t),
             self.dataset_indices[np.asarray(rows)],
             self.statistics,
@@ -143,7 +147,22 @@ def prepare_particles(
     chunk_size: int = 500,
     progress=None,
 ) -> PreparedParticles:
-    """Normalise every image and keep its Fourier block (bounded memory, chunked reads)."""
+    """Normalise every image and keep its Fourier block in memory (chunked reads)."""
+    check_box(dataset, model)
+    layout = model.images.layout
+    blocks = torch.empty(len(dataset), layout.centred_length, layout.half_length,
+                         dtype=model.complex_dtype, device="cpu")
+
+    def keep(start: int, chunk: Tensor) -> None:
+        blocks[start : start + chunk.shape[0]] = chunk
+
+    noise = stream_blocks(dataset, model, statistics, particle_radius_px, keep,
+                          chunk_size=chunk_size, progress=progress)
+    return particles_of(dataset, blocks, statistics, noise)
+
+
+def check_box(dataset: ParticleDataset, model: MarginalLikelihood) -> None:
+    """InputError unless the data set has CTFs and the model's box."""
     if dataset.ctf is None:
         raise InputError(dataset.source_path, "no CTF parameters: reconstruction needs them")
     if dataset.box_size != model.config.box_size:
@@ -151,13 +170,39 @@ def prepare_particles(
             dataset.source_path,
             f"box {dataset.box_size} does not match the model box {model.config.box_size}",
         )
+
+
+def optics_indices(dataset: ParticleDataset) -> Tensor:
+    """(n,) long 0-based optics group of every particle (groups in sorted order)."""
+    _, index = np.unique(np.asarray(dataset.optics_group), return_inverse=True)
+    return torch.as_tensor(index.reshape(-1), dtype=torch.long)
+
+
+def particles_of(dataset: ParticleDataset, blocks, statistics: NormalisationStatistics,
+                 noise: NoiseSpectrum) -> PreparedParticles:
+    """PreparedParticles of every particle of `dataset` with their `blocks` (n, 2h+1, h+1):
+    a tensor, or rows on disk (`io.cache.DiskRows`)."""
+    return PreparedParticles(blocks, dataset.ctf, np.arange(len(dataset)), statistics,
+                             optics_indices(dataset), noise)
+
+
+def stream_blocks(
+    dataset: ParticleDataset,
+    model: MarginalLikelihood,
+    statistics: NormalisationStatistics,
+    particle_radius_px: float,
+    write,
+    *,
+    chunk_size: int = 500,
+    progress=None,
+) -> NoiseSpectrum:
+    """Read the images in chunks of at most `chunk_size`, normalise them and hand each
+    chunk's Fourier blocks (b, 2h+1, h+1), in order, to `write(first row, blocks)`; returns
+    the background noise spectrum. Memory: one chunk of images, whatever the data set's size.
+    """
+    check_box(dataset, model)
     n = len(dataset)
-    layout = model.images.layout
-    blocks = torch.empty(
-        n, layout.centred_length, layout.half_length, dtype=model.complex_dtype, device="cpu"
-    )
-    _, optics_index = np.unique(np.asarray(dataset.optics_group), return_inverse=True)
-    optics_index = torch.as_tensor(optics_index.reshape(-1), dtype=torch.long)
+    optics_index = optics_indices(dataset)
     n_groups = int(optics_index.max()) + 1 if n else 1
     mask = soft_background_mask(dataset.box_size, particle_radius_px)
     power_sum = torch.zeros(n_groups, dataset.box_size // 2 + 1, dtype=torch.float64)
@@ -168,7 +213,7 @@ def prepare_particles(
         normalised = normalise_images(
             images, particle_radius_px, statistics.noise_sigma, statistics.contrast_sign
         )
-        blocks[done : done + len(rows)] = model.image_blocks(normalised.to(model.dtype)).cpu()
+        write(done, model.image_blocks(normalised.to(model.dtype)).cpu())
         power, counts = background_power(normalised, mask)
         power_sum.index_add_(0, optics_index[done : done + len(rows)], power)
         done += len(rows)
@@ -177,8 +222,7 @@ def prepare_particles(
     if done != n:
         raise InputError(dataset.source_path, f"read {done} images but expected {n}")
     group_sizes = torch.bincount(optics_index, minlength=n_groups).to(torch.float64)
-    noise = NoiseSpectrum(spectrum_from_background(power_sum, counts, group_sizes, mask))
-    return PreparedParticles(blocks, dataset.ctf, np.arange(n), statistics, optics_index, noise)
+    return NoiseSpectrum(spectrum_from_background(power_sum, counts, group_sizes, mask))
 
 
 class ResampledDataset:

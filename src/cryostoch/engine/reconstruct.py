@@ -141,7 +141,7 @@ class Reconstruction:
         # a damaged or foreign checkpoint fails before the data are prepared; rank 0 reads it
         # and hands it to the others (the folder may be on rank 0's node only)
         saved = world.on_main(lambda: self._open_folder(resume, overwrite))
-        self.prepared = prepare_run(config, progress=self.progress)
+        self.prepared = prepare_run(config, progress=self.progress, world=world)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
         if config.epochs is None:

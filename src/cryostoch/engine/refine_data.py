@@ -23,6 +23,7 @@ from cryostoch.engine.distributed import ONE_PROCESS, World
 from cryostoch.engine.initial import data_signal_power, model_signal_power
 from cryostoch.engine.noise_and_mask import NoiseAndMask
 from cryostoch.engine.outputs import assign_poses
+from cryostoch.engine.particle_cache import cached_rows, source_fingerprint
 from cryostoch.engine.prepare import PreparedRun, make_model
 from cryostoch.errors import InputError
 from cryostoch.fourier.grids import HalfPlaneCoefficients, half_plane_coefficients
@@ -31,6 +32,7 @@ from cryostoch.fourier.transforms import rfft2c
 from cryostoch.geometry.quadrature import angular_step_rad, default_shift_step_px
 from cryostoch.geometry.rotations import euler_to_matrix
 from cryostoch.geometry.symmetry import point_group
+from cryostoch.io.cache import DiskRows
 from cryostoch.model.preprocess import normalise_images
 from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
 
@@ -64,6 +66,7 @@ class RefineConfig:
     class_file: str | None = None
     keep_classes: tuple[int, ...] = ()
     chunk_size: int = 128
+    cache_dir: str | None = None  # the preprocessed particles on disk, reused across runs
 
     def __post_init__(self) -> None:
         if self.max_iterations < 1:
@@ -93,19 +96,20 @@ class RefineConfig:
             shift_range_a=self.shift_range_a, particle_diameter_a=self.particle_diameter_a,
             invert=self.invert, project_root=self.project_root, symmetry=self.symmetry,
             init=self.init_map, mask="sphere", class_file=self.class_file,
-            keep_classes=self.keep_classes)
+            keep_classes=self.keep_classes, cache_dir=self.cache_dir)
 
 
 @dataclass
 class FullSpectra:
     """Every particle's noise-normalised spectrum at the half-plane points inside radius N/2-1.
 
-    coefficients: (n, M) complex64 on the CPU; precision: (G, M) relative noise precision per
-    optics group (the background's coloured spectrum); optics_index: (n,) long.
+    coefficients: (n, M) complex64 on the CPU, or rows on disk (--cache-dir); precision: (G, M)
+    relative noise precision per optics group (the background's coloured spectrum);
+    optics_index: (n,) long.
     """
 
     points: HalfPlaneCoefficients
-    coefficients: Tensor
+    coefficients: Tensor | DiskRows
     precision: Tensor
     optics_index: Tensor
     ctf: CtfParameters
@@ -127,19 +131,35 @@ def normalised_images(run: PreparedRun, images: Tensor) -> Tensor:
                             stats.noise_sigma, stats.contrast_sign)
 
 
-def full_spectra(run: PreparedRun, chunk_size: int = 500) -> FullSpectra:
+def full_spectra(run: PreparedRun, chunk_size: int = 500,
+                 world: World = ONE_PROCESS) -> FullSpectra:
     """Stream the selected particles once more, normalised as the search's preprocessing was,
-    and keep their spectra up to radius N/2 - 1 (bounded memory: one chunk of images)."""
+    and keep their spectra up to radius N/2 - 1 (bounded memory: one chunk of images), in
+    memory or, with --cache-dir, in a file (reused when the particles and settings match)."""
     dataset = run.dataset
     n_box = dataset.box_size
     points = half_plane_coefficients(n_box, n_box / 2 - 1)
     rows_k, cols_k = points.rfft_indices()
-    coefficients = torch.empty(len(dataset), points.n_points, dtype=torch.complex64)
-    done = 0
-    for rows, images in dataset.iter_chunks(chunk_size):
-        spectra = rfft2c(normalised_images(run, images))  # unitary, as the likelihood's blocks
-        coefficients[done:done + len(rows)] = spectra[:, rows_k, cols_k].to(torch.complex64)
-        done += len(rows)
+
+    def write_all(write) -> dict:
+        done = 0
+        for rows, images in dataset.iter_chunks(chunk_size):
+            spectra = rfft2c(normalised_images(run, images))  # unitary, as the model's blocks
+            write(done, spectra[:, rows_k, cols_k].to(torch.complex64))
+            done += len(rows)
+        return {}
+
+    if run.config.cache_dir is None:
+        coefficients = torch.empty(len(dataset), points.n_points, dtype=torch.complex64)
+        write_all(lambda start, chunk: coefficients[start:start + len(chunk)].copy_(chunk))
+    else:
+        stats = run.particles.statistics
+        key = {"source": source_fingerprint(dataset), "radius_px": n_box / 2 - 1,
+               "particle_radius_px": run.geometry.particle_radius_px,
+               "noise_sigma": stats.noise_sigma, "contrast_sign": stats.contrast_sign}
+        coefficients, _ = cached_rows(run.config.cache_dir, "spectra", key,
+                                      (len(dataset), points.n_points), torch.complex64,
+                                      lambda writer: write_all(writer.write), world)
     precision = run.particles.background_noise.precision(points, torch.float32)
     return FullSpectra(points, coefficients, precision, run.particles.optics_index,
                        dataset.ctf, dataset.pixel_size_a)

@@ -79,7 +79,8 @@ def refine(config: RefineConfig, *, resume: bool = False, overwrite: bool = Fals
         config = dataclasses.replace(config, device=world.device)  # cuda -> cuda:LOCAL_RANK
         world.on_main(lambda: open_run_folder(out, overwrite=overwrite, resume=resume))
         started = time.perf_counter()  # the preparation counts in the run's time
-        run = run or prepare_run(config.search_config(), progress=progress and world.is_main)
+        run = run or prepare_run(config.search_config(), progress=progress and world.is_main,
+                                 world=world)
         return _refine(config, out, resume, run, poses, started, world)
 
 
@@ -138,7 +139,7 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     if n != run.dataset.box_size:
         raise InputError("--box", "refinement works at the particles' own box")
     volume = start_map(run, config.init_map)
-    spectra = full_spectra(run)
+    spectra = full_spectra(run, world=world)
     subset = half_sets(run.dataset, config.seed)
     sphere = soft_sphere_mask(n, geometry.particle_radius_px, dtype=torch.float64)
     shift_sigma = max(geometry.shift_range_a / geometry.pixel_size_a, 1.0)
@@ -160,13 +161,15 @@ def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
 
 def _saved_state(config: RefineConfig, out: Path) -> dict | None:
     """The checkpoint's state, checked to continue `config` (None without a checkpoint); the
-    device may differ (another number of processes or GPUs)."""
+    device may differ (another number of processes or GPUs), and so may --cache-dir (the
+    same numbers, from a file or from memory)."""
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.exists():
         return None
     saved = load_checkpoint(checkpoint, keys=("config", "state"))
     if not isinstance(saved.get("config"), dict) or \
-            {**saved["config"], "device": config.device} != config.to_dict():
+            {**saved["config"], "device": config.device,
+             "cache_dir": config.cache_dir} != config.to_dict():
         raise InputError(checkpoint, "was written with other settings: resume with the "
                          "same options, or use --overwrite")
     return saved["state"]

@@ -94,3 +94,41 @@ def check_positive(source: Path | str, name: str, values: np.ndarray) -> None:
 def format_folders(paths: Sequence[Path], limit: int = MAX_ANCESTORS) -> str:
     shown = ", ".join(str(p) for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def pread_rows(fd: int, data_offset: int, rows: np.ndarray, out: np.ndarray) -> int:
+    """Read rows `rows` (k,) of a C-order on-disk array whose data start at byte
+    `data_offset` into `out` (k, ...), in the order given; returns how many bytes were read.
+
+    One positional read per run of consecutive rows (a chunk is one read, k random rows at
+    most k), in file order. Unlike reading through a memory map, the pages read are not left
+    mapped into the process, so its resident set stays the size of `out` however much of the
+    file a pass reads (the file stays in the page cache, shared and reclaimable).
+    """
+    if len(rows) == 0:
+        return 0
+    row_bytes = out[0].nbytes
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    in_order = out if bool((order[1:] > order[:-1]).all()) else np.empty_like(out)
+    starts = np.flatnonzero(np.diff(ordered, prepend=ordered[0] - 2) != 1)
+    stops = np.append(starts[1:], len(ordered))
+    total = 0
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        buffer = memoryview(in_order[start:stop].reshape(-1).view(np.uint8))
+        total += _pread_into(fd, buffer, data_offset + int(ordered[start]) * row_bytes)
+    if in_order is not out:
+        out[order] = in_order
+    return total
+
+
+def _pread_into(fd: int, buffer: memoryview, position: int) -> int:
+    """Fill `buffer` from byte `position` of `fd` (a single read may return less, e.g. above
+    2 GB on Linux); returns the bytes read, fewer only at the end of the file."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], position + done)
+        if got == 0:
+            break
+        done += got
+    return done

@@ -19,7 +19,7 @@ from mrcfile.dtypes import HEADER_DTYPE
 from torch import Tensor
 
 from cryostoch.errors import InputError
-from cryostoch.io._common import atomic_path
+from cryostoch.io._common import atomic_path, pread_rows
 from cryostoch.io.stack_writer import StackWriter as StackWriter  # public home: io.mrc
 
 # MRC modes read here (MRC2014): 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
@@ -245,6 +245,7 @@ class MrcStack:
         self.header = header
         self.path = header.path
         self._data: np.memmap | None = _memmap(header)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
 
     @property
     def data(self) -> np.memmap:
@@ -272,24 +273,33 @@ class MrcStack:
         return self.n_images
 
     def read(self, indices: np.ndarray | list[int] | slice | None = None) -> np.ndarray:
-        """Images at 0-based `indices` (all when None) as a new float32 array."""
-        if indices is None:
-            return np.array(self.data, dtype=np.float32)
-        if isinstance(indices, slice):
-            return np.array(self.data[indices], dtype=np.float32)
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n_images):
+        """Images at 0-based `indices` (all when None) as a new float32 array.
+
+        Read with positional reads (`pread_rows`), not through the memory map `data`: pages
+        of a map that a pass has touched stay in the process's resident set, so streaming a
+        stack of N images through it shows an RSS that grows with N."""
+        n = self.n_images
+        if indices is None or isinstance(indices, slice):
+            idx = np.arange(n, dtype=np.int64)[indices if indices is not None else slice(None)]
+        else:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(
-                f"{self.path}: image index out of range 0..{self.n_images - 1}: "
-                f"{idx[(idx < 0) | (idx >= self.n_images)][0]}"
+                f"{self.path}: image index out of range 0..{n - 1}: "
+                f"{idx[(idx < 0) | (idx >= n)][0]}"
             )
-        # Read in file order (cheaper on disk), then put the images back in the asked order.
-        order = np.argsort(idx, kind="stable")
-        out = np.empty((idx.size, *self.image_shape), dtype=np.float32)
-        out[order] = self.data[idx[order]]
-        return out
+        raw = np.empty((idx.size, *self.image_shape), dtype=self.dtype)
+        if self._file is None:
+            raise ValueError(f"{self.path}: stack is closed")
+        if pread_rows(self._file.fileno(), self.header.data_offset, idx, raw) != raw.nbytes:
+            raise InputError(self.path, "the file ended while reading images (truncated "
+                             "after it was opened?)")
+        return raw.astype(np.float32)
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._data is not None:
             mm = getattr(self._data, "_mmap", None)
             self._data = None
