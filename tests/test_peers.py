@@ -55,7 +55,9 @@ def test_table_rows_say_what_was_measured():
     measured = {"method": "A", "wall_s": 12.34, "fsc05_a": 27.91, "fsc0143_a": None,
                 "nyquist_a": 10.0, "mirrored": True, "settings": "x | y", "command": "a --b"}
     failed = {"method": "B", "status": "not run: relion_refine is not installed"}
-    text = peers_run.table_markdown([measured, failed], args)
+    blob = dict(measured, method="C", fsc05_a=1001.9)
+    text = peers_run.table_markdown([measured, failed, blob], args)
+    assert "| C | 12 | below at the first shell (320 A) |" in text
     assert "| A | 12 | 27.9 | Nyquist (10 A) | mirrored | x / y |" in text
     assert "| B | - | - | - | - | not run: relion_refine is not installed |" in text
     assert "two other jobs ran meanwhile" in text and "`a --b`" in text

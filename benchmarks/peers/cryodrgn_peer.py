@@ -2,7 +2,7 @@
 2-3, renamed in 4.x) on the simulated set, with few epochs, then its map aligned onto the
 truth for the FSC.
 
-    python benchmarks/peers/cryodrgn_peer.py --work /work/peers_work [--epochs 4]
+    python benchmarks/peers/cryodrgn_peer.py --work /work/peers_work [--epochs 1 --n-images 400]
 
 cryoDRGN runs from its own virtual environment (setup_cryodrgn.sh, default /work/peers-venv),
 never the project's. Its inputs are made here from the simulated set: a float32 .mrcs stack

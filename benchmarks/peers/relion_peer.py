@@ -1,12 +1,13 @@
 """RELION 3.1's ab initio (SGD initial model, `relion_refine --denovo_3dref --sgd`) on the
 simulated set, with a reduced schedule, then its map aligned onto the truth for the FSC.
 
-    python benchmarks/peers/relion_peer.py --work /work/peers_work [--iterations 10,40,10]
+    python benchmarks/peers/relion_peer.py --work /work/peers_work [--iterations 50,0,0]
 
 RELION comes from Debian (`apt-get install relion`, 3.1.3 on Debian 12); when relion_refine is
 missing the script installs it as root, or says how. The settings are those of RELION 3.1's
-InitialModel job (the tutorial's command) but for the iteration counts: RELION's default of
-50 + 200 + 50 SGD iterations takes hours on 2 cores. Results in WORK/relion/.
+InitialModel job (the tutorial's command) but for what DEFAULT_ITERATIONS explains: RELION's
+50 + 200 + 50 SGD iterations take many hours on 2 cores. Results in WORK/relion/.
+The Python is run with the project's environment (PYTHONPATH=src): it aligns the maps.
 """
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 def _resolution(value: float | None, nyquist_a: float | None) -> str:
     if value is None:
         return f"Nyquist ({nyquist_a:g} A)" if nyquist_a else "-"
+    first_shell_a = common.BOX_PX * common.PIXEL_SIZE_A
+    if value > first_shell_a:  # interpolated between the mean (taken as 1) and shell 1
+        return f"below at the first shell ({first_shell_a:g} A)"
     return f"{value:.1f}"
 
 
