@@ -93,7 +93,8 @@ def guinier_figure(result: PostprocessResult) -> Figure:
     s2 = (result.frequency_per_a**2)[1:].numpy()
     ax.plot(s2, result.ln_amplitude_weighted[1:].numpy(), ".-", ms=3,
             label="FSC-weighted average")
-    ax.plot(s2, result.ln_amplitude_sharpened[1:].numpy(), ".-", ms=3,
+    # dashed: with B = 0 (no sharpening) the two curves coincide and a solid line hid the first
+    ax.plot(s2, result.ln_amplitude_sharpened[1:].numpy(), ".--", ms=3,
             label=f"sharpened, B = {result.bfactor:.1f} A^2")
     fit = result.guinier
     if fit is not None:

@@ -29,7 +29,9 @@ figure { display: inline-block; margin: 0.4em 0.8em 0.8em 0; vertical-align: top
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #444; max-width: 60em; }
 .note { color: #666; font-size: 0.9em; }
-.cols { display: flex; flex-wrap: wrap; gap: 1.5em; }
+/* flex-start: stretched to the taller neighbour, a short table spread its rows apart
+   (seen in headless Chromium) */
+.cols { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 details summary { cursor: pointer; color: #335; }
 """
 
