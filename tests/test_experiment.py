@@ -58,6 +58,18 @@ def test_study_writes_records_and_settings(finished_study):
     assert json.loads((out / "experiment.json").read_text())["optimizers"] == ["sgd"]
 
 
+def test_study_writes_a_self_contained_report_html(finished_study):
+    """report.html beside report.md: the three figures embedded as PNG data, one table row
+    per method with a link to that run's own report.html, which exists."""
+    out, _ = finished_study
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "http://" not in page and "https://" not in page
+    for method in ("sgd", "cryostoch", "projmatch", "em"):
+        link = f"synthetic/{method}/report.html"
+        assert link in page and (out / link).exists(), method
+
+
 def test_resume_reuses_finished_runs_and_continues_the_rest(finished_study, monkeypatch,
                                                              tmp_path):
     out, text = finished_study
@@ -118,6 +130,7 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "report.md").write_text("an earlier study's report")
+    (out / "report.html").write_text("an earlier study's page")
 
     def fails(*args, **kwargs):
         raise RuntimeError("simulated failure")
@@ -126,6 +139,7 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated failure"):
         run_experiment(tiny_study(out), progress=False)
     assert not (out / "report.md").exists()
+    assert not (out / "report.html").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -26,6 +26,7 @@ import torch
 
 from cryostoch.engine.baseline import BaselineConfig, BaselineRun
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
+from cryostoch.engine.html_report import REPORT_HTML, experiment_report_html, write_report_html
 from cryostoch.engine.reconstruct import Reconstruction
 from cryostoch.engine.reference_data import BETAGAL_PARTICLES, CTF_TABLE, reference_file
 from cryostoch.errors import InputError
@@ -300,7 +301,7 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
     return "\n".join(lines)
 
 
-SETTINGS_NAME = "experiment.json"
+SETTINGS_NAME = "experiment.json"  # report.md and report.html (REPORT_HTML) beside it
 REPORT_NAME = "report.md"
 SUMMARY_JSON = "summary.json"
 
@@ -325,7 +326,7 @@ def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
         for record in out.glob(f"*/*/{RUN_RECORD}"):
             record.unlink()
     # an earlier report must not pass for this run's until this run writes its own
-    for name in (REPORT_NAME, SUMMARY_JSON):
+    for name in (REPORT_NAME, SUMMARY_JSON, REPORT_HTML):
         (out / name).unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(current, indent=2))
@@ -407,6 +408,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
              "sections": sections}, indent=2, default=str))
     with atomic_path(report) as tmp:
         tmp.write_text(_markdown(sections, config, seconds, compute_seconds, resume))
+    timing = (f"{seconds / 60:.1f} min wall time; simulation and method runs "
+              f"{compute_seconds / 60:.1f} min" + (" (resumed)" if resume else ""))
+    write_report_html(out / REPORT_HTML, experiment_report_html(
+        out, sections, _settings(dataclasses.asdict(config)), timing))
     return report
 
 

@@ -270,3 +270,27 @@ def refine_report_html(run: PreparedRun, state: RefineState, post: PostprocessRe
 
 __all__ = ["REPORT_HTML", "RunHeader", "reconstruction_report_html", "refine_report_html",
            "write_report_html"]
+
+
+# ------------------------------------------------------------------------------ experiment
+def experiment_report_html(out: Path, sections: Sequence[dict], settings: dict,
+                           timing: str) -> str:
+    """The study's page: its settings and timing, then per data set (a dict with name, folder,
+    figures (file names in the folder) and table (rows of method results)) the figures
+    embedded, the table, and links to each method run's own report.html."""
+    started = time.perf_counter()
+    parts = [section_html("Run", note_html(timing), settings_html(settings))]
+    for section in sections:
+        folder = out / section["folder"]
+        figures = [PageFigure(name, (folder / name).read_bytes(), name)
+                   for name in section["figures"] if (folder / name).exists()]
+        rows = section["table"]
+        header = list(rows[0]) + ["report"] if rows else []
+        body = [[row.get(key) for key in header[:-1]]
+                + [f"{section['folder']}/{row['method']}/report.html"] for row in rows]
+        parts.append(section_html(section["name"], *(figure_html(f) for f in figures),
+                                  table_html(header, body),
+                                  note_html("each method's own page (report.html) lies in its "
+                                            "folder, as the last column says")))
+    parts.append(_built_note(started))
+    return page_html("cryostoch experiment paper", str(out), parts)
