@@ -199,6 +199,10 @@ def joined(device: str) -> Iterator[World]:
     dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
     try:
         yield world
+        # leave together: a rank that tears its group down while another still talks closes
+        # the pairs under it (seen as an abort, "terminate called without an active
+        # exception", under load); after an error the others are not waited for
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
