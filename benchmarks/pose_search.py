@@ -36,7 +36,7 @@ from cryostoch.geometry.quadrature import (
     max_radius_px,
     shift_quadrature,
 )
-from cryostoch.geometry.rotations import euler_to_matrix, random_rotations
+from cryostoch.geometry.rotations import euler_to_matrix, geodesic_angle_rad, random_rotations
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.local_search import (
     ImageBatch,
@@ -188,11 +188,6 @@ def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8):
     return (rot.cpu(), shifts.cpu(), nll.cpu(), coarse_seconds + time.perf_counter() - start)
 
 
-def angle_between_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    trace = (a.transpose(1, 2).double() @ b.double()).diagonal(dim1=1, dim2=2).sum(-1)
-    return torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1, 1)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--box", type=int, default=64)
@@ -227,7 +222,8 @@ def main() -> None:
                                            args.shift_radius, device, args.top_k)
         step_deg = math.degrees(angular_step_rad(radius))
         shift_step = default_shift_step_px(args.box, radius)
-        agree = ((angle_between_deg(rot_x, rot_p) <= 1.5 * step_deg)
+        angle_deg = torch.rad2deg(geodesic_angle_rad(rot_x.double(), rot_p.double()))
+        agree = ((angle_deg <= 1.5 * step_deg)
                  & ((sh_x.double() - sh_p.double()).norm(dim=1) <= 1.5 * shift_step))
         diff = nll_p - nll_x
         if args.verbose:

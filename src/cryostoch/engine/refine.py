@@ -42,6 +42,7 @@ from cryostoch.engine.refine_data import FullSpectra, RefineConfig
 from cryostoch.evaluate.fsc import FscResult, compute_fsc
 from cryostoch.evaluate.postprocess import auto_mask
 from cryostoch.fourier.spectrum import SpectrumLayout, oversampled_volume_spectrum
+from cryostoch.geometry.rotations import geodesic_angle_rad
 from cryostoch.model.local_search import (
     ImageBatch,
     LocalScores,
@@ -135,12 +136,6 @@ def tau2_from_map(volume: Tensor, radius_px: float, n_shells: int) -> Tensor:
     length = min(n_shells, last + 1)
     out[:length] = power[:length]
     return out.clamp(min=1e-30)
-
-
-def rotation_angle_deg(a: Tensor, b: Tensor) -> Tensor:
-    """(n,) the angle in degrees of the rotation between a (n, 3, 3) and b (n, 3, 3)."""
-    trace = (a.transpose(1, 2) @ b.to(a.dtype)).diagonal(dim1=1, dim2=2).sum(-1)
-    return torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1, 1)))
 
 
 def adapted_step(step: float, spread_steps: float, extent: int, finest: float,
@@ -242,7 +237,8 @@ class Refinement:
             pick = torch.arange(len(chunk), device=dev)
             new_rot[chunk] = cand_rot[pick, j].cpu()
             new_shift[chunk] = cand_shift[pick, s].cpu()
-            change_sum_deg += float(rotation_angle_deg(start_rot, cand_rot[pick, j]).sum())
+            moved = geodesic_angle_rad(start_rot, cand_rot[pick, j])
+            change_sum_deg += math.degrees(float(moved.sum()))
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
                               OVERSAMPLING)
         if self.world.parallel:

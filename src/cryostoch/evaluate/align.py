@@ -47,6 +47,7 @@ from cryostoch.geometry import (
     DIRECTION_DENSITY_FACTOR,
     direction_to_euler,
     euler_to_matrix,
+    geodesic_angle_rad,
     matrix_to_euler,
     random_rotations,
     rotvec_to_matrix,
@@ -243,16 +244,10 @@ def so3_grid(step_rad: float) -> Tensor:
     return euler_to_matrix(euler.reshape(-1, 3))
 
 
-def _angles_between(a: Tensor, b: Tensor) -> Tensor:
-    """Geodesic angle (radians) between rotations `a` (..., 3, 3) and `b` (..., 3, 3)."""
-    cos = ((a * b).sum(dim=(-2, -1)) - 1.0) / 2.0
-    return torch.arccos(cos.clamp(-1.0, 1.0))
-
-
 def _distinct_best(matrices: Tensor, scores: Tensor, count: int, min_angle: float) -> list[int]:
     chosen: list[int] = []
     for i in scores.argsort(descending=True).tolist():
-        if chosen and bool((_angles_between(matrices[i], matrices[chosen]) < min_angle).any()):
+        if chosen and bool((geodesic_angle_rad(matrices[i], matrices[chosen]) < min_angle).any()):
             continue
         chosen.append(i)
         if len(chosen) == count:

@@ -17,6 +17,7 @@ from cryostoch.geometry.rotations import (
     direction_to_euler,
     euler_to_matrix,
     euler_to_quaternion,
+    geodesic_angle_rad,
     inplane_rotation,
     matrix_to_euler,
     matrix_to_quaternion,
@@ -43,5 +44,6 @@ __all__ = [
     "inplane_rotation", "lebedev_sizes", "matrix_to_euler", "matrix_to_quaternion",
     "matrix_to_rotvec", "max_radius_px", "orientation_quadrature", "quaternion_multiply",
     "quaternion_to_euler", "quaternion_to_matrix", "random_rotations", "rotvec_to_matrix",
+    "geodesic_angle_rad",
     "shift_quadrature", "sphere_rule",
 ]

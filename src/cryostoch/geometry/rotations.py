@@ -25,6 +25,7 @@ __all__ = [
     "direction_to_euler",
     "euler_to_matrix",
     "euler_to_quaternion",
+    "geodesic_angle_rad",
     "inplane_rotation",
     "matrix_to_euler",
     "matrix_to_quaternion",
@@ -249,6 +250,13 @@ def matrix_to_rotvec(matrix: Tensor) -> Tensor:
     angle = 2 * torch.atan2(n, w)
     factor = torch.where(n > 0, angle / torch.where(n > 0, n, torch.ones_like(n)), 2 / w)
     return factor * xyz
+
+
+def geodesic_angle_rad(a: Tensor, b: Tensor) -> Tensor:
+    """``(...)`` angle in radians of the rotation between ``a`` and ``b`` ``(..., 3, 3)``:
+    acos((trace(a^T b) - 1) / 2), clamped against rounding."""
+    cos = ((a * b.to(a.dtype)).sum(dim=(-2, -1)) - 1.0) / 2.0
+    return torch.arccos(cos.clamp(-1.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------

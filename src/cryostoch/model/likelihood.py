@@ -283,8 +283,6 @@ class MarginalLikelihood:
             sums = PosteriorSums.zeros(self.grid.n_directions, self.n_points, dtype=self.dtype,
                                        device=self.device)
         nll = torch.empty(n_images, dtype=self.dtype, device=self.device)
-        best_index = torch.empty(n_images, dtype=torch.long, device=self.device)
-        best_prob = torch.empty(n_images, dtype=self.dtype, device=self.device)
         k = min(top_k, self.grid.size)
         top_index = torch.empty(n_images, k, dtype=torch.long, device=self.device)
         top_prob = torch.empty(n_images, k, dtype=self.dtype, device=self.device)
@@ -305,12 +303,11 @@ class MarginalLikelihood:
                                             dir_chunk, sums, top_k=k)
             quadratic, normaliser = self._data_term(blocks[start:stop], precision)
             nll[start:stop] = -lse + quadratic + normaliser
-            best_index[start:stop] = arg[:, 0]
-            best_prob[start:stop] = torch.exp(top[:, 0] - lse)
             top_index[start:stop] = arg
             top_prob[start:stop] = torch.exp(top - lse.unsqueeze(1))
 
-        result = LikelihoodResult(nll, best_index, best_prob)
+        result = LikelihoodResult(nll, top_index[:, 0].contiguous(),
+                                  top_prob[:, 0].contiguous())
         if top_k > 1:
             result.top_pose_index, result.top_pose_probability = top_index, top_prob
         if want_grad:
