@@ -73,6 +73,13 @@ def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
         assert m.data.shape == (32, 32, 32)
         assert float(m.voxel_size.x) == pytest.approx(8.0)
         assert np.isfinite(m.data).all()
+        spectrum = np.abs(np.fft.fftn(m.data.astype(np.float64))) ** 2
+    # band-limited at the cutoff (--max-freq 0.5: 8 Fourier px) with its 2-px edge: beyond
+    # that nothing but round-off, inside it the map
+    k = np.fft.fftfreq(32) * 32
+    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    assert spectrum[radius > 10.0].sum() < 1e-10 * spectrum.sum()
+    assert spectrum[(radius > 4) & (radius < 7)].sum() > 1e-3 * spectrum.sum()
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
         "map_000000100.mrc", "map_000000300.mrc"]
     rows = list(csv.DictReader(open(out / "metrics.csv")))

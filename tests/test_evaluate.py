@@ -344,3 +344,18 @@ def test_cli_fsc_rejects_mismatched_maps(tmp_path, fsc_command, capsys):
     assert len(err.splitlines()) == 1 and "a.mrc" in err and "c.mrc" in err
     # an explicit pixel size overrides the headers
     assert fsc_command(["fsc", str(pa), str(pc), "--pixel-size-a", "2.0"]) == 0
+
+
+def test_fsc_is_zero_in_shells_a_low_pass_emptied():
+    """Beyond a hard low-pass only round-off is left: the FSC there is 0, not the correlation
+    of rounding errors; inside the band, the correlation of two noisy copies (analytic
+    expectation 1 / sqrt(1 + 0.25) = 0.894 for noise of a quarter of the signal's power)."""
+    from cryostoch.fourier.resample import low_pass
+
+    generator = torch.Generator().manual_seed(4)
+    signal = torch.randn(32, 32, 32, generator=generator, dtype=torch.float64)
+    noisy = signal + 0.5 * torch.randn(32, 32, 32, generator=generator, dtype=torch.float64)
+    _, fsc = fourier_shell_correlation(low_pass(signal, 8.0, 3).float(),
+                                       low_pass(noisy, 8.0, 3).float())
+    assert torch.all(fsc[10:] == 0)
+    assert float(fsc[2:8].mean()) == pytest.approx(1 / math.sqrt(1.25), abs=0.03)

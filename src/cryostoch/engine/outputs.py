@@ -26,7 +26,7 @@ from cryostoch.engine.run_folder import CHIMERAX_SCRIPT, StagedOutputs
 from cryostoch.engine.schedule import run_epochs
 from cryostoch.engine.viewer import ViewedMap, write_chimerax_script
 from cryostoch.errors import InputError
-from cryostoch.fourier.resample import resample_volume
+from cryostoch.fourier.resample import resample_volume, soft_low_pass
 from cryostoch.io.mrc import write_map
 
 METRIC_FIELDS = (
@@ -59,6 +59,26 @@ def write_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor) -> list[
                                  "the map at the data's box and pixel size"))
     write_map(staged.path("map.mrc"), volume, geometry.pixel_size_a)
     return written
+
+
+def reached_cutoff_radius_px(run: PreparedRun, metrics: list[dict]) -> float:
+    """The likelihood cutoff (Fourier pixels of the working box) at the run's last recorded
+    step: the final one unless the run stopped while marching."""
+    reached = next((m["cutoff_resolution_a"] for m in reversed(metrics)
+                    if m.get("cutoff_resolution_a")), None)
+    if reached is None:
+        return run.geometry.cutoff_radius_px
+    geometry = run.geometry
+    return min(geometry.box_size * geometry.pixel_size_a / reached, geometry.cutoff_radius_px)
+
+
+def band_limited(volume: Tensor, run: PreparedRun, metrics: list[dict]) -> Tensor:
+    """`volume` (..., N, N, N) low-passed at the cutoff the run reached, with a 2-px raised
+    cosine edge beyond it (as refine low-passes its start). Beyond the cutoff no image
+    constrains the map: what is there comes from the random start and the prior, and on the
+    real beta-galactosidase set it made the default map's short axes 30-45% too thick at a
+    molecular-volume threshold (180 x 173 x 117 A against 180 x 131 x 81 A filtered)."""
+    return soft_low_pass(volume, reached_cutoff_radius_px(run, metrics), 2.0, ndim=3)
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
@@ -210,7 +230,7 @@ def _write_outputs(out: Path, run: PreparedRun, volume: Tensor, metrics: list[di
     )
     from cryostoch.evaluate.plots import reconstruction_report
 
-    all_maps = volume.detach().float().cpu()
+    all_maps = band_limited(volume.detach().float().cpu(), run, metrics)
     map_volume = all_maps
     class_maps: list[ViewedMap] = []
     with StagedOutputs(out) as staged:

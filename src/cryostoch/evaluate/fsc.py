@@ -95,8 +95,14 @@ def fourier_shell_correlation(
     cross = shell_sum((fa * fb.conj()).real)
     power_a = shell_sum(fa.abs().square())
     power_b = shell_sum(fb.abs().square())
-    denom = torch.sqrt(power_a * power_b)
-    fsc = torch.where(denom > 0, cross / torch.where(denom > 0, denom, 1.0), 0.0)
+    # a shell with no power beyond the round-off of the maps' own precision (a map low-passed
+    # below it) counts as empty, not as a correlation of rounding errors
+    coarsest = max(torch.finfo(m.dtype).eps if m.is_floating_point() else 0.0
+                   for m in (map_a, map_b))
+    floor = (4.0 * max(coarsest, torch.finfo(acc).eps)) ** 2
+    empty = (power_a <= floor * power_a.sum()) | (power_b <= floor * power_b.sum())
+    denom = torch.where(empty, 1.0, torch.sqrt(power_a * power_b))
+    fsc = torch.where(empty, 0.0, cross / denom)
     return torch.arange(size, device=device), fsc
 
 
