@@ -27,6 +27,7 @@ from cryostoch.model.local_search import (
     oversampled_candidates,
     posterior_spread,
     rotation_offsets,
+    scale_estimate,
     shift_offsets,
 )
 from cryostoch.operators.ctf import CtfParameters, evaluate_ctf
@@ -235,3 +236,43 @@ def test_adapted_step_follows_the_posterior_width():
     assert adapted_step(1.0, 0.3, 1, 0.1, 4.0) == 1.0
     assert adapted_step(3.0, wide, 1, 0.1, 4.0) == 4.0  # at most the coarsest
     assert adapted_step(0.15, 0.0, 1, 0.1, 4.0) == 0.1  # at least the finest
+
+
+def test_scale_estimate_is_the_posterior_weighted_least_squares_scale():
+    """Images made by the simulator with known amplitudes a_i: at the true pose alone the
+    estimate is a_i whatever scale the images were scored with; over several candidates it is
+    the weighted least-squares scale of the data against the candidates' model images
+    (torch.linalg.lstsq on sqrt(r_j w p)-weighted stacks), with the models made by the
+    simulator, not by the scores."""
+    volume = blob_volume(3)
+    g = torch.Generator().manual_seed(12)
+    true_rot = random_rotations(3, generator=g, dtype=torch.float64)
+    shifts = torch.zeros(3, 2, dtype=torch.float64)
+    ctf = random_ctf(3, 8)
+    radius = 9.0
+    amplitude = torch.tensor([0.4, 1.0, 2.5], dtype=torch.float64)
+    points, batch = images_at(volume, true_rot, shifts, ctf, radius)
+    images = ImageBatch(batch.coefficients * amplitude[:, None], batch.ctf,
+                        batch.weighted_precision * 0.8)
+    cands = candidate_rotations(true_rot, rotation_offsets(math.radians(5.0), 1))[:, :4]
+    cand_shifts = shifts.unsqueeze(1)
+    block, _ = oversampled_volume_spectrum(volume, radius + 0.5, 2)
+    for used in (torch.ones(3, dtype=torch.float64), torch.tensor([2.0, 0.5, 1.3]).double()):
+        scored = ImageBatch(images.coefficients, images.ctf * used[:, None],
+                            images.weighted_precision)
+        scores = local_scores(block, 2, points.kx, points.ky, N, scored, cands, cand_shifts,
+                              torch.zeros(3, 1, dtype=torch.float64))
+        at_truth = torch.zeros(3, 4, 1, dtype=torch.float64)
+        at_truth[:, 0] = 1.0
+        assert torch.allclose(scale_estimate(scores, at_truth, used), amplitude, rtol=1e-4)
+        spread = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+        posterior = spread.view(1, 4, 1).expand(3, 4, 1)
+        estimate = scale_estimate(scores, posterior, used)
+        for i in range(3):
+            _, models = images_at(volume, cands[i], torch.zeros(4, 2, dtype=torch.float64),
+                                  ctf.index([i] * 4), radius)
+            weight = (spread[:, None] * images.weighted_precision[i][None]).sqrt()
+            design = torch.view_as_real(weight * models.coefficients).reshape(-1, 1)
+            target = torch.view_as_real(weight * images.coefficients[i][None].expand(4, -1))
+            expected = torch.linalg.lstsq(design, target.reshape(-1, 1)).solution.item()
+            assert float(estimate[i]) == pytest.approx(expected, rel=1e-4)

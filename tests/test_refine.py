@@ -183,3 +183,16 @@ def test_refine_with_an_automatic_reference_mask(refine_sim, tmp_path, monkeypat
     record = json.loads((out / "refine.json").read_text())
     assert record["resolution_0143_a"] < 0.75 * START_A
     assert refine_run.CHECKPOINT_NAME not in [p.name for p in out.iterdir()]
+
+
+def test_normalised_scales_hold_the_mean_at_one_and_bound_junk():
+    """The map and the scales trade off, so their mean is held at 1; a junk particle's
+    negative or huge least-squares scale is bounded to [0.1, 10] times the mean."""
+    raw = torch.tensor([1.0, 2.0, 3.0, -1.0, 100.0], dtype=torch.float64)
+    scales = refine_module.normalised_scales(raw)
+    assert float(scales.mean()) == pytest.approx(1.0)
+    assert float(scales.max() / scales.min()) == pytest.approx(100.0)
+    assert torch.equal(scales[:3].argsort(), torch.arange(3))
+    # already normalised and inside the bounds: unchanged
+    assert torch.allclose(refine_module.normalised_scales(scales[:3] / scales[:3].mean()),
+                          scales[:3] / scales[:3].mean())

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample the cells that hold most of each particle's posterior "
                              "again at half the steps, for the reconstruction and the poses "
                              "(RELION's adaptive oversampling; default on)")
+    parser.add_argument("--particle-scale", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="estimate an amplitude scale per particle each iteration (mean "
+                             "1), for contrast that varies between particles (default off)")
     parser.add_argument("--global-searches", type=int, default=1,
                         help="exhaustive pose searches: the first, then (when the local "
                              "searches have converged) again at the finest affordable cutoff up "
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         particle_diameter_a=args.particle_diameter_a, shift_range_a=args.shift_range_a,
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
         search_extent=args.search_extent, fine_pass=args.fine_pass,
+        particle_scale=args.particle_scale,
         global_rounds=args.global_searches,
         reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,

@@ -53,6 +53,7 @@ from cryostoch.model.local_search import (
     oversampled_candidates,
     posterior_spread,
     rotation_offsets,
+    scale_estimate,
     shift_offsets,
 )
 
@@ -85,6 +86,8 @@ class RefineState:
     history: list = field(default_factory=list)
     spread: tuple[float, float] | None = None  # the last posterior's median width per axis
     # (rotation, shift) in steps, which the next steps follow (None: keep the steps as set)
+    scales: Tensor | None = None  # (n,) float64 each particle's amplitude scale, mean 1
+    # (None: all 1; estimated only with --particle-scale)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -109,6 +112,8 @@ class HalfResult:
     # the particles (robust to junk, whose posterior is flat whatever the window)
     rotation_spread: float  # the posterior's rms offset per rotation axis, in steps (median)
     shift_spread: float  # the same for the shift axes
+    scales: Tensor  # (n_h,) float64 the particles' amplitude scales (as given without
+    # --particle-scale)
 
 
 def tau2_from_fsc(fsc: Tensor, back: BackProjection, floor: float = 1e-3) -> Tensor:
@@ -136,6 +141,16 @@ def tau2_from_map(volume: Tensor, radius_px: float, n_shells: int) -> Tensor:
     length = min(n_shells, last + 1)
     out[:length] = power[:length]
     return out.clamp(min=1e-30)
+
+
+def normalised_scales(scales: Tensor, low: float = 0.1, high: float = 10.0) -> Tensor:
+    """(n,) amplitude scales kept within [low, high] times their median, then divided by
+    their mean: the map and the scales trade off (a V = (a / c)(c V)), so the mean is held
+    at 1 as RELION holds its groups' scale corrections; the bounds keep junk, whose best
+    scale can be near 0, negative or huge, from taking its weight to nothing or past all."""
+    typical = scales.median().clamp_min(1e-12)
+    kept = scales.clamp(low * typical, high * typical)
+    return kept / kept.mean()
 
 
 def adapted_step(step: float, spread_steps: float, extent: int, finest: float,
@@ -192,9 +207,11 @@ class Refinement:
 
     def half_step(self, volume: Tensor, rows: Tensor, rotations: Tensor, shifts_px: Tensor,
                   radius_px: float, steps: tuple[float, float], tau2: Tensor | None,
-                  fsc: Tensor | None, mask: Tensor | None = None) -> HalfResult:
+                  fsc: Tensor | None, mask: Tensor | None = None,
+                  scales: Tensor | None = None) -> HalfResult:
         """E- and M-step of one half: particles `rows` (n_h,) at their poses against `volume`
-        (N, N, N); the M-step's prior from `fsc` (S,) or, without one, `tau2` (S,)."""
+        (N, N, N); the M-step's prior from `fsc` (S,) or, without one, `tau2` (S,); `scales`
+        (n_h,) multiply the particles' CTFs (None: 1)."""
         n, dev = self.box_size, self.device
         points = self.spectra.points
         keep = points.kx**2 + points.ky**2 <= radius_px**2
@@ -211,12 +228,14 @@ class Refinement:
         t_offsets = shift_offsets(steps[1], extent, device=dev)
         inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
+        scales = torch.ones(len(rows), dtype=torch.float64) if scales is None else scales
+        new_scales = scales.clone()
         nll_sum = prob_sum = change_sum_deg = 0.0
         edge = torch.empty(len(rows), dtype=torch.float64)
         spread = torch.empty(len(rows), 2, dtype=torch.float64)
         mine = self.world.share(torch.arange(len(rows)))  # this rank's particles of the half
         for chunk in mine.split(self.config.chunk_size):
-            batch = self._batch(rows[chunk], keep)
+            batch = self._batch(rows[chunk], keep, scales[chunk])
             start_rot = rotations[chunk].to(dev)
             cand_rot = candidate_rotations(start_rot, rot_offsets)
             cand_shift = shifts_px[chunk].to(dev).unsqueeze(1) + t_offsets
@@ -232,6 +251,9 @@ class Refinement:
                                                               *steps)
                 scores = self._scores(block, kx, ky, batch, cand_rot, cand_shift)
                 posterior = scores.posterior()
+            if self.config.particle_scale:
+                new_scales[chunk] = scale_estimate(scores, posterior,
+                                                   scales[chunk].to(dev)).double().cpu()
             best = posterior.flatten(1).argmax(1)
             j, s = best // cand_shift.shape[1], best % cand_shift.shape[1]
             pick = torch.arange(len(chunk), device=dev)
@@ -242,9 +264,9 @@ class Refinement:
             backproject_local(numerator, weights, scores, posterior, cand_rot, batch, kx, ky,
                               OVERSAMPLING)
         if self.world.parallel:
-            new_rot, new_shift, edge, spread = (
+            new_rot, new_shift, edge, spread, new_scales = (
                 self.world.gathered_rows(len(rows), x[mine])
-                for x in (new_rot, new_shift, edge, spread))
+                for x in (new_rot, new_shift, edge, spread, new_scales))
             self.world.sum_(numerator)
             self.world.sum_(weights)
             nll_sum, prob_sum, change_sum_deg = self.world.sum_(torch.tensor(
@@ -258,7 +280,8 @@ class Refinement:
                           new_rot, new_shift, nll_sum / count, prob_sum / count,
                           change_sum_deg / count,
                           float(edge.median()) if len(rows) else 0.0,
-                          *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)))
+                          *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)),
+                          new_scales)
 
     def _scores(self, block: Tensor, kx: Tensor, ky: Tensor, batch: ImageBatch,
                 rotations: Tensor, shifts_px: Tensor) -> LocalScores:
@@ -268,11 +291,13 @@ class Refinement:
         return local_scores(block, OVERSAMPLING, kx, ky, self.box_size, batch, rotations,
                             shifts_px, log_prior)
 
-    def _batch(self, rows: Tensor, keep: Tensor) -> ImageBatch:
-        """The images `rows` (b,) at the points `keep` (M,) on the device."""
+    def _batch(self, rows: Tensor, keep: Tensor, scales: Tensor) -> ImageBatch:
+        """The images `rows` (b,) at the points `keep` (M,) on the device, their CTFs times
+        their amplitude `scales` (b,)."""
         spectra, dev = self.spectra, self.device
         coefficients = spectra.coefficients[rows][:, keep].to(dev)
-        ctf = spectra.ctf_values(rows, keep, dev, self.dtype)
+        ctf = spectra.ctf_values(rows, keep, dev, self.dtype) * scales.to(
+            dev, self.dtype).unsqueeze(-1)
         precision = spectra.precision[spectra.optics_index[rows]][:, keep]
         weighted = (spectra.points.weights[keep].to(precision.dtype) * precision).to(
             dev, self.dtype)
@@ -285,17 +310,22 @@ class Refinement:
         radius = n / 2 - 1 if state.final else self.search_radius(state)
         steps = next_steps(state, radius, n, self.config.search_extent, self.coarsest_steps)
         rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
+        scales = (torch.ones(len(rotations), dtype=torch.float64) if state.scales is None
+                  else state.scales.clone())
         results = []
         for h in (1, 2):
             rows = torch.nonzero(self.subset == h).flatten()
             result = self.half_step(state.half_maps[h - 1], rows, state.rotations[rows],
                                     state.shifts_px[rows], radius, steps, tau2_start,
-                                    state.fsc, state.reference_mask)
-            rotations[rows], shifts[rows] = result.rotations, result.shifts_px
+                                    state.fsc, state.reference_mask, scales[rows])
+            rotations[rows], shifts[rows], scales[rows] = (result.rotations, result.shifts_px,
+                                                           result.scales)
             results.append(result)
         fsc = self.half_map_fsc(results[0].unfiltered, results[1].unfiltered, radius)
         new_radius = n * self.spectra.pixel_size_a / fsc.resolution_at(FSC_THRESHOLD)
-        record = self._record(state, radius, steps, fsc, results, started)
+        if self.config.particle_scale:
+            scales = normalised_scales(scales)
+        record = self._record(state, radius, steps, fsc, results, started, scales)
         return dataclasses.replace(
             state, iteration=state.iteration + 1, rotations=rotations, shifts_px=shifts,
             half_maps=torch.stack([r.volume for r in results]),
@@ -306,7 +336,8 @@ class Refinement:
             unfiltered=torch.stack([r.unfiltered for r in results]),
             reference_mask=self._reference_mask(results, fsc),
             history=state.history + [record],
-            spread=(record["rotation_spread_steps"], record["shift_spread_steps"]))
+            spread=(record["rotation_spread_steps"], record["shift_spread_steps"]),
+            scales=scales if self.config.particle_scale else state.scales)
 
     def _reference_mask(self, results: list[HalfResult], fsc: FscResult) -> Tensor | None:
         """With reference_mask 'auto': a soft solvent mask of the two halves' average (the
@@ -330,7 +361,8 @@ class Refinement:
         return FscResult.from_curve(curve, n, self.spectra.pixel_size_a)
 
     def _record(self, state: RefineState, radius: float, steps: tuple[float, float],
-                fsc: FscResult, results: list[HalfResult], started: float) -> dict:
+                fsc: FscResult, results: list[HalfResult], started: float,
+                scales: Tensor) -> dict:
         """metrics.csv's row of an iteration (logged)."""
         pixel = self.spectra.pixel_size_a
         record = {
@@ -345,6 +377,7 @@ class Refinement:
             "window_edge_mass": sum(r.median_edge_mass for r in results) / 2,
             "rotation_spread_steps": sum(r.rotation_spread for r in results) / 2,
             "shift_spread_steps": sum(r.shift_spread for r in results) / 2,
+            **{f"scale_p{q}": float(scales.quantile(q / 100)) for q in (10, 50, 90)},
             "seconds": time.perf_counter() - started,
         }
         # with a window of +-1 step every point but the centre is on its surface: the share
@@ -353,6 +386,9 @@ class Refinement:
                 "window's surface" if self.config.search_extent >= 2 else "")
         edge += (f"; posterior width {record['rotation_spread_steps']:.2f} x "
                  f"{record['shift_spread_steps']:.2f} steps")
+        if self.config.particle_scale:
+            edge += ("; particle scales {scale_p10:.2f} / {scale_p50:.2f} / {scale_p90:.2f} "
+                     "(10th / 50th / 90th percentile)").format(**record)
         log.info("iteration %d: searched to %.1f A (steps %.2f deg, %.2f px); gold-standard "
                  "FSC 0.143 at %.2f A, 0.5 at %.2f A; poses moved %.2f deg%s; %.0f s",
                  record["iteration"], record["search_resolution_a"], record["angular_step_deg"],

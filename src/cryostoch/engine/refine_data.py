@@ -55,6 +55,7 @@ class RefineConfig:
     shell_margin: int = 4  # the E-step's cutoff: the FSC 0.143 radius + this many shells
     search_extent: int = 2  # local window: +-this many steps in each rotation and shift axis
     fine_pass: bool = True  # the significant cells sampled again at half the steps
+    particle_scale: bool = False  # an amplitude scale per particle, estimated each iteration
     # (RELION's adaptive oversampling) for the M-step and the poses
     global_rounds: int = 1  # exhaustive searches (the first, then at the resolution reached)
     reference_mask: str = "sphere"  # the references' mask: the particle's sphere, or "auto"

@@ -228,7 +228,10 @@ def _write_poses(path: Path, run: PreparedRun, state: RefineState, subset: Tenso
 def _write_history(path: Path, history: list[dict]) -> None:
     """One row per iteration (the keys of `Refinement.iterate`'s records)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]) if history else [])
+        # every column any row has (a run resumed from an older version's checkpoint has
+        # rows without the newer ones)
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
 

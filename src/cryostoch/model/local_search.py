@@ -93,6 +93,8 @@ class LocalScores:
 
     logits: Tensor  # (b, J, S) log unnormalised posterior (without the data norm)
     unshifted: Tensor  # (b, S, M) complex w p C X u: the data side at every shift
+    cross: Tensor  # (b, J, S) sum_k w p C Re(conj(P_j) X u_s): the data term of the logits
+    quadratic: Tensor  # (b, J) 1/2 sum_k w p C^2 |P_j|^2: the model term
 
     def posterior(self) -> Tensor:
         """(b, J, S) posterior over each image's candidates."""
@@ -133,7 +135,18 @@ def local_scores(block: Tensor, oversampling: int, kx: Tensor, ky: Tensor, box_s
     power = slices.real**2 + slices.imag**2
     quadratic = 0.5 * (power * (images.weighted_precision * images.ctf**2).unsqueeze(1)).sum(-1)
     logits = cross - quadratic.unsqueeze(-1) + log_shift_prior.unsqueeze(1).to(real_dtype)
-    return LocalScores(logits, unshifted)
+    return LocalScores(logits, unshifted, cross, quadratic)
+
+
+def scale_estimate(scores: LocalScores, posterior: Tensor, scale: Tensor) -> Tensor:
+    """(b,) each image's amplitude scale a maximising the expected log-likelihood under
+    `posterior` (b, J, S), for images scored with their CTFs multiplied by `scale` (b,):
+    with the model a C P, the energy -a c + a^2 q / 2 is least at a = E[c] / E[q], where c
+    and q are the data and model terms at a = 1 (RELION's scale correction, per particle)."""
+    scale = scale.to(scores.cross.dtype)
+    data = (posterior * scores.cross).sum((1, 2)) / scale
+    model = 2 * (posterior.sum(-1) * scores.quadratic).sum(1) / scale**2
+    return data / model.clamp_min(torch.finfo(model.dtype).tiny)
 
 
 def posterior_spread(posterior: Tensor, extent: int) -> Tensor:
