@@ -63,6 +63,9 @@ def test_study_writes_records_and_settings(finished_study):
         assert record["gradient_evaluations"] > 0 and record["metrics"], method
         assert f"| {method} |" in text
     assert json.loads((out / "experiment.json").read_text())["optimizers"] == ["sgd", EXTERNAL]
+    # the particles used, said in the report and on the page
+    assert "400 simulated particles (300 training, 100 held out)." in text
+    assert "400 simulated particles" in (out / "report.html").read_text()
 
 
 def test_an_external_optimiser_runs_beside_the_paper_methods(finished_study):
@@ -266,3 +269,12 @@ def test_the_real_study_shrinks_with_the_scale():
     assert used(scale=0.02, real_max_particles=300) == 300
     assert used(real_max_particles=5000) == 2374
 
+
+
+@pytest.mark.skipif(not BETAGAL_STAR.exists(), reason="reference data not found")
+def test_the_real_subset_says_how_many_particles_and_why(tmp_path):
+    config = ExperimentConfig(out_dir=str(tmp_path), scale=0.02, real_particles="none")
+    path, n_used, _, used = experiment_module._real_subset(config, str(BETAGAL_STAR), tmp_path)
+    assert n_used == 500
+    assert used.startswith("500 of 2374 particles (--scale 0.02 of them, at least 500;"), used
+    assert len(starfile.read(path, always_dict=True)["particles"]) == 500
