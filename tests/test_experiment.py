@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import starfile
 import torch
@@ -14,6 +15,7 @@ import torch
 from conftest import SHARED_DATA
 from cryostoch.cli.main import main
 from cryostoch.engine import experiment as experiment_module
+from cryostoch.engine import experiment_runs
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.experiment import RUN_RECORD, ExperimentConfig, run_experiment
 from cryostoch.engine.prepare import select_particles
@@ -25,10 +27,15 @@ CLASS_FILE = BETAGAL / "Class2D" / "job010" / "run_it025_data.star"
 CTF_TABLE = SHARED_DATA / "ctf" / "empiar10049_ctf.star"
 
 
+EXTERNAL = "torch.optim:SGD"  # an optimiser from outside the package, by import path
+EXTERNAL_NAME = "torch.optim.SGD"
+
+
 def tiny_study(out: Path) -> ExperimentConfig:
-    """One optimiser, the cryostoch run and both baselines on 400 images of 48 x 48."""
+    """One paper optimiser, one external optimiser, the cryostoch run and both baselines on
+    400 images of 48 x 48."""
     return ExperimentConfig(out_dir=str(out), scale=0.008, epochs=0.5, box_size=48,
-                            pixel_size_a=2.8 * 128 / 48, optimizers=("sgd",),
+                            pixel_size_a=2.8 * 128 / 48, optimizers=("sgd", EXTERNAL),
                             real_particles="none", baseline_iterations=1,
                             ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else "none")
 
@@ -36,7 +43,7 @@ def tiny_study(out: Path) -> ExperimentConfig:
 def table_rows(report: Path) -> dict[str, str]:
     rows = {}
     for line in report.read_text().splitlines():
-        match = re.match(r"\| (\w+) \| (.*)", line)
+        match = re.match(r"\| ([\w.]+) \| (.*)", line)
         if match and match.group(1) != "method":
             rows[match.group(1)] = match.group(2)
     return rows
@@ -51,11 +58,60 @@ def finished_study(tmp_path_factory):
 
 def test_study_writes_records_and_settings(finished_study):
     out, text = finished_study
-    for method in ("sgd", "cryostoch", "projmatch", "em"):
+    for method in ("sgd", EXTERNAL_NAME, "cryostoch", "projmatch", "em"):
         record = json.loads((out / "synthetic" / method / RUN_RECORD).read_text())
         assert record["gradient_evaluations"] > 0 and record["metrics"], method
         assert f"| {method} |" in text
-    assert json.loads((out / "experiment.json").read_text())["optimizers"] == ["sgd"]
+    assert json.loads((out / "experiment.json").read_text())["optimizers"] == ["sgd", EXTERNAL]
+    # the particles used, said in the report and on the page
+    assert "400 simulated particles (300 training, 100 held out)." in text
+    assert "400 simulated particles" in (out / "report.html").read_text()
+
+
+def test_an_external_optimiser_runs_beside_the_paper_methods(finished_study):
+    """--optimizer torch.optim:SGD: its own run (the same budget, SGD's minibatch, the paper's
+    plain updates), its row in summary.json and report.md, its curve's run in Fig. 3 and its
+    row in Fig. 4 (one more row of panels than the paper methods alone)."""
+    out, text = finished_study
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {row["method"]: row for row in summary["sections"][0]["table"]}
+    assert set(rows) == {"sgd", EXTERNAL_NAME, "cryostoch", "projmatch", "em"}
+    # the same budget (0.5 epochs of 300 training images), stopped at the first step past it;
+    # the wrapper's first step also measures the curvature, so it may take one step more
+    budget = 150
+    for method in ("sgd", EXTERNAL_NAME):
+        assert budget <= rows[method]["gradient_evaluations"] < budget + 2 * 100, method
+    assert rows[EXTERNAL_NAME]["final_test_nll"] is not None
+    config = json.loads((out / "synthetic" / EXTERNAL_NAME / "config.json").read_text())
+    assert config["config"]["optimizer"] == EXTERNAL
+    assert config["config"]["preconditioner"] == "none"  # paper-faithful, as the seven
+    assert "External optimisers (torch.optim.SGD" in text and "minibatch 100" in text
+    # Fig. 4: the truth, sgd, the external method and cryostoch, each one row of panels
+    from matplotlib.image import imread
+
+    height_px = imread(out / "synthetic" / "fig4_maps.png").shape[0]
+    assert height_px == pytest.approx(90 * (0.45 + 4 * 1.1 + 0.03), abs=3)
+
+
+def test_snapshot_figure_shows_three_projections_of_every_map_beside_the_truth():
+    """Fig. 4's layout: a truth row, then one row per method; per column (snapshot) three
+    projections (along z, y, x), each an image; an absent snapshot leaves its panels empty."""
+    from cryostoch.evaluate.plots import projection_gallery_figure
+
+    truth = torch.zeros(16, 16, 16)
+    truth[4:12, 7:9, 6:10] = 1.0  # elongated along z: a dot seen along z, a bar from the side
+    rows = [[truth, None, truth], [truth, truth, truth]]
+    fig = projection_gallery_figure(rows, ["a", "b"], ["5 grads", "50 grads", "end"],
+                                    reference=truth)
+    assert len(fig.axes) == 3 * 3 * 3  # (truth + 2 rows) x 3 columns x 3 projections
+    with_image = [len(ax.images) for ax in fig.axes]
+    assert with_image == [1] * 9 + [1, 1, 1, 0, 0, 0, 1, 1, 1] + [1] * 9
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["along z", "5 grads\nalong y",
+                                                       "along x"]
+    assert fig.axes[0].get_ylabel() == "truth" and fig.axes[9].get_ylabel() == "a"
+    # the projections differ by direction: the bar is 2 voxels wide along y, 8 long along z
+    along_z, along_y = (fig.axes[k].images[0].get_array() for k in (0, 1))
+    assert (np.asarray(along_z) > 0).sum() == 2 * 4 and (np.asarray(along_y) > 0).sum() == 8 * 4
 
 
 def test_study_writes_a_self_contained_report_html(finished_study):
@@ -83,15 +139,15 @@ def test_resume_reuses_finished_runs_and_continues_the_rest(finished_study, monk
         raise AssertionError("a finished part of the study ran again")
 
     monkeypatch.setattr(experiment_module, "simulate_dataset", must_not_run)
-    monkeypatch.setattr(experiment_module.BaselineRun, "run", must_not_run)
-    original_init = experiment_module.Reconstruction.__init__
+    monkeypatch.setattr(experiment_runs.BaselineRun, "run", must_not_run)
+    original_init = experiment_runs.Reconstruction.__init__
     started = []
 
     def tracked_init(self, config, *, resume=False, overwrite=False, progress=True):
         started.append((Path(config.out_dir).name, resume))
         original_init(self, config, resume=resume, overwrite=overwrite, progress=progress)
 
-    monkeypatch.setattr(experiment_module.Reconstruction, "__init__", tracked_init)
+    monkeypatch.setattr(experiment_runs.Reconstruction, "__init__", tracked_init)
     report = run_experiment(tiny_study(out), progress=False, resume=True)
     assert started == [("cryostoch", True)]
     after_rows = table_rows(report)
@@ -150,6 +206,9 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     (["--optimizers", "sgd,rmsprop"], "rmsprop"),
     (["--baseline-iterations", "0"], "baseline-iterations"),
     (["--real-max-particles", "50"], "real-max-particles"),
+    (["--optimizer", "no_such_module_xyz:MyOpt"], "no_such_module_xyz:MyOpt"),
+    (["--optimizers", "sgd,torch.optim:NoSuchOpt"], "torch.optim:NoSuchOpt"),
+    (["--optimizer", "math:pi"], "not a torch.optim.Optimizer subclass"),
 ])
 def test_experiment_bad_options_give_one_line(tmp_path, capsys, extra, needle):
     extra = [e.format(missing=tmp_path / "absent.star") for e in extra]
@@ -210,3 +269,12 @@ def test_the_real_study_shrinks_with_the_scale():
     assert used(scale=0.02, real_max_particles=300) == 300
     assert used(real_max_particles=5000) == 2374
 
+
+
+@pytest.mark.skipif(not BETAGAL_STAR.exists(), reason="reference data not found")
+def test_the_real_subset_says_how_many_particles_and_why(tmp_path):
+    config = ExperimentConfig(out_dir=str(tmp_path), scale=0.02, real_particles="none")
+    path, n_used, _, used = experiment_module._real_subset(config, str(BETAGAL_STAR), tmp_path)
+    assert n_used == 500
+    assert used.startswith("500 of 2374 particles (--scale 0.02 of them, at least 500;"), used
+    assert len(starfile.read(path, always_dict=True)["particles"]) == 500

@@ -20,7 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=float, default=10.0,
                         help="gradient evaluations per method, in epochs (paper: 10)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
-                        help="comma-separated subset of the optimisers")
+                        help="comma-separated optimisers: a subset of the paper's "
+                             f"{','.join(OPTIMIZER_NAMES)} (default: all), and any "
+                             "torch.optim.Optimizer subclass as package.module:Class")
+    parser.add_argument("--optimizer", action="append", default=[], metavar="MODULE:CLASS",
+                        help="add a torch.optim.Optimizer subclass (package.module:Class, "
+                             "importable here) beside --optimizers; repeatable. It runs as "
+                             "sgd does: minibatch 100, step 1 / L from the curvature")
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--ctf-table", default=None,
                         help="STAR/.cs of real CTFs to draw from (default: ../shared/data's "
@@ -39,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
+def _optimizers(listed: str, added: list[str]) -> tuple[str, ...]:
+    """--optimizers then every --optimizer, in order, each once."""
+    names = [o.strip() for o in listed.split(",") if o.strip()]
+    return tuple(dict.fromkeys(names + [a.strip() for a in added]))
+
+
 def run(args: argparse.Namespace) -> int:
     from cryostoch.engine.experiment import ExperimentConfig, run_experiment
 
@@ -48,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out, scale=args.scale, epochs=args.epochs, box_size=args.box,
             # a smaller box keeps the paper's field of view (128 px at 2.8 A)
             pixel_size_a=2.8 * 128 / args.box,
-            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            optimizers=_optimizers(args.optimizers, args.optimizer),
             baseline_iterations=args.baseline_iterations, seed=args.seed, device=args.device,
             ctf_table=args.ctf_table, real_particles=args.real_particles,
             real_max_particles=args.real_max_particles,

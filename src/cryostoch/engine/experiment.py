@@ -5,12 +5,14 @@ particles) every optimiser runs from the same random initial density, sees the i
 same seeded order, and gets the same budget of single-image gradient evaluations (so online
 L-BFGS and Hessian-free take fewer steps). The eight paper runs use the paper's plain methods
 (no preconditioner, no frequency marching, no tempering; step sizes from the measured curvature
-instead of hand tuning); one more run, "cryostoch", uses this package's defaults. The two
-baselines (iterative projection matching, batch EM) run 5 iterations from the same start.
-Outputs: `report.md` with figures (test NLL against gradient evaluations with a zoom, map
-snapshots at 5K and 50K gradient evaluations and at the end, the baselines against one epoch of
-SGD) and a table (final test NLL, resolution of the aligned FSC to the ground truth, wall time,
-gradient evaluations). `--scale` shrinks the synthetic set (and the snapshot counts) for CI.
+instead of hand tuning); any `torch.optim.Optimizer` subclass given by import path runs beside
+them the same way (experiment_runs.py); one more run, "cryostoch", uses this package's
+defaults. The two baselines (iterative projection matching, batch EM) run 5 iterations from the
+same start. Outputs: `report.md` with figures (test NLL against gradient evaluations with a
+zoom; map snapshots at 5K and 50K gradient evaluations and at the end, and the baselines
+against one epoch of SGD, each map as three projections aligned onto the truth, the truth
+beside them) and a table (final test NLL, resolution of the aligned FSC to the ground truth,
+wall time, gradient evaluations). `--scale` shrinks both data sets (and the snapshot counts).
 """
 
 from __future__ import annotations
@@ -24,17 +26,27 @@ from pathlib import Path
 
 import torch
 
-from cryostoch.engine.baseline import BaselineConfig, BaselineRun
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
+from cryostoch.engine.experiment_runs import (
+    BASELINES,
+    RUN_RECORD,
+    MethodRun,
+    external_optimizers,
+    method_name,
+    method_plan,
+    read_json,
+    run_methods,
+    settings_json,
+)
 from cryostoch.engine.html_report import REPORT_HTML, experiment_report_html, write_report_html
-from cryostoch.engine.reconstruct import Reconstruction
 from cryostoch.engine.reference_data import BETAGAL_PARTICLES, CTF_TABLE, reference_file
 from cryostoch.errors import InputError
 from cryostoch.evaluate.align import align_maps, apply_alignment
 from cryostoch.evaluate.fsc import compute_fsc
-from cryostoch.evaluate.plots import map_gallery
+from cryostoch.evaluate.plots import projection_gallery_figure
 from cryostoch.io._common import atomic_path
 from cryostoch.io.mrc import read_map
+from cryostoch.optim.external import load_optimizer_class
 from cryostoch.simulate.run import (
     GROUND_TRUTH_NAME,
     STAR_NAME,
@@ -46,6 +58,10 @@ from cryostoch.simulate.run import (
 log = logging.getLogger(__name__)
 
 PAPER_PARTICLES = 50_000
+# The fewest real particles a scaled study uses: 400 train beside the 100 held out. The real
+# part of `--scale 0.02` then took 3.6 min here (README); all 2,374 particles, 5.7x the
+# gradient evaluations, took an estimated 14 min of a 24-min quick look
+MIN_REAL_PARTICLES = 500
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,24 @@ class ExperimentConfig:
             raise ValueError("baseline-iterations must be >= 1")
         if not self.optimizers:
             raise ValueError("give at least one optimizer")
-        unknown = set(self.optimizers) - set(OPTIMIZER_NAMES)
+        unknown = set(self.optimizers) - set(OPTIMIZER_NAMES) - set(self.external_optimizers)
         if unknown:
-            raise ValueError(f"unknown optimizers: {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown optimizers: {', '.join(sorted(unknown))} (give the "
+                             f"paper's {', '.join(OPTIMIZER_NAMES)} or a torch.optim.Optimizer "
+                             "subclass as package.module:Class)")
+        for path in self.external_optimizers:
+            load_optimizer_class(path)  # ValueError (one line) if it cannot be imported
+        names = [method_name(o) for o in self.optimizers]
+        if len(set(names)) < len(names):
+            raise ValueError(f"an optimizer is given twice: {', '.join(self.optimizers)}")
         for name, path in (("ctf-table", self.ctf_table), ("real-particles", self.real_particles)):
             if path not in (None, "none") and not Path(path).is_file():
                 raise ValueError(f"{name}: {path} does not exist")
+
+    @property
+    def external_optimizers(self) -> list[str]:
+        """The optimisers given by import path (``package.module:Class``)."""
+        return external_optimizers(self.optimizers)
 
     def resolved_ctf_table(self) -> str | None:
         return _resolve(self.ctf_table, CTF_TABLE, "no real CTF table: built-in CTF defaults")
@@ -105,7 +133,7 @@ class ExperimentConfig:
         synthetic set's (at least 500, so 400 train beside the 100 held out); all at scale 1."""
         cap = self.real_max_particles
         if cap is None:
-            cap = max(500, int(round(available * self.scale)))
+            cap = max(MIN_REAL_PARTICLES, int(round(available * self.scale)))
         return min(available, cap)
 
 
@@ -119,109 +147,12 @@ def _resolve(given: str | None, reference: tuple[str, ...], missing: str) -> str
     return None if given == "none" else given
 
 
-@dataclass
-class MethodRun:
-    name: str
-    out_dir: Path
-    metrics: list[dict]
-    volume: torch.Tensor
-    seconds: float
-    gradient_evaluations: int
-    final_test_nll: float | None
+def _save_figure(fig, path: Path) -> None:
+    """Write a figure (pyplot's or a plain Agg one) and release it."""
+    from cryostoch.evaluate.plots import _pyplot
 
-
-RUN_RECORD = "experiment_run.json"
-
-
-def _settings(value: dict) -> dict:
-    """A JSON round trip, so that saved and current settings compare equal (tuples: lists)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None where it is missing or unreadable."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
-    """The recorded result of a method run that finished with these settings, else None."""
-    saved = _read_json(out_dir / RUN_RECORD)
-    if saved is None or saved.get("settings") != settings or not (out_dir / "map.mrc").exists():
-        return None
-    volume, _ = read_map(out_dir / "map.mrc")
-    return MethodRun(name, out_dir, saved["metrics"], volume, saved["seconds"],
-                     saved["gradient_evaluations"], saved["final_test_nll"])
-
-
-def _record_run(run: MethodRun, settings: dict) -> None:
-    """Written last, atomically: its presence means the run's outputs are complete."""
-    record = {"settings": settings, "metrics": run.metrics, "seconds": run.seconds,
-              "gradient_evaluations": run.gradient_evaluations,
-              "final_test_nll": run.final_test_nll}
-    with atomic_path(run.out_dir / RUN_RECORD) as tmp:
-        tmp.write_text(json.dumps(record, default=str))
-
-
-def _run_methods(config: ExperimentConfig, particles: Path, out: Path, *, max_freq: float,
-                 shift_range_a: float, snapshot_counts: tuple[int, ...], n_train: int,
-                 progress: bool, resume: bool) -> list[MethodRun]:
-    budget = int(config.epochs * n_train)
-    base = ReconstructionConfig(
-        particles=str(particles), out_dir="", epochs=config.epochs, max_freq=max_freq,
-        seed=config.seed, device=config.device, shift_range_a=shift_range_a,
-        snapshots=snapshot_counts + (n_train,), gradient_budget=budget, write_poses=False,
-    )
-    plan = [(name, dataclasses.replace(base, optimizer=name, out_dir=str(out / name))
-             .paper_faithful()) for name in config.optimizers]
-    plan.append(("cryostoch", dataclasses.replace(base, optimizer="sgd",
-                                                  out_dir=str(out / "cryostoch"))))
-    # the paper-faithful settings give the baselines exactly the paper runs' start
-    baseline_base = dataclasses.replace(base.paper_faithful(), snapshots=(),
-                                        gradient_budget=None)
-    plan += [(method, BaselineConfig(method=method, iterations=config.baseline_iterations,
-                                     reconstruction=dataclasses.replace(
-                                         baseline_base, out_dir=str(out / method))))
-             for method in ("projmatch", "em")]
-    runs: list[MethodRun] = []
-    for name, cfg in plan:
-        run_dir = out / name
-        is_baseline = isinstance(cfg, BaselineConfig)
-        settings = _settings({"baseline": cfg.to_dict(),
-                              "reconstruction": cfg.reconstruction.to_dict()}
-                             if is_baseline else cfg.to_dict())
-        done = _finished_run(name, run_dir, settings) if resume else None
-        if done is not None:
-            log.info("%s: %s finished earlier (%s): reused", out.name, name, run_dir / RUN_RECORD)
-            runs.append(done)
-            continue
-        log.info("%s: %s", out.name, name)
-        start = time.perf_counter()
-        # a study replaces its own runs: a fresh start all of them, a resume the unfinished
-        # baselines (which keep no checkpoint)
-        job = (BaselineRun(cfg, overwrite=True, progress=progress) if is_baseline
-               else Reconstruction(cfg, resume=resume, overwrite=not resume, progress=progress))
-        earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
-        result = job.run()
-        # wall time, data preparation included, plus any time spent before a resume
-        seconds = time.perf_counter() - start + earlier
-        run = MethodRun(name, run_dir, result.metrics, result.volume, seconds,
-                        result.gradient_evaluations, result.final_test_nll)
-        _record_run(run, settings)
-        runs.append(run)
-    return runs
-
-
-def _nll_figure(path: Path, runs: list[MethodRun], title: str) -> None:
-    from cryostoch.evaluate.plots import _pyplot, nll_figure
-
-    plt = _pyplot()
-    fig = nll_figure(runs, title)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _pyplot().close(fig)  # a no-op for a figure outside pyplot
 
 
 def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:
@@ -231,39 +162,63 @@ def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:
     return None
 
 
+def _map_figures(out: Path, runs: list[MethodRun], truth: torch.Tensor | None, pixel: float,
+                 snapshot_counts: tuple[int, ...], n_train: int,
+                 baseline_iterations: int) -> dict[str, torch.Tensor]:
+    """Fig. 4 (every stochastic run's snapshots and final map) and Fig. 6 (the baselines
+    against one epoch of SGD), each map as three projections aligned onto the truth (on real
+    data, onto SGD's final map), the reference in the first row. Returns the aligned final
+    maps by method."""
+    by_name = {r.name: r for r in runs}
+    sgd = by_name.get("sgd", by_name["cryostoch"])
+    reference = truth if truth is not None else sgd.volume
+    reference_label = "truth" if truth is not None else f"reference: {sgd.name}"
+    # One alignment per run (its final map onto the reference), reused for its snapshots.
+    alignments = {r.name: align_maps(reference, r.volume, pixel_size_a=pixel) for r in runs}
+
+    def aligned(run: MethodRun, volume: torch.Tensor | None, oversampling: int | None = None
+                ) -> torch.Tensor | None:
+        return None if volume is None else apply_alignment(volume, alignments[run.name],
+                                                           oversampling=oversampling)
+
+    final = {r.name: aligned(r, r.volume) for r in runs}  # finely resampled: the FSC uses them
+    stochastic = [r for r in runs if r.name not in BASELINES]
+    # snapshots only drawn: plain trilinear resampling (8x cheaper at box 128, looks the same)
+    rows = [[aligned(r, _snapshot(r, c), 1) for c in snapshot_counts] + [final[r.name]]
+            for r in stochastic]
+    _save_figure(projection_gallery_figure(
+        rows, [r.name for r in stochastic], [f"{c} grads" for c in snapshot_counts] + ["end"],
+        reference=reference, reference_label=reference_label), out / "fig4_maps.png")
+    fig6 = [[final[m]] for m in BASELINES] + [[aligned(sgd, _snapshot(sgd, n_train), 1)]]
+    _save_figure(projection_gallery_figure(
+        fig6, [f"projmatch, {baseline_iterations} it.", f"EM, {baseline_iterations} it.",
+               f"{sgd.name}, 1 epoch"], ["aligned map"], reference=reference,
+        reference_label=reference_label), out / "fig6_baselines.png")
+    return final
+
+
 def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
            truth: torch.Tensor | None, pixel: float, max_freq: float, shift_range_a: float,
            n_train: int, progress: bool, resume: bool) -> dict:
     snapshot_counts = tuple(max(1, int(round(c * config.scale))) for c in (5_000, 50_000))
-    runs = _run_methods(config, particles, out, max_freq=max_freq, shift_range_a=shift_range_a,
-                        snapshot_counts=snapshot_counts, n_train=n_train, progress=progress,
-                        resume=resume)
-    _nll_figure(out / "fig3_test_nll.png", runs, f"{name}: held-out NLL")
-    reference = truth if truth is not None else next(r.volume for r in runs if r.name == "sgd")
-    # One alignment per run (its final map onto the reference), reused for its snapshots.
-    alignments = {r.name: align_maps(reference, r.volume, pixel_size_a=pixel) for r in runs}
+    base = ReconstructionConfig(
+        particles=str(particles), out_dir="", epochs=config.epochs, max_freq=max_freq,
+        seed=config.seed, device=config.device, shift_range_a=shift_range_a,
+        snapshots=snapshot_counts + (n_train,), gradient_budget=int(config.epochs * n_train),
+        write_poses=False)
+    runs = run_methods(method_plan(base, out, config.optimizers, config.baseline_iterations),
+                       out, progress=progress, resume=resume)
+    from cryostoch.evaluate.plots import nll_figure
 
-    def aligned(run: MethodRun, volume: torch.Tensor | None) -> torch.Tensor | None:
-        return None if volume is None else apply_alignment(volume, alignments[run.name])
-
-    stochastic = [r for r in runs if r.name not in ("projmatch", "em")]
-    columns = [f"{c} grads" for c in snapshot_counts] + ["end"]
-    rows = [[aligned(r, _snapshot(r, c)) for c in snapshot_counts] + [aligned(r, r.volume)]
-            for r in stochastic]
-    map_gallery(out / "fig4_maps.png", rows, [r.name for r in stochastic], columns)
-    by_name = {r.name: r for r in runs}
-    sgd = by_name.get("sgd", by_name["cryostoch"])
-    fig6 = [[aligned(by_name[m], by_name[m].volume) for m in ("projmatch", "em")]
-            + [aligned(sgd, _snapshot(sgd, n_train))]]
-    map_gallery(out / "fig6_baselines.png", fig6, [""],
-                [f"projection matching, {config.baseline_iterations} it.",
-                 f"batch EM, {config.baseline_iterations} it.", f"{sgd.name}, 1 epoch"])
+    _save_figure(nll_figure(runs, f"{name}: held-out NLL"), out / "fig3_test_nll.png")
+    final_maps = _map_figures(out, runs, truth, pixel, snapshot_counts, n_train,
+                              config.baseline_iterations)
     table = []
     for r in runs:
         row = {"method": r.name, "final_test_nll": r.final_test_nll,
                "gradient_evaluations": r.gradient_evaluations, "seconds": round(r.seconds, 1)}
         if truth is not None:
-            fsc = compute_fsc(truth, aligned(r, r.volume), pixel_size_a=pixel)
+            fsc = compute_fsc(truth, final_maps[r.name], pixel_size_a=pixel)
             row["fsc_0.5_a"] = round(fsc.resolution_at(0.5), 1)
         table.append(row)
     return {"name": name, "table": table, "figures": ["fig3_test_nll.png", "fig4_maps.png",
@@ -282,9 +237,17 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
              "Paper methods: plain updates (no preconditioner, marching or tempering), step sizes "
              "from the measured curvature. `cryostoch`: SGD with this package's defaults. "
              "`projmatch`, `em`: the baselines, one iteration = one epoch of gradient "
-             "evaluations.", ""]
+             "evaluations. Fig. 4 and 6: projections along z, y and x of each map aligned "
+             "onto the truth (real data: onto SGD's final map), the truth in the first row.",
+             ""]
+    external = [method_name(o) for o in config.external_optimizers]
+    if external:
+        lines += [f"External optimisers ({', '.join(external)}, given by import path): run as "
+                  "`sgd` is, with the paper's plain updates, minibatch 100 (SGD's; the "
+                  "paper's sizes name only its methods) and the learning rate 1 / L from the "
+                  "measured curvature (optim/external.py).", ""]
     for section in sections:
-        lines += [f"## {section['name']}", ""]
+        lines += [f"## {section['name']}", "", f"{section['particles']}.", ""]
         for fig in section["figures"]:
             lines += [f"![{fig}]({section['folder']}/{fig})", ""]
         keys = list(section["table"][0])
@@ -312,9 +275,9 @@ def _check_settings(config: ExperimentConfig, out: Path, resume: bool) -> None:
     A fresh start forgets the records of earlier method runs, so that a later --resume never
     mixes them in."""
     path = out / SETTINGS_NAME
-    current = _settings(dataclasses.asdict(config))
+    current = settings_json(dataclasses.asdict(config))
     if resume and path.exists():
-        saved = _read_json(path)
+        saved = read_json(path)
         if saved is None:
             raise InputError(path, "is not a readable settings file; use another --out or "
                                    "start again without --resume")
@@ -344,12 +307,38 @@ def _simulated_set(config: ExperimentConfig, out: Path, resume: bool,
     data = Path(sim_config.out_dir)
     summary = data / SUMMARY_NAME
     if resume and (data / STAR_NAME).exists():
-        saved = _read_json(summary) or {}
-        if saved.get("config") == _settings(dataclasses.asdict(sim_config)):
+        saved = read_json(summary) or {}
+        if saved.get("config") == settings_json(dataclasses.asdict(sim_config)):
             log.info("synthetic data set in %s reused", data)
             return data / STAR_NAME, data / GROUND_TRUTH_NAME, 0.0
     result = simulate_dataset(sim_config, progress=progress)
     return result.star_path, result.ground_truth_path, result.seconds
+
+
+def _real_subset(config: ExperimentConfig, real_particles: str, out: Path
+                 ) -> tuple[Path, int, float, str]:
+    """(STAR path, particles, pixel size, a sentence saying how many were used and why) of the
+    real particles the study uses: all at scale 1, else a seeded random subset (`n_real`)
+    written with absolute stack paths."""
+    from cryostoch.io.dataset import open_particles
+
+    real = open_particles(real_particles)
+    available, n_used = len(real), config.n_real(len(real))
+    if n_used == available:
+        return Path(real_particles), available, real.pixel_size_a, \
+            f"all {available} particles (100 held out)"
+    from cryostoch.io.star import write_particles_star
+
+    g = torch.Generator().manual_seed(config.seed)
+    rows = torch.randperm(available, generator=g)[:n_used]
+    real = real.subset(rows.sort().values.numpy())
+    path = out / "real" / "subset.star"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_particles_star(path, *real.relion_tables())
+    why = ("--real-max-particles" if config.real_max_particles is not None
+           else f"--scale {config.scale:g} of them, at least {MIN_REAL_PARTICLES}")
+    return path, n_used, real.pixel_size_a, \
+        f"{n_used} of {available} particles ({why}; 100 held out), a seeded random subset"
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True,
@@ -371,30 +360,19 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
                      pixel=pixel, max_freq=config.synthetic_max_freq, shift_range_a=0.0,
                      n_train=n_train, progress=progress, resume=resume)
     section["folder"] = "synthetic"
+    section["particles"] = (f"{config.n_synthetic} simulated particles ({n_train} training, "
+                            "100 held out)")
     sections.append(section)
     real_particles = config.resolved_real_particles()
     if real_particles is not None:
-        from cryostoch.io.dataset import open_particles
-
-        real = open_particles(real_particles)
-        real_path = Path(real_particles)
-        n_used = config.n_real(len(real))
-        if n_used < len(real):
-            # a seeded random subset, written with absolute stack paths (for quick runs)
-            from cryostoch.io.star import write_particles_star
-
-            g = torch.Generator().manual_seed(config.seed)
-            rows = torch.randperm(len(real), generator=g)[:n_used]
-            real = real.subset(rows.sort().values.numpy())
-            real_path = out / "real" / "subset.star"
-            real_path.parent.mkdir(parents=True, exist_ok=True)
-            write_particles_star(real_path, *real.relion_tables())
-        n_real, real_pixel = len(real), real.pixel_size_a
+        real_path, n_real, real_pixel, used = _real_subset(config, real_particles, out)
+        log.info("real data: %s", used)
         section = _study(config, "real: beta-galactosidase (EMPIAR-10204)",
                          real_path, out / "real", truth=None, pixel=real_pixel,
                          max_freq=config.real_max_freq, shift_range_a=config.real_shift_range_a,
                          n_train=n_real - 100, progress=progress, resume=resume)
         section["folder"] = "real"
+        section["particles"] = used
         sections.append(section)
     seconds = time.perf_counter() - start
     # with --resume, this invocation's wall time misses the earlier work: report both
@@ -411,10 +389,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     timing = (f"{seconds / 60:.1f} min wall time; simulation and method runs "
               f"{compute_seconds / 60:.1f} min" + (" (resumed)" if resume else ""))
     write_report_html(out / REPORT_HTML, experiment_report_html(
-        out, sections, _settings(dataclasses.asdict(config)), timing))
+        out, sections, settings_json(dataclasses.asdict(config)), timing))
     return report
 
 
 
 
-__all__ = ["ExperimentConfig", "run_experiment"]
+__all__ = ["RUN_RECORD", "ExperimentConfig", "MethodRun", "run_experiment"]

@@ -288,7 +288,8 @@ def experiment_report_html(out: Path, sections: Sequence[dict], settings: dict,
         header = list(rows[0]) + ["report"] if rows else []
         body = [[row.get(key) for key in header[:-1]]
                 + [f"{section['folder']}/{row['method']}/report.html"] for row in rows]
-        parts.append(section_html(section["name"], *(figure_html(f) for f in figures),
+        used = [note_html(section["particles"])] if section.get("particles") else []
+        parts.append(section_html(section["name"], *used, *(figure_html(f) for f in figures),
                                   table_html(header, body),
                                   note_html("each method's own page (report.html) lies in its "
                                             "folder, as the last column says")))
