@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         aligned_path=args.aligned_out,
         name_a=str(path_a),
         name_b=str(path_b),
-        title=f"{path_a.name} vs {path_b.name}",
+        # half1/map.mrc vs half2/map.mrc, not map.mrc vs map.mrc
+        title=(f"{path_a.name} vs {path_b.name}" if path_a.name != path_b.name else
+               f"{path_a.parent.name}/{path_a.name} vs {path_b.parent.name}/{path_b.name}"),
     )
     print(report.text)
     if args.out is not None:
