@@ -43,6 +43,7 @@ from cryostoch.engine.run_folder import (
     open_run_folder,
 )
 from cryostoch.engine.schedule import Schedule, Stage
+from cryostoch.engine.step_size import gauss_newton_curvature
 from cryostoch.errors import InputError, SharedInputError
 from cryostoch.io.mrc import write_map
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
@@ -163,6 +164,8 @@ class Reconstruction:
                                          self.noise_and_mask.precision(self.prepared.model))
             self.noise_and_mask.apply_(self.volume)
             self._make_optimizer()
+        # the stage whose step size is calibrated (a resumed run's already is)
+        self._calibrated_stage = self.state.stage
 
     def _open_folder(self, resume: bool, overwrite: bool) -> dict | None:
         """Check and create the output folder; the checkpoint's state when resuming."""
@@ -284,12 +287,31 @@ class Reconstruction:
         state = self.state
         rows = minibatch_rows(state.images_seen, batch, self.prepared.n_train, self.config.seed)
         current = self._enter_stage()
+        calibration = self._supply_curvature(rows, current)
         objective = float(self.optimizer.step(self._closure(rows, current)))
         self.noise_and_mask.apply_(self.volume)
         state.iteration += 1
         state.images_seen += batch
-        state.gradient_evaluations += self.optimizer.last_step_closure_calls * batch
+        state.gradient_evaluations += (self.optimizer.last_step_closure_calls + calibration) * batch
         return objective
+
+    def _supply_curvature(self, rows: np.ndarray, current: StageModel) -> int:
+        """Before a step that calibrates (the first, and the first of a stage unless --lr is
+        fixed), hand the optimiser the Gauss-Newton curvature bound (`engine/step_size.py`
+        says why). Returns the minibatch evaluations it cost (0 or 1)."""
+        calibrates = self.config.lr is None and (
+            self.state.iteration == 0 or self.state.stage != self._calibrated_stage)
+        supply = getattr(self.optimizer, "supply_curvature_scale", None)
+        self._calibrated_stage = self.state.stage
+        if not calibrates or supply is None:
+            return 0
+        scale = gauss_newton_curvature(
+            self.prepared, current.model, self.volume, rows, self.world,
+            preconditioner=current.preconditioner, noise_precision=current.noise_precision,
+            class_log_weights=self._class_log_weights(), seed=self.config.seed)
+        log.debug("curvature scale (Gauss-Newton) %.4g", scale)
+        supply(scale)
+        return 1
 
     def run(self) -> ReconstructionResult:
         cfg, state = self.config, self.state
