@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "refine": "refine",
     "flip-hand": "flip_hand",
     "align": "align",
+    "tune-lr": "tune_lr",
 }
 
 

@@ -125,11 +125,13 @@ class StageModels:
 
 
 class Reconstruction:
-    """A prepared run; `run()` iterates until the configured number of epochs."""
+    """A prepared run; `run()` iterates until the configured number of epochs. Given
+    `prepared` (tune-lr: several short runs on one preparation), no folder is opened and only
+    `optimise()`, which writes nothing, may be called."""
 
     def __init__(self, config: ReconstructionConfig, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
-                 world: World = ONE_PROCESS) -> None:
+                 world: World = ONE_PROCESS, prepared: PreparedRun | None = None) -> None:
         if world.size > config.effective_batch_size:  # every rank finds it; rank 0 says it
             raise (InputError if world.is_main else SharedInputError)(
                 "--batch-size", f"{config.effective_batch_size} images cannot be shared by "
@@ -141,8 +143,9 @@ class Reconstruction:
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         # a damaged or foreign checkpoint fails before the data are prepared; rank 0 reads it
         # and hands it to the others (the folder may be on rank 0's node only)
-        saved = world.on_main(lambda: self._open_folder(resume, overwrite))
-        self.prepared = prepare_run(config, progress=self.progress, world=world)
+        saved = None if prepared is not None else \
+            world.on_main(lambda: self._open_folder(resume, overwrite))
+        self.prepared = prepared or prepare_run(config, progress=self.progress, world=world)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
         if config.epochs is None:
@@ -354,6 +357,16 @@ class Reconstruction:
                       class_log_weights=self._class_log_weights(),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}",
                       command=f"reconstruct ({cfg.optimizer})", world=self.world)
+
+    def optimise(self) -> float:
+        """Steps until the run's length or gradient budget is spent, writing nothing (the
+        short runs of tune-lr); the final held-out NLL, inf once the run diverges."""
+        while not self._finished():
+            objective = self._step(self.config.effective_batch_size)
+            if not (math.isfinite(objective) and bool(torch.isfinite(self.volume).all())):
+                return math.inf
+        test = self._test_nll()
+        return test if test is not None and math.isfinite(test) else math.inf
 
     def _check_diverged(self, objective: float, test: float | None) -> None:
         """InputError once the objective, the held-out NLL or the map is not finite."""
