@@ -112,6 +112,48 @@ def particle_config_fields(args: argparse.Namespace) -> dict:
     )
 
 
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """The optimiser and the objective's pipeline: shared by `reconstruct` and `tune-lr`, so
+    that a rate tuned by one is used by the other on the same objective."""
+    from cryostoch.engine.config import OPTIMIZER_NAMES
+
+    parser.add_argument("--optimizer", default="sgd",
+                        help=f"stochastic optimiser: {', '.join(OPTIMIZER_NAMES)} (default "
+                             "sgd), or any torch.optim.Optimizer subclass as "
+                             "package.module:Class (e.g. torch.optim:Adam), started at 2 / L "
+                             "unless --lr")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="minibatch size (default 100; 300 for hf)")
+    parser.add_argument("--lambda-plus", type=float, default=1e-4,
+                        help="prior strength on positive density (sparsity)")
+    parser.add_argument("--lambda-minus", type=float, default=1e-4,
+                        help="prior strength on negative density")
+    parser.add_argument("--start-temperature", type=float, default=1.0,
+                        help="posterior temperature at the start, annealed to 1 over the first "
+                             "half of the run (default 1: no tempering; 8 helps short runs)")
+    parser.add_argument("--preconditioner", default="auto",
+                        help="auto (default: the Fourier preconditioner for the first-order "
+                             "methods, none for olbfgs and hf), fourier or none")
+    parser.add_argument("--start-freq-fraction", type=float, default=0.4,
+                        help="frequency marching: the first stage's cutoff as a fraction of "
+                             "the final one (default 0.4; 1 switches marching off)")
+    parser.add_argument("--marching-stages", type=int, default=4,
+                        help="stages of frequency marching and tempering (default 4)")
+    parser.add_argument("--paper-faithful", action="store_true",
+                        help="the paper's plain method: no preconditioner, marching or "
+                             "tempering, white noise, no mask (overrides those options)")
+
+
+def method_config_fields(args: argparse.Namespace) -> dict:
+    """The `ReconstructionConfig` fields set by `add_method_options` (--paper-faithful is
+    applied to the config afterwards)."""
+    return dict(optimizer=args.optimizer, batch_size=args.batch_size,
+                lambda_plus=args.lambda_plus, lambda_minus=args.lambda_minus,
+                start_temperature=args.start_temperature, preconditioner=args.preconditioner,
+                start_freq_fraction=args.start_freq_fraction,
+                marching_stages=args.marching_stages)
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 can be faster "

@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "refine": "refine",
     "flip-hand": "flip_hand",
     "align": "align",
+    "tune-lr": "tune_lr",
 }
 
 

@@ -13,54 +13,33 @@ import logging
 import sys
 
 from cryostoch.cli._options import (
+    add_method_options,
     add_particle_options,
     add_run_options,
     apply_threads,
     int_list,
+    method_config_fields,
     particle_config_fields,
 )
-from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
+from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.errors import InputError
-
-DEFAULT_OPTIMIZER = "sgd"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_particle_options(parser)
-    parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER,
-                        help=f"stochastic optimiser: {', '.join(OPTIMIZER_NAMES)} (default "
-                             f"{DEFAULT_OPTIMIZER}), or any torch.optim.Optimizer subclass as "
-                             "package.module:Class (e.g. torch.optim:Adam), started at 1 / L "
-                             "unless --lr")
+    add_method_options(parser)
     parser.add_argument("--epochs", type=float, default=None,
                         help="passes over the data (default: one, and at least 150 minibatch "
                              "steps: many passes over a small data set)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="minibatch size (default 100; 300 for hf)")
     parser.add_argument("--lr", type=float, default=None,
                         help="base learning rate (default: set from the curvature at the start)")
-    parser.add_argument("--lambda-plus", type=float, default=1e-4,
-                        help="prior strength on positive density (sparsity)")
-    parser.add_argument("--lambda-minus", type=float, default=1e-4,
-                        help="prior strength on negative density")
+    parser.add_argument("--lr-from", default=None, metavar="TUNE_LR_JSON",
+                        help="the learning rate (and damping) chosen by cryostoch tune-lr for "
+                             "this --optimizer")
     parser.add_argument("--classes", type=int, default=1,
                         help="maps reconstructed at once; each particle's class is marginalised "
                              "with its pose, so junk and ice can go to classes of their own "
                              "(default 1)")
-    parser.add_argument("--start-temperature", type=float, default=1.0,
-                        help="posterior temperature at the start, annealed to 1 over the first "
-                             "half of the run (default 1: no tempering; 8 helps short runs)")
-    parser.add_argument("--preconditioner", default="auto",
-                        help="auto (default: the Fourier preconditioner for the first-order "
-                             "methods, none for olbfgs and hf), fourier or none")
-    parser.add_argument("--start-freq-fraction", type=float, default=0.4,
-                        help="frequency marching: the first stage's cutoff as a fraction of "
-                             "the final one (default 0.4; 1 switches marching off)")
-    parser.add_argument("--marching-stages", type=int, default=4,
-                        help="stages of frequency marching and tempering (default 4)")
-    parser.add_argument("--paper-faithful", action="store_true",
-                        help="the paper's plain method: no preconditioner, marching or "
-                             "tempering, white noise, no mask (overrides those options)")
     parser.add_argument("--refine", action="store_true",
                         help="then refine the map with gold-standard half sets to the data's "
                              "resolution (cryostoch refine, outputs in DIR/refine)")
@@ -74,16 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
+def tuned_rate(args: argparse.Namespace) -> tuple[float | None, dict]:
+    """(lr, optimizer options): --lr, or those tune-lr chose (for the same optimiser)."""
+    if args.lr_from is None:
+        return args.lr, {}
+    if args.lr is not None:
+        raise InputError("--lr-from", "give --lr or --lr-from, not both")
+    from cryostoch.engine.tune_lr import read_tuned
+
+    name, lr, options = read_tuned(args.lr_from)
+    if name != args.optimizer:
+        raise InputError(args.lr_from, f"was tuned for --optimizer {name}, not {args.optimizer}")
+    return lr, options
+
+
 def config_from_args(args: argparse.Namespace) -> ReconstructionConfig:
+    lr, options = tuned_rate(args)
     try:
         config = ReconstructionConfig(
-            **particle_config_fields(args), optimizer=args.optimizer, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, lambda_plus=args.lambda_plus,
-            lambda_minus=args.lambda_minus, snapshots=tuple(args.snapshots),
+            **particle_config_fields(args), **method_config_fields(args), epochs=args.epochs,
+            lr=lr, optimizer_options=options, snapshots=tuple(args.snapshots),
             test_every=args.test_every, checkpoint_interval_s=args.checkpoint_interval_s,
-            classes=args.classes, start_temperature=args.start_temperature,
-            preconditioner=args.preconditioner, start_freq_fraction=args.start_freq_fraction,
-            marching_stages=args.marching_stages,
+            classes=args.classes,
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None

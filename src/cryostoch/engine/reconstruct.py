@@ -43,6 +43,7 @@ from cryostoch.engine.run_folder import (
     open_run_folder,
 )
 from cryostoch.engine.schedule import Schedule, Stage
+from cryostoch.engine.step_size import gauss_newton_curvature
 from cryostoch.errors import InputError, SharedInputError
 from cryostoch.io.mrc import write_map
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
@@ -124,11 +125,13 @@ class StageModels:
 
 
 class Reconstruction:
-    """A prepared run; `run()` iterates until the configured number of epochs."""
+    """A prepared run; `run()` iterates until the configured number of epochs. Given
+    `prepared` (tune-lr: several short runs on one preparation), no folder is opened and only
+    `optimise()`, which writes nothing, may be called."""
 
     def __init__(self, config: ReconstructionConfig, *, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
-                 world: World = ONE_PROCESS) -> None:
+                 world: World = ONE_PROCESS, prepared: PreparedRun | None = None) -> None:
         if world.size > config.effective_batch_size:  # every rank finds it; rank 0 says it
             raise (InputError if world.is_main else SharedInputError)(
                 "--batch-size", f"{config.effective_batch_size} images cannot be shared by "
@@ -140,8 +143,9 @@ class Reconstruction:
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         # a damaged or foreign checkpoint fails before the data are prepared; rank 0 reads it
         # and hands it to the others (the folder may be on rank 0's node only)
-        saved = world.on_main(lambda: self._open_folder(resume, overwrite))
-        self.prepared = prepare_run(config, progress=self.progress, world=world)
+        saved = None if prepared is not None else \
+            world.on_main(lambda: self._open_folder(resume, overwrite))
+        self.prepared = prepared or prepare_run(config, progress=self.progress, world=world)
         self.schedule = Schedule.from_config(config, self.prepared.geometry.cutoff_radius_px,
                                              self.prepared.n_train)
         if config.epochs is None:
@@ -163,6 +167,8 @@ class Reconstruction:
                                          self.noise_and_mask.precision(self.prepared.model))
             self.noise_and_mask.apply_(self.volume)
             self._make_optimizer()
+        # the stage whose step size is calibrated (a resumed run's already is)
+        self._calibrated_stage = self.state.stage
 
     def _open_folder(self, resume: bool, overwrite: bool) -> dict | None:
         """Check and create the output folder; the checkpoint's state when resuming."""
@@ -284,12 +290,31 @@ class Reconstruction:
         state = self.state
         rows = minibatch_rows(state.images_seen, batch, self.prepared.n_train, self.config.seed)
         current = self._enter_stage()
+        calibration = self._supply_curvature(rows, current)
         objective = float(self.optimizer.step(self._closure(rows, current)))
         self.noise_and_mask.apply_(self.volume)
         state.iteration += 1
         state.images_seen += batch
-        state.gradient_evaluations += self.optimizer.last_step_closure_calls * batch
+        state.gradient_evaluations += (self.optimizer.last_step_closure_calls + calibration) * batch
         return objective
+
+    def _supply_curvature(self, rows: np.ndarray, current: StageModel) -> int:
+        """Before a step that calibrates (the first, and the first of a stage unless --lr is
+        fixed), hand the optimiser the Gauss-Newton curvature bound (`engine/step_size.py`
+        says why). Returns the minibatch evaluations it cost (0 or 1)."""
+        calibrates = self.config.lr is None and (
+            self.state.iteration == 0 or self.state.stage != self._calibrated_stage)
+        supply = getattr(self.optimizer, "supply_curvature_scale", None)
+        self._calibrated_stage = self.state.stage
+        if not calibrates or supply is None:
+            return 0
+        scale = gauss_newton_curvature(
+            self.prepared, current.model, self.volume, rows, self.world,
+            preconditioner=current.preconditioner, noise_precision=current.noise_precision,
+            class_log_weights=self._class_log_weights(), seed=self.config.seed)
+        log.debug("curvature scale (Gauss-Newton) %.4g", scale)
+        supply(scale)
+        return 1
 
     def run(self) -> ReconstructionResult:
         cfg, state = self.config, self.state
@@ -332,6 +357,16 @@ class Reconstruction:
                       class_log_weights=self._class_log_weights(),
                       title=f"{cfg.optimizer}: {Path(cfg.particles).name}",
                       command=f"reconstruct ({cfg.optimizer})", world=self.world)
+
+    def optimise(self) -> float:
+        """Steps until the run's length or gradient budget is spent, writing nothing (the
+        short runs of tune-lr); the final held-out NLL, inf once the run diverges."""
+        while not self._finished():
+            objective = self._step(self.config.effective_batch_size)
+            if not (math.isfinite(objective) and bool(torch.isfinite(self.volume).all())):
+                return math.inf
+        test = self._test_nll()
+        return test if test is not None and math.isfinite(test) else math.inf
 
     def _check_diverged(self, objective: float, test: float | None) -> None:
         """InputError once the objective, the held-out NLL or the map is not finite."""

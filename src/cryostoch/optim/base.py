@@ -38,6 +38,14 @@ from cryostoch.optim.schedules import ANNEAL_POWER, annealed_lr
 
 Closure = Callable[[], Tensor]
 
+# With L an upper bound of the curvature (supply_curvature_scale), the fixed gradient step with
+# the fastest worst-case contraction over a spectrum in [mu, L] is 2 / (L + mu), about 2 / L
+# since the least measured frequencies have mu ~ 0: the rates c / L become 2 c / L. (A finite
+# difference along the gradient is not a bound, so measured rates keep the factor 1.) Measured
+# with paper-faithful SGD (issue 13, box 64 at 5.6 A/px): steps 0.38, 0.48, 0.76, 1.0 reached
+# FSC 0.5 at 0.77, 0.76, 0.96 and 1.03 of the cutoff in 147 steps; 2 / largest eigenvalue: 0.97.
+BOUND_GAIN = 2.0
+
 
 # --------------------------------------------------------------------------- validation
 def check_lr(lr: float | None, name: str = "lr") -> float | None:
@@ -202,27 +210,51 @@ class CountingOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- calibration
     def _measure_curvature(self, counted: Closure | None) -> CurvatureEstimate:
-        """One extra closure call at the current point, gradients taken from ``.grad``."""
-        counted = self._require_closure(counted, "lr=None calibrates the learning rate from "
-                                                 "the curvature (or pass lr explicitly)")
+        """One extra closure call at the current point, gradients taken from ``.grad``; none
+        when a scale was supplied by :meth:`supply_curvature_scale`."""
         params = self._params()
-        fd_rel = self.param_groups[0].get("fd_rel")
-        est = estimate_curvature_scale(counted, params, vec.current_grads(params),
-                                       fd_rel=fd_rel)
+        supplied = self._global.pop("supplied_curvature_scale", None)
+        if supplied is not None:
+            grads = vec.current_grads(params)
+            gnorm = vec.norm(grads)
+            est = CurvatureEstimate(scale=float(supplied), rayleigh=float("nan"),
+                                    closure_calls=0, grad_norm=gnorm,
+                                    grad_rms=gnorm / math.sqrt(max(vec.numel(params), 1)))
+        else:
+            counted = self._require_closure(counted, "lr=None calibrates the learning rate "
+                                                     "from the curvature (or pass lr explicitly)")
+            est = estimate_curvature_scale(counted, params, vec.current_grads(params),
+                                           fd_rel=self.param_groups[0].get("fd_rel"))
         if not (math.isfinite(est.scale) and est.scale > 0.0):
             raise RuntimeError(f"{type(self).__name__}: the measured curvature scale is "
                                f"{est.scale}; cannot choose a learning rate (pass lr)")
         self._global["curvature_scale"] = est.scale
-        self._global["curvature_rayleigh"] = est.rayleigh
+        self._global["curvature_is_bound"] = supplied is not None
+        if math.isfinite(est.rayleigh):  # NaN when supplied (not measured)
+            self._global["curvature_rayleigh"] = est.rayleigh
         return est
 
     def _default_lr(self, group: dict[str, Any], curvature: Callable[[], CurvatureEstimate]
                     ) -> float:
-        """base_lr = lr_constant / L (subclasses override)."""
-        return self._lr_constant(group) / curvature().scale
+        """base_lr = lr_constant / L, times BOUND_GAIN when L is a supplied upper bound of
+        the curvature (subclasses override)."""
+        scale = curvature().scale
+        gain = BOUND_GAIN if self._global.get("curvature_is_bound") else 1.0
+        return gain * self._lr_constant(group) / scale
 
     def _lr_constant(self, group: dict[str, Any]) -> float:
         return self.lr_constant
+
+    def supply_curvature_scale(self, scale: float) -> None:
+        """Use ``scale`` as L at the next calibration instead of measuring it.
+
+        ``scale`` must bound the positive curvature from above (the engine's largest
+        Gauss-Newton eigenvalue): the rates c / L then gain BOUND_GAIN. For a caller that
+        knows the curvature that limits a stable step better than a finite difference along
+        the gradient can (which also picks up the negative curvature of the marginal over
+        poses, and lies below the largest eigenvalue).
+        """
+        self._global["supplied_curvature_scale"] = check_positive(scale, "curvature scale")
 
     def recalibrate(self) -> None:
         """Measure the learning rate again at the next step (one extra gradient evaluation).

@@ -15,6 +15,11 @@ the gradient of a quadratic weights each eigendirection by its eigenvalue, ``L``
 towards the largest one, which is the eigenvalue that limits a stable gradient step
 (``lr < 2 / lambda_max``). ``power_iterations > 1`` refines ``L`` towards ``lambda_max`` with
 one more gradient evaluation each.
+
+In cryo-EM's marginal likelihood the Hessian is indefinite (the marginal over poses adds a
+negative curvature), and ``||H u||`` counts it too; the engine therefore supplies its own
+Gauss-Newton bound instead (``engine/step_size.py``); this estimate stays the fallback for
+any other objective.
 """
 
 from __future__ import annotations

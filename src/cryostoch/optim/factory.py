@@ -25,6 +25,10 @@ adam          Adam                  eta = 0.05 RMS(x) (RMS(g) / L from x = 0),
                                     betas (0.9, 0.999), eps 1e-8, not annealed
 ============  ====================  ===========================================================
 
+A caller that knows an upper bound of the curvature (the engine: the largest Gauss-Newton
+eigenvalue, ``engine/step_size.py``) hands it over with ``supply_curvature_scale(L)``; then no
+closure call is spent on L and the rates c / L above become 2 c / L (``base.BOUND_GAIN``).
+
 Closure calls per step: 1 for sgd, momentum, nesterov, adagrad, tonga, adam; 2 for olbfgs;
 1 + CG iterations (+1 warm start, +1 damping adaptation) for hf; the calibration of
 ``lr=None`` (or of olbfgs's H^0 / hf's damping) costs one more call at the first step.
