@@ -244,7 +244,7 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
     if external:
         lines += [f"External optimisers ({', '.join(external)}, given by import path): run as "
                   "`sgd` is, with the paper's plain updates, minibatch 100 (SGD's; the "
-                  "paper's sizes name only its methods) and the learning rate 1 / L from the "
+                  "paper's sizes name only its methods) and the learning rate 2 / L from the "
                   "measured curvature (optim/external.py).", ""]
     for section in sections:
         lines += [f"## {section['name']}", "", f"{section['particles']}.", ""]

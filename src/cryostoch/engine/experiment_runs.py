@@ -6,7 +6,7 @@ reuse the runs that finished.
 Every method gets the same `ReconstructionConfig` but for its optimiser and folder. An external
 optimiser (``package.module:Class``) runs exactly as a built-in first-order method does: the
 paper's plain updates, minibatch 100 (SGD's; `DEFAULT_BATCH_SIZE` names only built-in methods),
-its learning rate 1 / L from the measured curvature (optim/external.py), its closure calls
+its learning rate 2 / L from the measured curvature bound (optim/external.py), its closure calls
 counted as gradient evaluations against the same budget.
 """
 
