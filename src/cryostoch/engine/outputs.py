@@ -77,8 +77,13 @@ def band_limited(volume: Tensor, run: PreparedRun, metrics: list[dict]) -> Tenso
     cosine edge beyond it (as refine low-passes its start). Beyond the cutoff no image
     constrains the map: what is there comes from the random start and the prior, and on the
     real beta-galactosidase set it made the default map's short axes 30-45% too thick at a
-    molecular-volume threshold (180 x 173 x 117 A against 180 x 131 x 81 A filtered)."""
-    return soft_low_pass(volume, reached_cutoff_radius_px(run, metrics), 2.0, ndim=3)
+    molecular-volume threshold (180 x 173 x 117 A against 180 x 131 x 81 A filtered). With
+    a given --mask the filtered map is masked again: the filter's ringing must not put
+    density where the user excluded it."""
+    filtered = soft_low_pass(volume, reached_cutoff_radius_px(run, metrics), 2.0, ndim=3)
+    if run.given_mask is not None:
+        filtered = filtered * run.given_mask.to(filtered.dtype)
+    return filtered
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
