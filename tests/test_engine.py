@@ -230,7 +230,7 @@ def test_paper_experiment_at_small_scale(tmp_path):
     config = ExperimentConfig(out_dir=str(tmp_path / "exp"), scale=0.008, epochs=1.0,
                               box_size=48, pixel_size_a=2.8 * 128 / 48,
                               real_particles=str(real) if real.exists() else None,
-                              real_max_particles=300, baseline_iterations=2,
+                              real_max_particles=200, baseline_iterations=2,
                               ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else None)
     report = run_experiment(config, progress=False)
     text = report.read_text()
