@@ -96,6 +96,7 @@ def test_reconstruct_writes_every_output(tiny_set, tmp_path, capsys):
         assert column in particles.columns
     info = json.loads((out / "config.json").read_text())
     assert info["particles"]["test"] == 50 and info["versions"]["torch"] == torch.__version__
+    assert info["map_low_pass_a"] == pytest.approx(32.0)  # 8 px of a 32-px box at 8 A/px
     assert (out / "report.png").stat().st_size > 10_000
     assert (out / "report.html").stat().st_size > 50_000  # tests/test_html_report.py checks it
 

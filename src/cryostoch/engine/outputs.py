@@ -236,6 +236,9 @@ def _write_outputs(out: Path, run: PreparedRun, volume: Tensor, metrics: list[di
     from cryostoch.evaluate.plots import reconstruction_report
 
     all_maps = band_limited(volume.detach().float().cpu(), run, metrics)
+    radius = reached_cutoff_radius_px(run, metrics)
+    info = info | {"map_low_pass_a": run.geometry.box_size * run.geometry.pixel_size_a / radius,
+                   "map_low_pass_edge_px": 2.0}
     map_volume = all_maps
     class_maps: list[ViewedMap] = []
     with StagedOutputs(out) as staged:
