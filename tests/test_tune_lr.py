@@ -89,3 +89,22 @@ def test_tune_lr_bad_option_is_one_clear_line(tiny_set, tmp_path, capsys, extra,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cryostoch: error: ") and says in err[0]
     assert not (tmp_path / "bad" / "tune_lr.json").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot be read"),
+    ('{"lr": 0.1', "is not a tune_lr.json"),
+    ('{"optimizer": "sgd", "lr": -1}', "holds no usable learning rate"),
+])
+def test_a_bad_lr_from_file_is_one_clear_line(tiny_set, tmp_path, capsys, content, says):
+    """reconstruct --lr-from with a missing, truncated or impossible tune_lr.json: one line
+    naming the file, exit 2, no run folder."""
+    record = tmp_path / "tune_lr.json"
+    if content is not None:
+        record.write_text(content)
+    out = tmp_path / "run"
+    assert main(["reconstruct", str(tiny_set), "--out", str(out), "--quiet",
+                 "--lr-from", str(record)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(record) in err[0] and says in err[0]
+    assert not (out / "map.mrc").exists()

@@ -61,6 +61,9 @@ def write_maps(staged: StagedOutputs, run: PreparedRun, volume: Tensor) -> list[
     return written
 
 
+OUTPUT_LOW_PASS_EDGE_PX = 2.0  # the raised-cosine edge of map.mrc's low-pass, Fourier px
+
+
 def reached_cutoff_radius_px(run: PreparedRun, metrics: list[dict]) -> float:
     """The likelihood cutoff (Fourier pixels of the working box) at the run's last recorded
     step: the final one unless the run stopped while marching."""
@@ -72,15 +75,16 @@ def reached_cutoff_radius_px(run: PreparedRun, metrics: list[dict]) -> float:
     return min(geometry.box_size * geometry.pixel_size_a / reached, geometry.cutoff_radius_px)
 
 
-def band_limited(volume: Tensor, run: PreparedRun, metrics: list[dict]) -> Tensor:
-    """`volume` (..., N, N, N) low-passed at the cutoff the run reached, with a 2-px raised
+def band_limited(volume: Tensor, run: PreparedRun, radius_px: float) -> Tensor:
+    """`volume` (..., N, N, N) low-passed at `radius_px`, the cutoff the run reached
+    (`reached_cutoff_radius_px`, Fourier pixels of the working box), with a 2-px raised
     cosine edge beyond it (as refine low-passes its start). Beyond the cutoff no image
     constrains the map: what is there comes from the random start and the prior, and on the
     real beta-galactosidase set it made the default map's short axes 30-45% too thick at a
     molecular-volume threshold (180 x 173 x 117 A against 180 x 131 x 81 A filtered). With
     a given --mask the filtered map is masked again: the filter's ringing must not put
     density where the user excluded it."""
-    filtered = soft_low_pass(volume, reached_cutoff_radius_px(run, metrics), 2.0, ndim=3)
+    filtered = soft_low_pass(volume, radius_px, OUTPUT_LOW_PASS_EDGE_PX, ndim=3)
     if run.given_mask is not None:
         filtered = filtered * run.given_mask.to(filtered.dtype)
     return filtered
@@ -235,10 +239,10 @@ def _write_outputs(out: Path, run: PreparedRun, volume: Tensor, metrics: list[di
     )
     from cryostoch.evaluate.plots import reconstruction_report
 
-    all_maps = band_limited(volume.detach().float().cpu(), run, metrics)
     radius = reached_cutoff_radius_px(run, metrics)
-    info = info | {"map_low_pass_a": run.geometry.box_size * run.geometry.pixel_size_a / radius,
-                   "map_low_pass_edge_px": 2.0}
+    all_maps = band_limited(volume.detach().float().cpu(), run, radius)
+    info = info | {"map_low_pass_a": run.geometry.resolution_a(radius),
+                   "map_low_pass_edge_px": OUTPUT_LOW_PASS_EDGE_PX}
     map_volume = all_maps
     class_maps: list[ViewedMap] = []
     with StagedOutputs(out) as staged:

@@ -207,11 +207,11 @@ class Refinement:
 
     def half_step(self, volume: Tensor, rows: Tensor, rotations: Tensor, shifts_px: Tensor,
                   radius_px: float, steps: tuple[float, float], tau2: Tensor | None,
-                  fsc: Tensor | None, mask: Tensor | None = None,
-                  scales: Tensor | None = None) -> HalfResult:
+                  fsc: Tensor | None, mask: Tensor | None, scales: Tensor) -> HalfResult:
         """E- and M-step of one half: particles `rows` (n_h,) at their poses against `volume`
-        (N, N, N); the M-step's prior from `fsc` (S,) or, without one, `tau2` (S,); `scales`
-        (n_h,) multiply the particles' CTFs (None: 1)."""
+        (N, N, N); the M-step's prior from `fsc` (S,) or, without one, `tau2` (S,); `mask`
+        (N, N, N) of the reference (None: the particle's sphere); `scales` (n_h,) float64
+        multiply the particles' CTFs."""
         n, dev = self.box_size, self.device
         points = self.spectra.points
         keep = points.kx**2 + points.ky**2 <= radius_px**2
@@ -228,7 +228,6 @@ class Refinement:
         t_offsets = shift_offsets(steps[1], extent, device=dev)
         inner = ~on_edge(extent, 3, device=dev)[:, None] & ~on_edge(extent, 2, device=dev)
         new_rot, new_shift = rotations.clone(), shifts_px.clone()
-        scales = torch.ones(len(rows), dtype=torch.float64) if scales is None else scales
         new_scales = scales.clone()
         nll_sum = prob_sum = change_sum_deg = 0.0
         edge = torch.empty(len(rows), dtype=torch.float64)
