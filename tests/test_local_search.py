@@ -22,6 +22,7 @@ from cryostoch.geometry.rotations import random_rotations
 from cryostoch.model.local_search import (
     ImageBatch,
     backproject_local,
+    best_of_starts,
     candidate_rotations,
     local_scores,
     oversampled_candidates,
@@ -133,6 +134,55 @@ def test_local_search_finds_the_true_pose_one_step_away():
     best = scores.logits.flatten(1).argmax(1)
     assert torch.equal(best // 9, k)
     assert torch.equal(best % 9, s)
+
+
+def test_best_of_starts_finds_the_truth_among_wrong_starts():
+    """Noisy images at known poses; each has 4 starts, one a grid step off the truth in
+    rotation and shift (at a random position among them), the others random poses. The start
+    chosen must be the near one, with the truth its best candidate; each start's evidence
+    must equal the log-sum of its own window scored alone, image by image."""
+    volume = blob_volume(4)
+    g = torch.Generator().manual_seed(9)
+    n_images, n_starts = 8, 4
+    true_rot = random_rotations(n_images, generator=g, dtype=torch.float64)
+    true_shift = (torch.rand(n_images, 2, generator=g, dtype=torch.float64) - 0.5) * 4
+    ctf = random_ctf(n_images, 13)
+    radius = 10.0
+    points, clean = images_at(volume, true_rot, true_shift, ctf, radius)
+    noise = torch.randn(clean.coefficients.shape, generator=g, dtype=torch.float64)
+    batch = ImageBatch(clean.coefficients + 0.05 * clean.coefficients.abs().mean() * noise,
+                       clean.ctf, clean.weighted_precision)
+    step, shift_step = math.radians(3.0), 0.75
+    offsets, t_offsets = rotation_offsets(step, 1), shift_offsets(shift_step, 1)
+    k = torch.randint(1, 27, (n_images,), generator=g)
+    s = torch.randint(1, 9, (n_images,), generator=g)
+    starts = random_rotations(n_images * n_starts, generator=g,
+                              dtype=torch.float64).view(n_images, n_starts, 3, 3)
+    start_shifts = (torch.rand(n_images, n_starts, 2, generator=g, dtype=torch.float64)
+                    - 0.5) * 4
+    near = torch.randint(0, n_starts, (n_images,), generator=g)
+    rows = torch.arange(n_images)
+    starts[rows, near] = true_rot @ offsets[k].transpose(1, 2)
+    start_shifts[rows, near] = true_shift - t_offsets[s]
+    block, _ = oversampled_volume_spectrum(volume, radius + 0.5, 2)
+
+    def score(images, rotations, shifts):
+        prior = torch.zeros(shifts.shape[:2], dtype=torch.float64)
+        return local_scores(block, 2, points.kx, points.ky, N, images, rotations, shifts, prior)
+
+    rot, shift, evidence = best_of_starts(score, batch, starts, start_shifts, step, shift_step)
+    assert evidence.shape == (n_images, n_starts)
+    assert torch.equal(evidence.argmax(1), near)
+    assert torch.allclose(rot, true_rot, atol=1e-9)
+    assert torch.allclose(shift, true_shift, atol=1e-9)
+    for i in range(n_images):
+        one = ImageBatch(batch.coefficients[i:i + 1], batch.ctf[i:i + 1],
+                         batch.weighted_precision[i:i + 1])
+        for j in range(n_starts):
+            alone = score(one, candidate_rotations(starts[i, j][None], offsets),
+                          (start_shifts[i, j] + t_offsets)[None])
+            assert math.isclose(float(alone.log_evidence()), float(evidence[i, j]),
+                                rel_tol=1e-9, abs_tol=1e-6)
 
 
 def test_fine_pass_samples_the_cells_that_hold_the_most_mass_at_half_the_step():

@@ -137,10 +137,10 @@ def test_reconstruct_then_refine_in_one_command(refine_sim, tmp_path):
 
 
 def test_exhaustive_re_search_finds_the_true_poses(refine_sim):
-    """`global_poses` against the true map recovers the simulated poses (read from the STAR
+    """`top_poses` against the true map recovers the simulated poses (read from the STAR
     file, an independent record) within two grid steps for most particles."""
     from cryostoch.engine.prepare import prepare_run
-    from cryostoch.engine.refine_data import RefineConfig, affordable_radius, global_poses
+    from cryostoch.engine.refine_data import RefineConfig, affordable_radius, top_poses
     from cryostoch.geometry.rotations import euler_to_matrix
 
     config = RefineConfig(particles=str(refine_sim / "particles.star"),
@@ -150,7 +150,9 @@ def test_exhaustive_re_search_finds_the_true_poses(refine_sim):
     assert run.geometry.cutoff_radius_px <= radius <= 9.0
     truth, _ = read_map(refine_sim / "ground_truth.mrc")
     rows = torch.arange(0, 600, 10)
-    rotations, shifts, _ = global_poses(run, truth.double(), rows, radius)
+    rotations, shifts, _ = top_poses(run, truth.double(), rows, radius)
+    assert rotations.shape == (len(rows), 1, 3, 3) and shifts.shape == (len(rows), 1, 2)
+    rotations, shifts = rotations[:, 0], shifts[:, 0]
     poses = run.dataset.poses
     true_rot = euler_to_matrix(poses.euler_deg[rows].double())
     trace = (rotations.transpose(1, 2) @ true_rot).diagonal(dim1=1, dim2=2).sum(-1)
@@ -159,6 +161,52 @@ def test_exhaustive_re_search_finds_the_true_poses(refine_sim):
     assert float((error_deg < 2 * step_deg).double().mean()) > 0.9
     shift_error = (shifts - poses.shifts_px[rows].double()).norm(dim=1)
     assert float((shift_error < 1.5).double().mean()) > 0.9
+
+
+def test_pruned_global_search_re_scores_the_coarse_candidates_finer(refine_sim):
+    """The coarse-to-fine search (`refine_search.half_search`) against the true map: the
+    exhaustive stage's 8 best poses re-scored at twice its cutoff put the particles closer
+    to their simulated poses (read from the STAR file) than the exhaustive stage alone."""
+    from cryostoch.engine.checks import read_init_map
+    from cryostoch.engine.distributed import ONE_PROCESS
+    from cryostoch.engine.prepare import prepare_run
+    from cryostoch.engine.refine import Refinement
+    from cryostoch.engine.refine_data import (
+        RefineConfig,
+        coarse_steps,
+        full_spectra,
+        half_sets,
+    )
+    from cryostoch.engine.refine_search import half_search
+    from cryostoch.evaluate.transform import soft_sphere_mask
+    from cryostoch.geometry.rotations import euler_to_matrix, geodesic_angle_rad
+
+    config = RefineConfig(particles=str(refine_sim / "particles.star"),
+                          init_map=str(refine_sim / "start.mrc"), out_dir="unused",
+                          initial_resolution_a=START_A, global_top_k=8)
+    run = prepare_run(config.search_config(), progress=False)
+    truth = read_init_map(str(refine_sim / "ground_truth.mrc"), BOX, PIXEL_A, BOX, hint="")
+    subset = half_sets(run.dataset, 0)
+    sphere = soft_sphere_mask(BOX, run.geometry.particle_radius_px, dtype=torch.float64)
+    refinement = Refinement(config, full_spectra(run), subset, sphere, run.symmetrize, 1.0,
+                            coarse_steps(run))
+    rows = torch.nonzero(subset == 1).flatten()[:120]
+    coarse = run.geometry.cutoff_radius_px
+    ones = torch.ones(len(rows), dtype=torch.float64)
+    true_rot = euler_to_matrix(run.dataset.poses.euler_deg[rows].double())
+    true_shift = run.dataset.poses.shifts_px[rows].double()
+    errors = {}
+    for fine in (coarse, 2 * coarse):
+        found = half_search(refinement, run, truth.double(), None, rows, ones, coarse, fine,
+                            ONE_PROCESS)
+        errors[fine] = (torch.rad2deg(geodesic_angle_rad(found.rotations, true_rot)),
+                        (found.shifts_px - true_shift).norm(dim=1))
+    step_deg = math.degrees(coarse_steps(run)[0])
+    exhaustive, pruned = errors[coarse], errors[2 * coarse]
+    assert float((exhaustive[0] < 2 * step_deg).double().mean()) > 0.8
+    assert float((pruned[0] < step_deg).double().mean()) > 0.9
+    assert float(pruned[0].median()) < 0.8 * float(exhaustive[0].median())
+    assert float(pruned[1].median()) < float(exhaustive[1].median())
 
 
 @pytest.mark.slow

@@ -43,10 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimate an amplitude scale per particle each iteration (mean "
                              "1), for contrast that varies between particles (default off)")
     parser.add_argument("--global-searches", type=int, default=1,
-                        help="exhaustive pose searches: the first, then (when the local "
-                             "searches have converged) again at the finest affordable cutoff up "
-                             "to the resolution reached, each half against its own map "
-                             "(default 1: local searches only after the first)")
+                        help="global pose searches: the first, then (when the local "
+                             "searches have converged) again, each half against its own map: "
+                             "exhaustive at the finest affordable cutoff, its --global-top-k "
+                             "best poses re-scored at the resolution reached (default 1: local "
+                             "searches only after the first)")
+    parser.add_argument("--global-top-k", type=int, default=20,
+                        help="poses per particle that a later global search's exhaustive "
+                             "stage keeps for re-scoring at the current cutoff (default 20; 1: "
+                             "the exhaustive search alone)")
     parser.add_argument("--reference-mask", default="sphere",
                         help="mask of the references in the pose search: sphere (default: the "
                              "particle diameter) or auto (a soft solvent mask of the current "
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         max_iterations=args.iterations, poses_from_input=args.poses_from_input,
         search_extent=args.search_extent, fine_pass=args.fine_pass,
         particle_scale=args.particle_scale,
-        global_rounds=args.global_searches,
+        global_rounds=args.global_searches, global_top_k=args.global_top_k,
         reference_mask=args.reference_mask,
         class_file=args.class_file, keep_classes=tuple(args.keep_classes), seed=args.seed,
         device=args.device, dtype=args.dtype, invert=args.invert,

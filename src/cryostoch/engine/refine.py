@@ -213,12 +213,7 @@ class Refinement:
         (N, N, N) of the reference (None: the particle's sphere); `scales` (n_h,) float64
         multiply the particles' CTFs."""
         n, dev = self.box_size, self.device
-        points = self.spectra.points
-        keep = points.kx**2 + points.ky**2 <= radius_px**2
-        kx, ky = points.kx[keep].to(dev), points.ky[keep].to(dev)
-        masked = (volume * (self.sphere if mask is None else mask)).to(dev, self.dtype)
-        block, _ = oversampled_volume_spectrum(masked, radius_px + 1.0 / OVERSAMPLING,
-                                               OVERSAMPLING)
+        block, keep, kx, ky = self.reference(volume, mask, radius_px)
         layout = SpectrumLayout(n, min(math.floor(radius_px + 1.0), n // 2 - 1), OVERSAMPLING)
         shape = backprojection_grid_shape(layout)
         numerator = torch.zeros(shape, dtype=torch.complex128, device=dev)
@@ -234,11 +229,11 @@ class Refinement:
         spread = torch.empty(len(rows), 2, dtype=torch.float64)
         mine = self.world.share(torch.arange(len(rows)))  # this rank's particles of the half
         for chunk in mine.split(self.config.chunk_size):
-            batch = self._batch(rows[chunk], keep, scales[chunk])
+            batch = self.image_batch(rows[chunk], keep, scales[chunk])
             start_rot = rotations[chunk].to(dev)
             cand_rot = candidate_rotations(start_rot, rot_offsets)
             cand_shift = shifts_px[chunk].to(dev).unsqueeze(1) + t_offsets
-            scores = self._scores(block, kx, ky, batch, cand_rot, cand_shift)
+            scores = self.scores(block, kx, ky, batch, cand_rot, cand_shift)
             posterior = scores.posterior()
             evidence = scores.log_evidence() - math.log(posterior[0].numel())
             nll_sum += float((batch.data_norm() - evidence).sum())
@@ -248,7 +243,7 @@ class Refinement:
             if self.config.fine_pass:  # the M-step and the poses from the finer samples
                 cand_rot, cand_shift = oversampled_candidates(posterior, cand_rot, cand_shift,
                                                               *steps)
-                scores = self._scores(block, kx, ky, batch, cand_rot, cand_shift)
+                scores = self.scores(block, kx, ky, batch, cand_rot, cand_shift)
                 posterior = scores.posterior()
             if self.config.particle_scale:
                 new_scales[chunk] = scale_estimate(scores, posterior,
@@ -282,7 +277,20 @@ class Refinement:
                           *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)),
                           new_scales)
 
-    def _scores(self, block: Tensor, kx: Tensor, ky: Tensor, batch: ImageBatch,
+    def reference(self, volume: Tensor, mask: Tensor | None, radius_px: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What the local scores read: the oversampled spectrum block of `volume` (N, N, N)
+        times `mask` (None: the particle's sphere) to `radius_px`, the half-plane points
+        inside it `keep` (M_all,) bool, and their (M,) kx, ky on the device."""
+        points = self.spectra.points
+        keep = points.kx**2 + points.ky**2 <= radius_px**2
+        kx, ky = points.kx[keep].to(self.device), points.ky[keep].to(self.device)
+        masked = (volume * (self.sphere if mask is None else mask)).to(self.device, self.dtype)
+        block, _ = oversampled_volume_spectrum(masked, radius_px + 1.0 / OVERSAMPLING,
+                                               OVERSAMPLING)
+        return block, keep, kx, ky
+
+    def scores(self, block: Tensor, kx: Tensor, ky: Tensor, batch: ImageBatch,
                 rotations: Tensor, shifts_px: Tensor) -> LocalScores:
         """Scores of b images over their candidates (b, J, 3, 3) x (b, S, 2), with the
         Gaussian shift prior."""
@@ -290,7 +298,7 @@ class Refinement:
         return local_scores(block, OVERSAMPLING, kx, ky, self.box_size, batch, rotations,
                             shifts_px, log_prior)
 
-    def _batch(self, rows: Tensor, keep: Tensor, scales: Tensor) -> ImageBatch:
+    def image_batch(self, rows: Tensor, keep: Tensor, scales: Tensor) -> ImageBatch:
         """The images `rows` (b,) at the points `keep` (M,) on the device, their CTFs times
         their amplitude `scales` (b,)."""
         spectra, dev = self.spectra, self.device

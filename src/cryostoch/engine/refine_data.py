@@ -57,7 +57,9 @@ class RefineConfig:
     fine_pass: bool = True  # the significant cells sampled again at half the steps
     particle_scale: bool = False  # an amplitude scale per particle, estimated each iteration
     # (RELION's adaptive oversampling) for the M-step and the poses
-    global_rounds: int = 1  # exhaustive searches (the first, then at the resolution reached)
+    global_rounds: int = 1  # global searches (the first, then at the resolution reached)
+    global_top_k: int = 20  # poses per particle the later global searches' exhaustive stage
+    # keeps for re-scoring at the search cutoff (1: exhaustive only; `engine/refine_search.py`)
     reference_mask: str = "sphere"  # the references' mask: the particle's sphere, or "auto"
     seed: int = 0
     device: str = "cpu"
@@ -79,6 +81,8 @@ class RefineConfig:
                              f"{self.reference_mask!r}")
         if self.global_rounds < 1:
             raise InputError("--global-searches", "must be at least 1 (the first search)")
+        if self.global_top_k < 1:
+            raise InputError("--global-top-k", "must be at least 1")
         if self.search_extent < 1:
             raise InputError("--search-extent", "must be at least 1")
         if self.shell_margin < 1:
@@ -235,17 +239,19 @@ def affordable_radius(radius_px: float, run: PreparedRun, max_poses: float = 3e6
     return max(radius, run.geometry.cutoff_radius_px)
 
 
-def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: float,
-                 chunk_size: int = 200,
-                 world: World = ONE_PROCESS) -> tuple[Tensor, Tensor, float]:
+def top_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: float,
+              top_k: int = 1, chunk_size: int = 200,
+              world: World = ONE_PROCESS) -> tuple[Tensor, Tensor, float]:
     """The exhaustive search of particles `rows` (n_h,) against `volume` (N, N, N) at a
-    cutoff of `radius_px`: ((n_h, 3, 3) rotations, (n_h, 2) shifts px, median best-pose
-    probability). The images are read and normalised again (as the first preprocessing);
+    cutoff of `radius_px`: each particle's `top_k` most probable poses, most probable first,
+    as ((n_h, K, 3, 3) rotations, (n_h, K, 2) shifts px) and the median best-pose
+    probability. The images are read and normalised again (as the first preprocessing);
     each rank of `world` searches its share of them."""
     model = make_model(run.config, run.geometry, radius_px)
     precision = NoiseAndMask(run).precision(model)
     dataset = run.dataset
-    best = [torch.zeros(0, dtype=torch.long)]  # a rank's share may be empty
+    k = min(top_k, model.quadrature_size)
+    top = [torch.zeros(0, k, dtype=torch.long)]  # a rank's share may be empty
     probability = [torch.zeros(0, dtype=torch.float64)]
     with torch.no_grad():
         slices = model.slices(volume.to(run.device, run.dtype))
@@ -254,11 +260,14 @@ def global_poses(run: PreparedRun, volume: Tensor, rows: Tensor, radius_px: floa
             blocks = model.image_blocks(images.to(run.dtype))
             table = None if precision is None else precision[run.particles.optics_index[chunk]]
             result = model.evaluate(slices, blocks, dataset.ctf.index(chunk),
-                                    noise_precision=table)
-            best.append(result.best_pose_index.cpu())
+                                    noise_precision=table, top_k=k)
+            index = result.top_pose_index if k > 1 else result.best_pose_index.unsqueeze(1)
+            top.append(index.cpu())
             probability.append(result.best_pose_probability.double().cpu())
-    euler, shifts = model.pose_parameters(world.gathered_rows(len(rows), torch.cat(best)))
-    return (euler_to_matrix(euler.cpu()), shifts.cpu().to(torch.float64),
+    index = world.gathered_rows(len(rows), torch.cat(top))
+    euler, shifts = model.pose_parameters(index.flatten())
+    return (euler_to_matrix(euler.cpu().double()).view(len(rows), k, 3, 3),
+            shifts.cpu().to(torch.float64).view(len(rows), k, 2),
             float(world.gathered_rows(len(rows), torch.cat(probability)).median()))
 
 
@@ -272,4 +281,4 @@ def coarse_steps(run: PreparedRun, radius_px: float | None = None) -> tuple[floa
 
 
 __all__ = ["FullSpectra", "RefineConfig", "affordable_radius", "coarse_steps", "first_poses",
-           "full_spectra", "global_poses", "half_sets", "start_map"]
+           "full_spectra", "half_sets", "start_map", "top_poses"]

@@ -33,14 +33,13 @@ from cryostoch.engine.prepare import PreparedRun, prepare_run
 from cryostoch.engine.refine import Refinement, RefineState, tau2_from_map
 from cryostoch.engine.refine_data import (
     RefineConfig,
-    affordable_radius,
     coarse_steps,
     first_poses,
     full_spectra,
-    global_poses,
     half_sets,
     start_map,
 )
+from cryostoch.engine.refine_search import search_halves, search_radii
 from cryostoch.engine.run_folder import (
     CHECKPOINT_NAME,
     CHIMERAX_SCRIPT,
@@ -88,8 +87,8 @@ def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
             poses: tuple[Tensor, Tensor] | None, started: float, world: World) -> RefineResult:
     refinement, state, tau2 = _start(config, out, resume, run, poses, world)
     while not state.final:
-        if refinement.converged(state) and _search_again(config, run, state):
-            state = _search_globally(run, state, refinement.subset, world)
+        if refinement.converged(state) and _search_again(refinement, run, state):
+            state = search_halves(refinement, run, state, world)
         elif state.iteration >= config.max_iterations or refinement.converged(state):
             state.final = True  # one more iteration, reconstructed to Nyquist
         state = refinement.iterate(state, tau2)
@@ -102,33 +101,14 @@ def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
                                          world.size))
 
 
-def _search_again(config: RefineConfig, run: PreparedRun, state: RefineState) -> bool:
-    """After local searches converge: one more exhaustive search, if allowed and affordable
-    at a cutoff 30% finer than the last one (poses far from their first guess cannot walk
-    there one local step per iteration)."""
+def _search_again(refinement: Refinement, run: PreparedRun, state: RefineState) -> bool:
+    """After local searches converge: one more global search, if allowed and its cutoff is
+    30% finer than the last one's (poses far from their first guess cannot walk there one
+    local step per iteration)."""
+    config = refinement.config
     if state.global_searches >= config.global_rounds or state.iteration >= config.max_iterations:
         return False
-    radius = affordable_radius(state.best_radius_px, run)
-    return radius > 1.3 * state.global_radius_px
-
-
-def _search_globally(run: PreparedRun, state: RefineState, subset: Tensor,
-                     world: World) -> RefineState:
-    """Each half's particles searched exhaustively against that half's own map (so the halves
-    stay independent), at the finest affordable cutoff up to the resolution reached."""
-    radius = affordable_radius(state.best_radius_px, run)
-    rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
-    for h in (1, 2):
-        rows = torch.nonzero(subset == h).flatten()
-        rotations[rows], shifts[rows], probability = global_poses(
-            run, state.half_maps[h - 1], rows, radius, world=world)
-        log.info("exhaustive search of half %d at %.1f A: median best-pose probability %.2f",
-                 h, run.geometry.box_size * run.geometry.pixel_size_a / radius, probability)
-    angle, shift = coarse_steps(run, radius)
-    return dataclasses.replace(
-        state, rotations=rotations, shifts_px=shifts, stalls=0, angular_step_rad=angle,
-        shift_step_px=shift, global_searches=state.global_searches + 1,
-        global_radius_px=radius, spread=None)
+    return search_radii(refinement, run, state)[1] > 1.3 * state.global_radius_px
 
 
 def _start(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,

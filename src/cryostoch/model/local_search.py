@@ -25,6 +25,7 @@ candidates that carry posterior mass only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,37 @@ def oversampled_candidates(posterior: Tensor, rotations: Tensor, shifts_px: Tens
     fine_shift = chosen_shift.unsqueeze(2) + (corners2 * (shift_step_px / 4)).to(
         shifts_px.dtype)
     return fine_rot, fine_shift.reshape(b, -1, 2)
+
+
+def best_of_starts(score: Callable[[ImageBatch, Tensor, Tensor], LocalScores],
+                   images: ImageBatch, rotations: Tensor, shifts_px: Tensor,
+                   rotation_step_rad: float, shift_step_px: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The fine stage of a coarse-to-fine search: each of b images has K starts (the most
+    probable poses of a coarse exhaustive search), each scored over a +-1-step local window
+    (27 rotations x 9 shifts) by `score(images, (b', J, 3, 3), (b', S, 2))`; the start whose
+    window holds the most evidence wins (a mode, not a lone spike of noise), and within it
+    the most probable candidate.
+
+    images: b images; rotations: (b, K, 3, 3); shifts_px: (b, K, 2). Returns the chosen
+    (b, 3, 3) rotations, (b, 2) shifts and (b, K) each start's log evidence.
+    """
+    b, k = rotations.shape[:2]
+    device = rotations.device
+    repeat = torch.arange(b, device=device).repeat_interleave(k)
+    expanded = ImageBatch(images.coefficients[repeat], images.ctf[repeat],
+                          images.weighted_precision[repeat])
+    offsets = rotation_offsets(rotation_step_rad, 1, dtype=rotations.dtype, device=device)
+    candidates = candidate_rotations(rotations.reshape(b * k, 3, 3), offsets)
+    candidate_shifts = shifts_px.reshape(b * k, 1, 2) + shift_offsets(
+        shift_step_px, 1, dtype=shifts_px.dtype, device=device)
+    scores = score(expanded, candidates, candidate_shifts)
+    evidence = scores.log_evidence().view(b, k)
+    chosen = evidence.argmax(1) + torch.arange(b, device=device) * k
+    best = scores.logits[chosen].flatten(1).argmax(1)
+    n_shifts = candidate_shifts.shape[1]
+    return (candidates[chosen, best // n_shifts], candidate_shifts[chosen, best % n_shifts],
+            evidence)
 
 
 def backproject_local(numerator: Tensor, weights: Tensor, scores: LocalScores,
