@@ -40,6 +40,7 @@ from cryostoch.geometry.rotations import euler_to_matrix, geodesic_angle_rad, ra
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.model.local_search import (
     ImageBatch,
+    best_of_starts,
     candidate_rotations,
     local_scores,
     rotation_offsets,
@@ -135,16 +136,16 @@ def best_start(block, points, batch, box, rotations, shifts, angle, shift_step,
                shift_log_density):
     """One local round around each of K starts per image, (n, K, 3, 3) and (n, K, 2): the
     best pose of the start whose round holds the most evidence, ((n, 3, 3), (n, 2))."""
-    n, k = rotations.shape[:2]
     device = rotations.device
-    repeat = torch.arange(n, device=device).repeat_interleave(k)
-    expanded = ImageBatch(batch.coefficients[repeat], batch.ctf[repeat],
-                          batch.weighted_precision[repeat])
-    rot, sh, evidence, _ = local_round(block, points, expanded, box, rotations.reshape(-1, 3, 3),
-                                       shifts.reshape(-1, 2), angle, shift_step, 1,
-                                       shift_log_density)
-    pick = evidence.view(n, k).argmax(1) + torch.arange(n, device=device) * k
-    return rot[pick], sh[pick]
+    kx, ky = points.kx.float().to(device), points.ky.float().to(device)
+
+    def score(images, candidates, candidate_shifts):
+        log_prior = shift_log_density(candidate_shifts) + 2 * math.log(shift_step)
+        return local_scores(block, 2, kx, ky, box, images, candidates, candidate_shifts,
+                            log_prior)
+
+    rot, sh, _ = best_of_starts(score, batch, rotations, shifts, angle, shift_step)
+    return rot, sh
 
 
 def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8):
