@@ -15,9 +15,10 @@ import torch
 from conftest import SHARED_DATA
 from cryostoch.cli.main import main
 from cryostoch.engine import experiment as experiment_module
-from cryostoch.engine import experiment_runs
+from cryostoch.engine import experiment_runs, experiment_tuning
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.experiment import RUN_RECORD, ExperimentConfig, run_experiment
+from cryostoch.engine.experiment_tuning import StudyTuning
 from cryostoch.engine.prepare import select_particles
 from cryostoch.io.mrc import read_map
 
@@ -37,7 +38,9 @@ def tiny_study(out: Path) -> ExperimentConfig:
     return ExperimentConfig(out_dir=str(out), scale=0.008, epochs=0.5, box_size=48,
                             pixel_size_a=2.8 * 128 / 48, optimizers=("sgd", EXTERNAL),
                             real_particles="none", baseline_iterations=1,
-                            ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else "none")
+                            ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else "none",
+                            tuning=StudyTuning(subset_images=300, budget=200,
+                                               multiples=(0.5, 2.0)))
 
 
 def table_rows(report: Path) -> dict[str, str]:
@@ -140,6 +143,7 @@ def test_resume_reuses_finished_runs_and_continues_the_rest(finished_study, monk
 
     monkeypatch.setattr(experiment_module, "simulate_dataset", must_not_run)
     monkeypatch.setattr(experiment_runs.BaselineRun, "run", must_not_run)
+    monkeypatch.setattr(experiment_tuning, "tune_learning_rate", must_not_run)
     original_init = experiment_runs.Reconstruction.__init__
     started = []
 
@@ -209,6 +213,8 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch):
     (["--optimizer", "no_such_module_xyz:MyOpt"], "no_such_module_xyz:MyOpt"),
     (["--optimizers", "sgd,torch.optim:NoSuchOpt"], "torch.optim:NoSuchOpt"),
     (["--optimizer", "math:pi"], "not a torch.optim.Optimizer subclass"),
+    (["--tune-subset", "100"], "tune-subset"),
+    (["--tune-budget", "0"], "tune-budget"),
 ])
 def test_experiment_bad_options_give_one_line(tmp_path, capsys, extra, needle):
     extra = [e.format(missing=tmp_path / "absent.star") for e in extra]
@@ -278,3 +284,45 @@ def test_the_real_subset_says_how_many_particles_and_why(tmp_path):
     assert n_used == 500
     assert used.startswith("500 of 2374 particles (--scale 0.02 of them, at least 500;"), used
     assert len(starfile.read(path, always_dict=True)["particles"]) == 500
+
+
+PAPER_SEVEN = ("sgd", "momentum", "nesterov", "adagrad", "tonga", "olbfgs", "hf")
+
+
+def small_paper_study(out: Path, tuning: StudyTuning | None) -> ExperimentConfig:
+    """The issue's criterion at a CI size: the seven paper methods on 1,000 simulated images
+    of 32 x 32 (the paper's 358 A field of view), cutoff 30% of Nyquist (75 A, 4.8 Fourier
+    pixels), 5 epochs."""
+    return ExperimentConfig(out_dir=str(out), scale=0.02, epochs=5, box_size=32,
+                            pixel_size_a=2.8 * 128 / 32, synthetic_max_freq=0.3,
+                            optimizers=PAPER_SEVEN, real_particles="none",
+                            baseline_iterations=1, tuning=tuning,
+                            ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else "none")
+
+
+@pytest.mark.slow  # about 90 s here
+def test_six_of_the_seven_paper_methods_reach_the_structure_at_a_small_scale(tmp_path):
+    """The issue's criterion, at 1/50 scale: at least 6 of the 7 paper methods, each step size
+    tuned on a subset as the paper did, reach an aligned FSC of 0.5 against the truth within
+    1.3x the cutoff resolution. It can fail: with the calibrated rates untuned (tuning=None)
+    the same study reached it with 5 of 7 (AdaGrad at 1.96x, HF at 1.61x); tuned, 6 (HF at
+    1.61x), 89 s here."""
+    out = tmp_path / "exp"
+    run_experiment(small_paper_study(out, StudyTuning(subset_images=500, budget=500,
+                                                      multiples=(0.5, 2.0, 8.0))),
+                   progress=False)
+    section = json.loads((out / "summary.json").read_text())["sections"][0]
+    assert section["cutoff_a"] == pytest.approx(2 * 2.8 * 128 / 32 / 0.3)
+    assert {row["method"] for row in section["tuning"]} == set(PAPER_SEVEN)
+    reached = experiment_module.methods_reaching(section["table"], PAPER_SEVEN)
+    ratios = {row["method"]: row["fsc_0.5_over_cutoff"] for row in section["table"]}
+    assert len(reached) >= 6, ratios
+    assert f"{len(reached)} of 7" in (out / "report.md").read_text()
+
+
+def test_a_method_reaches_the_structure_within_1_3x_the_cutoff_inclusive():
+    table = [{"method": "sgd", "fsc_0.5_over_cutoff": 1.3},
+             {"method": "hf", "fsc_0.5_over_cutoff": 1.31},
+             {"method": "adam", "fsc_0.5_over_cutoff": 0.9},  # not one of those asked about
+             {"method": "tonga"}]  # real data: no FSC against a truth
+    assert experiment_module.methods_reaching(table, ("sgd", "hf", "tonga")) == ["sgd"]

@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-max-particles", type=int, default=None,
                         help="real particles used (default: --scale of them, at least 500)")
     parser.add_argument("--baseline-iterations", type=int, default=5)
+    parser.add_argument("--no-tune-lr", dest="tune_lr", action="store_false",
+                        help="skip the paper's step-size tuning: every method runs at its "
+                             "rate calibrated from the curvature")
+    parser.add_argument("--tune-subset", type=int, default=1000,
+                        help="training images each method's step size is tuned on "
+                             "(default 1000)")
+    parser.add_argument("--tune-budget", type=int, default=2000,
+                        help="gradient evaluations per point of the tuning grid "
+                             "(default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--resume", action="store_true",
@@ -53,6 +62,7 @@ def _optimizers(listed: str, added: list[str]) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from cryostoch.engine.experiment import ExperimentConfig, run_experiment
+    from cryostoch.engine.experiment_tuning import StudyTuning
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -64,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             baseline_iterations=args.baseline_iterations, seed=args.seed, device=args.device,
             ctf_table=args.ctf_table, real_particles=args.real_particles,
             real_max_particles=args.real_max_particles,
+            tuning=(StudyTuning(subset_images=args.tune_subset, budget=args.tune_budget)
+                    if args.tune_lr else None),
         )
     except ValueError as err:
         raise InputError("options", str(err)) from None
