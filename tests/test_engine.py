@@ -225,13 +225,14 @@ def test_demo_runs_at_reduced_size(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_paper_experiment_at_small_scale(tmp_path):
+    """Both parts of the study end to end, untuned (tests/test_experiment.py tunes)."""
     from cryostoch.engine.experiment import ExperimentConfig, run_experiment
 
     real = SHARED_DATA / "betagal_empiar10204" / "Extract" / "job009" / "particles.star"
     config = ExperimentConfig(out_dir=str(tmp_path / "exp"), scale=0.008, epochs=1.0,
                               box_size=48, pixel_size_a=2.8 * 128 / 48,
                               real_particles=str(real) if real.exists() else None,
-                              real_max_particles=200, baseline_iterations=2,
+                              real_max_particles=200, baseline_iterations=2, tuning=None,
                               ctf_table=str(CTF_TABLE) if CTF_TABLE.exists() else None)
     report = run_experiment(config, progress=False)
     text = report.read_text()

@@ -326,3 +326,31 @@ def test_a_method_reaches_the_structure_within_1_3x_the_cutoff_inclusive():
              {"method": "adam", "fsc_0.5_over_cutoff": 0.9},  # not one of those asked about
              {"method": "tonga"}]  # real data: no FSC against a truth
     assert experiment_module.methods_reaching(table, ("sgd", "hf", "tonga")) == ["sgd"]
+
+
+def test_tuning_keeps_the_calibrated_rate_when_the_subset_is_smaller_than_a_minibatch(
+        tmp_path, monkeypatch):
+    """HF's minibatch is 300: with 100 training images it is not tuned (and tune-lr, which
+    would refuse the subset, is not called); SGD is; the report says which and why."""
+    from cryostoch.engine.experiment_tuning import tuned_plan, tuning_markdown
+
+    calls = []
+
+    def fake_tune(tune, progress):
+        calls.append(tune.base.optimizer)
+        return {"lr": 0.5, "base_lr": 0.25, "optimizer_options": {},
+                "chosen": {"lr_multiple": 2.0}, "at_grid_edge": False,
+                "gradient_evaluations_total": 700, "seconds": 1.0}
+
+    monkeypatch.setattr(experiment_tuning, "tune_learning_rate", fake_tune)
+    plan = [(name, ReconstructionConfig(particles="p.star", out_dir=str(tmp_path / name),
+                                        optimizer=name, test_size=20))
+            for name in ("sgd", "hf")]
+    tuned, rows = tuned_plan(plan, StudyTuning(subset_images=300), tmp_path, 100,
+                             progress=False, resume=False)
+    assert calls == ["sgd"]
+    assert tuned[0][1].lr == 0.5 and tuned[1][1] == plan[1][1]
+    assert "not_tuned" in rows[1] and "300" in rows[1]["not_tuned"]
+    text = "\n".join(tuning_markdown(rows, StudyTuning(subset_images=300)))
+    assert "| hf | calibrated, not tuned: 100 training images" in text
+    assert "700 gradient evaluations" in text
