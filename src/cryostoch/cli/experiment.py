@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", action="append", default=[], metavar="MODULE:CLASS",
                         help="add a torch.optim.Optimizer subclass (package.module:Class, "
                              "importable here) beside --optimizers; repeatable. It runs as "
-                             "sgd does: minibatch 100, step 1 / L from the curvature")
+                             "sgd does: minibatch 100, step 2 / L from the curvature (not "
+                             "tuned)")
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--ctf-table", default=None,
                         help="STAR/.cs of real CTFs to draw from (default: ../shared/data's "
