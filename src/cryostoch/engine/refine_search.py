@@ -2,16 +2,18 @@
 
 Local searches cannot walk a pose that the first exhaustive search (at the start map's
 cutoff, ~50 A) put far from the truth: on a pseudo-symmetric particle (the simulated spike,
-nearly C3 and cylinder-like at low resolution) even the true map low-passed to 51 A puts only
-13% of the particles within two grid steps of their pose, against 76% at 30 A. Once the half
+nearly C3 and cylinder-like at low resolution) even the true map puts only 12% of the
+particles within two grid steps of their pose at 51 A, against 77% at 30 A
+(`benchmarks/pose_recovery.py`, README). Once the half
 maps resolve finer detail, each half is searched again against its own map:
 * exhaustive, at the finest cutoff whose quadrature stays affordable (`affordable_radius`:
   the cost grows as the fifth power of the cutoff);
 * or pruned (`top_k` > 1): that exhaustive search keeps each particle's `top_k` most probable
   poses, and each of them starts a +-1-step local window at half the coarse steps, scored
   at the current search cutoff (`model.local_search.best_of_starts`); the window holding the
-  most evidence wins. With the true map, the 30 most probable poses at 37 A hold one within
-  two steps of the truth for 83% of the particles, where the single best holds 51%.
+  most evidence wins. With the true map, the 20 most probable poses at 37 A hold one within
+  two steps of the truth for 79% of the particles, where the single best holds 51%; re-scored
+  at 25 A, 77% end within two steps (68% within one), as the exhaustive search at 30 A does.
 Each rank searches its share of the particles; the poses are gathered on every rank.
 """
 
