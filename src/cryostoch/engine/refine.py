@@ -89,6 +89,11 @@ class RefineState:
     scales: Tensor | None = None  # (n,) float64 each particle's amplitude scale, mean 1
     # (None: all 1; estimated only with --particle-scale)
 
+    def particle_scales(self) -> Tensor:
+        """(n,) float64 a copy of the particles' amplitude scales (all 1 when not estimated)."""
+        return (torch.ones(len(self.rotations), dtype=torch.float64) if self.scales is None
+                else self.scales.clone())
+
     def state_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -317,8 +322,7 @@ class Refinement:
         radius = n / 2 - 1 if state.final else self.search_radius(state)
         steps = next_steps(state, radius, n, self.config.search_extent, self.coarsest_steps)
         rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
-        scales = (torch.ones(len(rotations), dtype=torch.float64) if state.scales is None
-                  else state.scales.clone())
+        scales = state.particle_scales()
         results = []
         for h in (1, 2):
             rows = torch.nonzero(self.subset == h).flatten()

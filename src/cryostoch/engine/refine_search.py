@@ -67,19 +67,18 @@ def search_halves(refinement: Refinement, run: PreparedRun, state: RefineState,
     independent); the state continues from the found poses with the steps of the search."""
     coarse, fine = search_radii(refinement, run, state)
     rotations, shifts = state.rotations.clone(), state.shifts_px.clone()
-    scales = (torch.ones(len(rotations), dtype=torch.float64) if state.scales is None
-              else state.scales)
-    pixel_box_a = run.geometry.box_size * run.geometry.pixel_size_a
+    scales = state.particle_scales()
+    resolution_a = run.geometry.resolution_a
     for h in (1, 2):
         rows = torch.nonzero(refinement.subset == h).flatten()
         found = half_search(refinement, run, state.half_maps[h - 1], state.reference_mask,
                             rows, scales[rows], coarse, fine, world)
         rotations[rows], shifts[rows] = found.rotations, found.shifts_px
         log.info("global search of half %d: exhaustive at %.1f A (median best-pose "
-                 "probability %.2f)%s", h, pixel_box_a / coarse, found.coarse_probability,
+                 "probability %.2f)%s", h, resolution_a(coarse), found.coarse_probability,
                  "" if fine == coarse else
                  f", its {refinement.config.global_top_k} best poses re-scored at "
-                 f"{pixel_box_a / fine:.1f} A ({100 * found.moved_from_coarse_best:.0f}% "
+                 f"{resolution_a(fine):.1f} A ({100 * found.moved_from_coarse_best:.0f}% "
                  f"moved to another start)")
     angle, shift = coarse_steps(run, coarse)
     if fine > coarse:
