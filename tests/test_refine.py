@@ -108,6 +108,9 @@ def test_refine_refuses_bad_input_in_one_line(refine_sim, tmp_path, capsys):
     refused(capsys, refine_argv(refine_sim, tmp_path / "b", "--iterations", "0"), "--iterations")
     refused(capsys, refine_argv(refine_sim, tmp_path / "m", "--reference-mask", "tight"),
             "--reference-mask")
+    refused(capsys, refine_argv(refine_sim, tmp_path / "k", "--global-top-k", "0"),
+            "--global-top-k")
+    assert not (tmp_path / "k").exists()
     no_poses = tmp_path / "no_poses"
     no_poses.mkdir()
     blocks = starfile.read(refine_sim / "particles.star", always_dict=True)
