@@ -49,10 +49,17 @@ def fsc_05_against_truth(path: Path, sim: Path) -> float:
     return compute_fsc(volume.double(), truth.double(), pixel_size_a=PIXEL_A).resolution_at(0.5)
 
 
-@pytest.mark.slow
-def test_refine_improves_on_its_start_and_writes_every_output(refine_sim, tmp_path):
-    out = tmp_path / "refined"
+@pytest.fixture(scope="module")
+def refined(refine_sim, tmp_path_factory) -> Path:
+    """One uninterrupted refinement of `refine_sim` (shared: its outputs are only read)."""
+    out = tmp_path_factory.mktemp("refined") / "whole"
     assert main(refine_argv(refine_sim, out)) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_refine_improves_on_its_start_and_writes_every_output(refine_sim, refined):
+    out = refined
     for name in ("map.mrc", "map_unsharpened.mrc", "half1.mrc", "half2.mrc", "mask.mrc",
                  "fsc.csv", "fsc.png", "guinier.png", "postprocess.json", "poses.star",
                  "metrics.csv", "refine.json", "open_in_chimerax.cxc"):
@@ -76,9 +83,9 @@ class Interrupted(Exception):
 
 
 @pytest.mark.slow
-def test_refine_resumes_exactly_after_an_interruption(refine_sim, tmp_path, monkeypatch):
-    whole = tmp_path / "whole"
-    assert main(refine_argv(refine_sim, whole)) == 0
+def test_refine_resumes_exactly_after_an_interruption(refine_sim, refined, tmp_path,
+                                                      monkeypatch):
+    whole = refined
     cut = tmp_path / "cut"
     real_iterate = refine_module.Refinement.iterate
     calls = {"n": 0}

@@ -57,15 +57,19 @@ def float32_copy(work: Path, half_sets: Path | None) -> Path:
     return star
 
 
-def autorefine_command(star: Path, init_map: Path, initial_resolution_a: float) -> list[str]:
-    """RELION's auto-refine with 2 worker processes of one thread each (plus the master)."""
-    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3",
+def autorefine_command(star: Path, init_map: Path, initial_resolution_a: float,
+                       workers: int = 2, local_healpix_order: int = 4) -> list[str]:
+    """RELION's auto-refine with `workers` processes of one thread each (plus the master);
+    local searches from HEALPix order `local_healpix_order` (4: 3.75 deg, the GUI's default;
+    3: 7.5 deg, which skips the slow global searches at 3.75 deg)."""
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(workers + 1),
             "relion_refine_mpi", "--o", "Refine3D/run", "--auto_refine",
             "--split_random_halves", "--i", star.name, "--ref", str(init_map.resolve()),
             "--firstiter_cc", "--ini_high", f"{initial_resolution_a:g}",
             "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
             "--particle_diameter", "200", "--flatten_solvent", "--zero_mask",
-            "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
+            "--oversampling", "1", "--healpix_order", "2",
+            "--auto_local_healpix_order", str(local_healpix_order),
             "--offset_range", "5", "--offset_step", "2", "--sym", "D2",
             "--low_resol_join_halves", "40", "--norm", "--scale", "--j", "1",
             "--random_seed", "0"]
@@ -78,13 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half-sets", type=Path, default=None,
                         help="a cryostoch refine poses.star whose rlnRandomSubset to use")
     parser.add_argument("--initial-resolution-a", type=float, default=36.2)
+    parser.add_argument("--workers", type=int, default=2, help="MPI worker processes")
+    parser.add_argument("--local-healpix-order", type=int, default=4,
+                        help="HEALPix order from which the searches are local (4: 3.75 deg)")
     args = parser.parse_args(argv)
     if ensure_relion() is None:
         return 1
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "Refine3D").mkdir(exist_ok=True)
     star = float32_copy(args.work, args.half_sets)
-    command = autorefine_command(star, args.init, args.initial_resolution_a)
+    command = autorefine_command(star, args.init, args.initial_resolution_a, args.workers,
+                                 args.local_healpix_order)
     print(" ".join(command), flush=True)
     with open(args.work / "Refine3D" / "run.log", "w") as log:
         return subprocess.run(common.NICE + command, cwd=args.work, stdout=log,
