@@ -254,3 +254,21 @@ def test_normalised_scales_hold_the_mean_at_one_and_bound_junk():
     # already normalised and inside the bounds: unchanged
     assert torch.allclose(refine_module.normalised_scales(scales[:3] / scales[:3].mean()),
                           scales[:3] / scales[:3].mean())
+
+
+def test_cpu_chunks_keep_the_candidate_slices_within_the_budget():
+    """On the CPU a chunk's (b, J, M) complex slices stay within CPU_CHUNK_BYTES (8 MiB):
+    125 rotations x 781 points x 8 bytes (complex64) is 781,000 bytes an image, so 10 images;
+    never fewer than one, never more than the configured chunk; other devices keep theirs."""
+    from types import SimpleNamespace
+
+    def rows(device: str, dtype: torch.dtype, j: int, m: int) -> int:
+        owner = SimpleNamespace(device=torch.device(device), dtype=dtype,
+                                config=SimpleNamespace(chunk_size=128))
+        return refine_module.Refinement.rows_per_chunk(owner, j, m)
+
+    assert rows("cpu", torch.float32, 125, 781) == 10
+    assert rows("cpu", torch.float64, 125, 781) == 5
+    assert rows("cpu", torch.float32, 125, 10**6) == 1
+    assert rows("cpu", torch.float32, 1, 10) == 128
+    assert rows("meta", torch.float32, 125, 781) == 128

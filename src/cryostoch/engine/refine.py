@@ -60,6 +60,11 @@ from cryostoch.model.local_search import (
 log = logging.getLogger(__name__)
 
 OVERSAMPLING = 2  # of the map's spectrum for reads and of the back-projection grid
+# On the CPU a chunk's largest temporary (the (b, J, M) complex slices) is kept under this:
+# glibc hands out blocks above its mmap threshold (32 MiB at most) as fresh pages returned on
+# free, so each chunk's temporaries were page-faulted anew; on beta-galactosidase with 128
+# images a chunk the kernel's time exceeded the computation's (sys 237 s, user 194 s)
+CPU_CHUNK_BYTES = 8 * 2**20
 FSC_THRESHOLD = 0.143  # gold standard (Rosenthal & Henderson 2003)
 
 
@@ -233,7 +238,7 @@ class Refinement:
         edge = torch.empty(len(rows), dtype=torch.float64)
         spread = torch.empty(len(rows), 2, dtype=torch.float64)
         mine = self.world.share(torch.arange(len(rows)))  # this rank's particles of the half
-        for chunk in mine.split(self.config.chunk_size):
+        for chunk in mine.split(self.rows_per_chunk(len(rot_offsets), len(kx))):
             batch = self.image_batch(rows[chunk], keep, scales[chunk])
             start_rot = rotations[chunk].to(dev)
             cand_rot = candidate_rotations(start_rot, rot_offsets)
@@ -281,6 +286,15 @@ class Refinement:
                           float(edge.median()) if len(rows) else 0.0,
                           *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)),
                           new_scales)
+
+    def rows_per_chunk(self, rotations_per_image: int, n_points: int) -> int:
+        """Images per chunk of local scores with `rotations_per_image` candidates at `n_points`
+        points each: the configured chunk size, on the CPU at most what keeps the (b, J, M)
+        complex slices within CPU_CHUNK_BYTES (accelerators keep their large chunks)."""
+        if self.device.type != "cpu":
+            return self.config.chunk_size
+        per_image = rotations_per_image * n_points * 2 * self.dtype.itemsize
+        return max(1, min(self.config.chunk_size, CPU_CHUNK_BYTES // per_image))
 
     def reference(self, volume: Tensor, mask: Tensor | None, radius_px: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -105,8 +105,10 @@ def half_search(refinement: Refinement, run: PreparedRun, volume: Tensor,
     rotations, shifts = starts[:, 0].clone(), start_shifts[:, 0].clone()
     moved = torch.zeros(len(rows), dtype=torch.float64)
     mine = world.share(torch.arange(len(rows)))
-    chunk_size = max(1, refinement.config.chunk_size * STARTS_PER_IMAGE_BUDGET
-                     // starts.shape[1])
+    # each start is scored over 27 rotations: K starts weigh as 27 K rotations of one image
+    chunk_size = max(1, min(refinement.config.chunk_size * STARTS_PER_IMAGE_BUDGET
+                            // starts.shape[1],
+                            refinement.rows_per_chunk(27 * starts.shape[1], len(kx))))
     with torch.no_grad():
         for chunk in mine.split(chunk_size):
             batch = refinement.image_batch(rows[chunk], keep, scales[chunk])
