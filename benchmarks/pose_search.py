@@ -11,13 +11,14 @@ Images of the built-in phantom at known poses, with real-looking CTFs and white 
   --top-k most probable poses per image each start a local round (`model/local_search.py`:
   27 rotations x 9 shifts around it, at half the coarse steps, at the full cutoff); the start
   whose round holds the most evidence goes on alone through rounds with steps halved each
-  round down to half the exhaustive grid's steps, and a last wider local round whose
-  candidates, weighted by their share of the Haar measure and of the shift prior, give the NLL
-  of the same integral.
+  round down to half the exhaustive grid's steps, and a last wider local round (+-2 steps per
+  axis, 125 rotations x 25 shifts; --final-extent) whose candidates, weighted by their share
+  of the Haar measure and of the shift prior, give the NLL of the same integral.
 Prints seconds per image of both, the speed-up, the share of images whose best poses agree
 within one step of the exhaustive grid (rotation and shift), and the mean |NLL difference|,
-all measured in this run. `--device cuda` runs both searches on a GPU (the images are made
-on the CPU).
+all measured in this run. The local rounds take the images in chunks within refine's CPU
+memory budget (`engine.refine.CPU_CHUNK_BYTES`). `--device cuda` runs both searches on a GPU
+(the images are made on the CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 
 import torch
 
+from cryostoch.engine.refine import CPU_CHUNK_BYTES
 from cryostoch.fourier.grids import half_plane_coefficients
 from cryostoch.fourier.spectrum import oversampled_volume_spectrum
 from cryostoch.geometry.quadrature import (
@@ -148,7 +150,27 @@ def best_start(block, points, batch, box, rotations, shifts, angle, shift_step,
     return rot, sh
 
 
-def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8):
+def local_stages(block, points, batch, box, radius, rot, shifts, coarse_steps,
+                 shift_log_density, final_extent=2):
+    """The local rounds of `pruned` for b images with K starts each ((b, K, 3, 3), (b, K, 2))
+    from the coarse grid's (angle rad, shift px) steps: ((b, 3, 3), (b, 2), (b,) NLL); the
+    last round spans +-final_extent steps per axis, whose candidates give the NLL."""
+    angle, shift_step = coarse_steps
+    fine_angle, fine_shift = angular_step_rad(radius), box / (2 * math.pi * radius)
+    angle, shift_step = max(angle / 2, fine_angle / 2), max(shift_step / 2, fine_shift / 2)
+    rot, shifts = best_start(block, points, batch, box, rot, shifts, angle, shift_step,
+                             shift_log_density)
+    while angle > fine_angle / 2 or shift_step > fine_shift / 2:
+        angle, shift_step = max(angle / 2, fine_angle / 2), max(shift_step / 2, fine_shift / 2)
+        rot, shifts, _, _ = local_round(block, points, batch, box, rot, shifts, angle,
+                                        shift_step, 1, shift_log_density)
+    rot_e, shifts_e, evidence, data_norm = local_round(
+        block, points, batch, box, rot, shifts, angle, shift_step, final_extent, shift_log_density)
+    normaliser = 0.5 * points.degrees_of_freedom * math.log(2 * math.pi)
+    return rot, shifts, data_norm - evidence + normaliser
+
+
+def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8, final_extent=2):
     """Coarse exhaustive search (its top_k poses), then local rounds: (rotations, shifts,
     NLL, seconds), on the CPU."""
     coarse_radius = max(4.0, radius / 3)
@@ -168,23 +190,20 @@ def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8):
 
     points, batch = local_batch(images, ctf, box, radius, device)
     block, _ = oversampled_volume_spectrum(volume.float().to(device), radius + 0.5, 2)
-    angle = angular_step_rad(coarse_radius)
-    shift_step = float(torch.cdist(quad.shifts_px, quad.shifts_px).masked_fill(
-        torch.eye(quad.size, dtype=torch.bool, device=quad.shifts_px.device), math.inf
-    ).min()) if quad.size > 1 else 1.0
-    fine_angle, fine_shift = angular_step_rad(radius), box / (2 * math.pi * radius)
+    steps = (angular_step_rad(coarse_radius), float(torch.cdist(
+        quad.shifts_px, quad.shifts_px).masked_fill(torch.eye(
+            quad.size, dtype=torch.bool, device=quad.shifts_px.device), math.inf).min())
+        if quad.size > 1 else 1.0)
     rot, shifts = rot.double().to(device), shifts.double().to(device)
-    angle, shift_step = max(angle / 2, fine_angle / 2), max(shift_step / 2, fine_shift / 2)
-    rot, shifts = best_start(block, points, batch, box, rot, shifts, angle, shift_step,
-                             shift_log_density)
-    while angle > fine_angle / 2 or shift_step > fine_shift / 2:
-        angle, shift_step = max(angle / 2, fine_angle / 2), max(shift_step / 2, fine_shift / 2)
-        rot, shifts, _, _ = local_round(block, points, batch, box, rot, shifts, angle,
-                                        shift_step, 1, shift_log_density)
-    rot_e, shifts_e, evidence, data_norm = local_round(
-        block, points, batch, box, rot, shifts, angle, shift_step, 3, shift_log_density)
-    normaliser = 0.5 * points.degrees_of_freedom * math.log(2 * math.pi)
-    nll = data_norm - evidence + normaliser
+    # in chunks whose widest round's slices stay within refine's CPU budget (larger
+    # temporaries are page-faulted anew each time); accelerators take all at once
+    per_image = max(27 * top_k, (2 * final_extent + 1) ** 3) * points.n_points * 8
+    size = len(rot) if device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
+    parts = [local_stages(block, points, ImageBatch(*(x[c] for x in (
+        batch.coefficients, batch.ctf, batch.weighted_precision))), box, radius, rot[c],
+        shifts[c], steps, shift_log_density, final_extent)
+        for c in torch.arange(len(rot), device=device).split(size)]
+    rot, shifts, nll = (torch.cat(x) for x in zip(*parts, strict=True))
     synchronise(device)
     return (rot.cpu(), shifts.cpu(), nll.cpu(), coarse_seconds + time.perf_counter() - start)
 
@@ -202,6 +221,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--top-k", type=int, default=8,
                         help="coarse poses per image that start a local round")
+    parser.add_argument("--final-extent", type=int, default=2,
+                        help="the last local round (whose candidates give the NLL) spans "
+                             "+-this many half-fine steps per axis (3: 343 x 49 candidates)")
     parser.add_argument("--verbose", action="store_true", help="per-image differences")
     args = parser.parse_args()
     if args.threads:
@@ -220,7 +242,8 @@ def main() -> None:
         rot_x, sh_x, nll_x, sec_x, model = exhaustive(volume, images, ctf, args.box, radius,
                                                       args.shift_radius, device)
         rot_p, sh_p, nll_p, sec_p = pruned(volume, images, ctf, args.box, radius,
-                                           args.shift_radius, device, args.top_k)
+                                           args.shift_radius, device, args.top_k,
+                                           args.final_extent)
         step_deg = math.degrees(angular_step_rad(radius))
         shift_step = default_shift_step_px(args.box, radius)
         angle_deg = torch.rad2deg(geodesic_angle_rad(rot_x.double(), rot_p.double()))
