@@ -32,22 +32,29 @@ log = logging.getLogger(__name__)
 # = 0.1 of SGD's, so its best multiple lies near 10 (8 chosen at 1/10 scale), beyond
 # tune-lr's default 0.25-4
 STUDY_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+# A choice at the grid's edge (online L-BFGS's 16 at 1/10 scale) tries x 2 past it, up to
+# twice, so that the reported choice is the grid's best inside it, not a bound of the grid
+STUDY_EXTEND_EDGES = 2
 
 
 @dataclass(frozen=True)
 class StudyTuning:
     """subset_images: training images the short runs draw from (all when fewer);
-    budget: single-image gradient evaluations per grid point."""
+    budget: single-image gradient evaluations per grid point; extend_edges: how many times a
+    choice at an edge of the grid extends it past that edge (x 2 each)."""
 
     subset_images: int = 1000
     budget: int = 2000
     multiples: tuple[float, ...] = STUDY_MULTIPLES
+    extend_edges: int = STUDY_EXTEND_EDGES
 
     def __post_init__(self) -> None:
         if self.subset_images < 300:  # HF's minibatch
             raise ValueError("tune-subset must be >= 300 (HF's minibatch)")
         if self.budget < 1:
             raise ValueError("tune-budget must be a positive number of gradient evaluations")
+        if self.extend_edges < 0:
+            raise ValueError("extend-edges must be >= 0")
 
 
 def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Path,
@@ -57,11 +64,14 @@ def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Pat
     saved = read_json(folder / TUNE_FILE) if resume else None
     tune_base = dataclasses.replace(config, out_dir=str(folder))
     if saved is not None and saved.get("settings") == settings_json(tune_base.to_dict()) \
-            and saved.get("budget_per_run") == tuning.budget:
+            and saved.get("budget_per_run") == tuning.budget \
+            and saved.get("grid_multiples") == list(tuning.multiples) \
+            and saved.get("extend_edges") == tuning.extend_edges:
         log.info("%s: tuned rate reused from %s", config.optimizer, folder / TUNE_FILE)
         return saved
     tune = TuneConfig(tune_base, multiples=tuning.multiples,
-                      subset_images=min(tuning.subset_images, n_train), budget=tuning.budget)
+                      subset_images=min(tuning.subset_images, n_train), budget=tuning.budget,
+                      extend_edges=tuning.extend_edges)
     return tune_learning_rate(tune, progress=progress)
 
 
@@ -96,6 +106,7 @@ def tuned_plan(plan: Plan, tuning: StudyTuning, out: Path, n_train: int, *,
                      "lr_multiple": chosen["lr_multiple"], "lr": record["lr"],
                      "damping_multiple": chosen.get("damping_multiple"),
                      "damping": chosen.get("damping"), "at_grid_edge": record["at_grid_edge"],
+                     "extended": record.get("extended_multiples", []),
                      "gradient_evaluations": record["gradient_evaluations_total"],
                      "seconds": record["seconds"]})
     return tuned, rows
@@ -107,21 +118,25 @@ def tuning_markdown(rows: list[dict], tuning: StudyTuning) -> list[str]:
         return []
     lines = [f"Step sizes tuned (the paper's protocol): for each method a grid of "
              f"{', '.join(f'{m:g}' for m in tuning.multiples)} x the calibrated rate (TONGA, "
-             f"HF: x 0.1, 1, 10 the default damping too), each point {tuning.budget} gradient "
+             f"HF: x 0.1, 1, 10 the default damping too; a choice at the grid's edge tries x 2 "
+             f"past it, up to {tuning.extend_edges} times), each point {tuning.budget} gradient "
              f"evaluations on {tuning.subset_images} training images (at most), the lowest "
              "held-out NLL chosen. In all "
              f"{sum(r.get('gradient_evaluations', 0) for r in rows)} gradient evaluations, "
              f"{sum(r.get('seconds', 0.0) for r in rows) / 60:.1f} min.", "",
-             "| method | calibrated lr | multiple | lr | damping | at grid edge |",
-             "|---|---|---|---|---|---|"]
+             "| method | calibrated lr | multiple | lr | damping | multiples added past an "
+             "edge | at grid edge |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "not_tuned" in r:
-            lines.append(f"| {r['method']} | calibrated, not tuned: {r['not_tuned']} | | | | |")
+            lines.append(f"| {r['method']} | calibrated, not tuned: {r['not_tuned']} "
+                         "| | | | | |")
             continue
         damping = ("" if r["damping"] is None
                    else f"{r['damping']:.3g} (x {r['damping_multiple']:g})")
         lines.append(f"| {r['method']} | {r['calibrated_lr']:.4g} | {r['lr_multiple']:g} | "
-                     f"{r['lr']:.4g} | {damping} | {'yes' if r['at_grid_edge'] else ''} |")
+                     f"{r['lr']:.4g} | {damping} | "
+                     f"{', '.join(f'{m:g}' for m in r.get('extended', []))} | "
+                     f"{'yes' if r['at_grid_edge'] else ''} |")
     return lines + [""]
 
 
