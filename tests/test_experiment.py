@@ -3,6 +3,7 @@ command-line options that `reconstruct` and `baseline` share (class selection in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -354,3 +355,20 @@ def test_tuning_keeps_the_calibrated_rate_when_the_subset_is_smaller_than_a_mini
     text = "\n".join(tuning_markdown(rows, StudyTuning(subset_images=300)))
     assert "| hf | calibrated, not tuned: 100 training images" in text
     assert "700 gradient evaluations" in text
+
+
+def test_the_tuning_budget_is_a_fixed_share_of_the_method_run():
+    """Each grid point gets 4% of its method run's gradient evaluations unless a count is
+    given: at 1/10 scale (4,900 training images, 10 epochs = 49,000) 1,960, i.e. 20 steps of
+    a minibatch of 100; at full size (49,900 images) 19,960, the same share of the run."""
+    tuning = StudyTuning()
+    run = ReconstructionConfig(particles="p.star", out_dir="x", epochs=10,
+                               gradient_budget=49_000)
+    assert tuning.point_budget(run, 4900) == 1960
+    full = dataclasses.replace(run, gradient_budget=499_000)
+    assert tuning.point_budget(full, 49_900) == 19_960
+    # no gradient budget: the run's epochs over its training images
+    assert tuning.point_budget(dataclasses.replace(run, gradient_budget=None), 4900) == 1960
+    assert StudyTuning(budget=500).point_budget(full, 49_900) == 500
+    with pytest.raises(ValueError, match="run fraction"):
+        StudyTuning(run_fraction=0)
