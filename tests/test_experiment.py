@@ -358,17 +358,22 @@ def test_tuning_keeps_the_calibrated_rate_when_the_subset_is_smaller_than_a_mini
 
 
 def test_the_tuning_budget_is_a_fixed_share_of_the_method_run():
-    """Each grid point gets 4% of its method run's gradient evaluations unless a count is
-    given: at 1/10 scale (4,900 training images, 10 epochs = 49,000) 1,960, i.e. 20 steps of
-    a minibatch of 100; at full size (49,900 images) 19,960, the same share of the run."""
+    """Each grid point gets 4% of its method run's gradient evaluations, at least 2,000 (20
+    steps of a minibatch of 100), unless a count is given: at full size (49,900 training
+    images, 10 epochs = 499,000) 19,960; at 1/4 scale (12,400 images) 4,960; at 1/10 scale
+    (49,000: 4% would be 1,960) and at 1/50 (9,000) the floor of 2,000."""
     tuning = StudyTuning()
-    run = ReconstructionConfig(particles="p.star", out_dir="x", epochs=10,
-                               gradient_budget=49_000)
-    assert tuning.point_budget(run, 4900) == 1960
-    full = dataclasses.replace(run, gradient_budget=499_000)
+    full = ReconstructionConfig(particles="p.star", out_dir="x", epochs=10,
+                                gradient_budget=499_000)
     assert tuning.point_budget(full, 49_900) == 19_960
-    # no gradient budget: the run's epochs over its training images
-    assert tuning.point_budget(dataclasses.replace(run, gradient_budget=None), 4900) == 1960
+    assert tuning.point_budget(dataclasses.replace(full, gradient_budget=124_000),
+                               12_400) == 4960
+    run = dataclasses.replace(full, gradient_budget=49_000)
+    assert tuning.point_budget(run, 4900) == 2000
+    assert tuning.point_budget(dataclasses.replace(run, gradient_budget=9000), 900) == 2000
+    # no gradient budget: the run's epochs over its training images (10 x 12,400)
+    assert tuning.point_budget(dataclasses.replace(full, gradient_budget=None),
+                               12_400) == 4960
     assert StudyTuning(budget=500).point_budget(full, 49_900) == 500
     with pytest.raises(ValueError, match="run fraction"):
         StudyTuning(run_fraction=0)

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 1000)")
     parser.add_argument("--tune-budget", type=int, default=None,
                         help="gradient evaluations per point of the tuning grid (default: 4%% "
-                             "of a method run's, 1,960 at --scale 0.1)")
+                             "of a method run's, at least 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--resume", action="store_true",

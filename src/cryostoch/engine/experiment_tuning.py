@@ -36,19 +36,21 @@ STUDY_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 # A choice at the grid's edge (online L-BFGS's 16 at 1/10 scale) tries x 2 past it, up to
 # twice, so that the reported choice is the grid's best inside it, not a bound of the grid
 STUDY_EXTEND_EDGES = 2
-# Each grid point's budget, a fixed share of a method run's gradient evaluations, so that the
-# tuning sees the same fraction of the run at every --scale (at 1/10 scale 1,960 of 49,000:
-# 20 steps of a minibatch of 100; at full size 19,600). A fixed count would shrink the
-# tuning's horizon 10x against the run's from 1/10 scale to full size.
+# Each grid point's budget: a fixed share of a method run's gradient evaluations, so that the
+# tuning sees the same fraction of the run at larger --scale (at full size 19,960 of 499,000;
+# a fixed count would shrink the tuning's horizon 10x against the run's from 1/10 scale to
+# full size), and at least STUDY_MIN_BUDGET (20 steps of a minibatch of 100), so that small
+# scales still rank the rates after more than a few steps (at 1/10 scale 2,000 of 49,000).
 STUDY_RUN_FRACTION = 0.04
+STUDY_MIN_BUDGET = 2000
 
 
 @dataclass(frozen=True)
 class StudyTuning:
     """subset_images: training images the short runs draw from (all when fewer);
     budget: single-image gradient evaluations per grid point (None: run_fraction of the
-    method run's); extend_edges: how many times a choice at an edge of the grid extends it
-    past that edge (x 2 each)."""
+    method run's, at least STUDY_MIN_BUDGET); extend_edges: how many times a choice at an
+    edge of the grid extends it past that edge (x 2 each)."""
 
     subset_images: int = 1000
     budget: int | None = None
@@ -72,7 +74,7 @@ class StudyTuning:
         if self.budget is not None:
             return self.budget
         run = config.gradient_budget or run_epochs(config, n_train) * n_train
-        return max(1, round(self.run_fraction * run))
+        return max(STUDY_MIN_BUDGET, round(self.run_fraction * run))
 
 
 def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Path,
@@ -138,7 +140,7 @@ def tuning_markdown(rows: list[dict], tuning: StudyTuning) -> list[str]:
         return []
     budgets = sorted({r["budget_per_point"] for r in rows if r.get("budget_per_point")})
     each = (f"{tuning.budget}" if tuning.budget is not None else
-            f"{tuning.run_fraction:.0%} of a method run's "
+            f"{tuning.run_fraction:.0%} of a method run's, at least {STUDY_MIN_BUDGET} "
             f"({', '.join(str(b) for b in budgets)})")
     lines = [f"Step sizes tuned (the paper's protocol): for each method a grid of "
              f"{', '.join(f'{m:g}' for m in tuning.multiples)} x the calibrated rate (TONGA, "
