@@ -3,6 +3,7 @@ command-line options that `reconstruct` and `baseline` share (class selection in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -354,3 +355,25 @@ def test_tuning_keeps_the_calibrated_rate_when_the_subset_is_smaller_than_a_mini
     text = "\n".join(tuning_markdown(rows, StudyTuning(subset_images=300)))
     assert "| hf | calibrated, not tuned: 100 training images" in text
     assert "700 gradient evaluations" in text
+
+
+def test_the_tuning_budget_is_a_fixed_share_of_the_method_run():
+    """Each grid point gets 4% of its method run's gradient evaluations, at least 2,000 (20
+    steps of a minibatch of 100), unless a count is given: at full size (49,900 training
+    images, 10 epochs = 499,000) 19,960; at 1/4 scale (12,400 images) 4,960; at 1/10 scale
+    (49,000: 4% would be 1,960) and at 1/50 (9,000) the floor of 2,000."""
+    tuning = StudyTuning()
+    full = ReconstructionConfig(particles="p.star", out_dir="x", epochs=10,
+                                gradient_budget=499_000)
+    assert tuning.point_budget(full, 49_900) == 19_960
+    assert tuning.point_budget(dataclasses.replace(full, gradient_budget=124_000),
+                               12_400) == 4960
+    run = dataclasses.replace(full, gradient_budget=49_000)
+    assert tuning.point_budget(run, 4900) == 2000
+    assert tuning.point_budget(dataclasses.replace(run, gradient_budget=9000), 900) == 2000
+    # no gradient budget: the run's epochs over its training images (10 x 12,400)
+    assert tuning.point_budget(dataclasses.replace(full, gradient_budget=None),
+                               12_400) == 4960
+    assert StudyTuning(budget=500).point_budget(full, 49_900) == 500
+    with pytest.raises(ValueError, match="run fraction"):
+        StudyTuning(run_fraction=0)

@@ -108,3 +108,47 @@ def test_a_bad_lr_from_file_is_one_clear_line(tiny_set, tmp_path, capsys, conten
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(record) in err[0] and says in err[0]
     assert not (out / "map.mrc").exists()
+
+
+@pytest.mark.parametrize("grid, chosen, past", [
+    ([0.25, 0.5, 1, 2, 4, 8, 16], 16, 32),  # the study's grid: x 2 past its top
+    ([0.25, 0.5, 1, 2, 4, 8, 16], 0.25, 0.125),
+    ([0.25, 0.5, 1, 2, 4, 8, 16], 4, None),  # inside: nothing to add
+    ([1, 10, 1000], 1000, 100_000),  # the ratio between the two outermost multiples
+    ([4, 1, 2], 1, 0.5),  # in any order
+    ([3], 3, None),  # one multiple: no edge to go past
+])
+def test_beyond_edge_continues_the_grid_at_its_own_ratio(grid, chosen, past):
+    from cryostoch.engine.tune_lr import beyond_edge
+
+    assert beyond_edge(grid, chosen) == (None if past is None else pytest.approx(past))
+
+
+@pytest.mark.parametrize("extend, added, chosen, at_edge", [
+    ("3", [4.0, 8.0], 4.0, False),  # stops once the choice lies inside
+    ("1", [4.0], 4.0, True),  # the limit reached with the choice still at the edge
+    ("0", [], 2.0, True),  # the default: the grid as given
+])
+def test_tune_lr_extends_a_grid_whose_choice_lies_at_its_edge(tiny_set, tmp_path, monkeypatch,
+                                                              extend, added, chosen, at_edge):
+    """The short runs replaced by a known held-out NLL, (log2 m - log2 5.5)^2, lowest at
+    x 5.5: over powers of 2 its best is x 4, which the grid 1, 2 only reaches by extending."""
+    import math
+
+    from cryostoch.engine import tune_lr
+
+    def fake_point(base, point, budget, prepared):
+        point["test_nll"] = (math.log2(point["lr_multiple"]) - math.log2(5.5)) ** 2
+        point["gradient_evaluations"] = budget
+        return budget
+
+    monkeypatch.setattr(tune_lr, "_run_point", fake_point)
+    out = tmp_path / "tune"
+    assert tune(tiny_set, out, "--multiples", "1,2", "--extend-edges", extend) == 0
+    record = json.loads((out / "tune_lr.json").read_text())
+    assert [p["lr_multiple"] for p in record["grid"]] == [1.0, 2.0] + added
+    assert record["extended_multiples"] == added
+    assert record["chosen"]["lr_multiple"] == chosen
+    assert record["lr"] == pytest.approx(chosen * record["base_lr"])
+    assert record["at_grid_edge"] is at_edge
+    assert record["gradient_evaluations_total"] == 300 * (2 + len(added)) + 2 * 50

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-subset", type=int, default=1000,
                         help="training images each method's step size is tuned on "
                              "(default 1000)")
-    parser.add_argument("--tune-budget", type=int, default=2000,
-                        help="gradient evaluations per point of the tuning grid "
-                             "(default 2000)")
+    parser.add_argument("--tune-budget", type=int, default=None,
+                        help="gradient evaluations per point of the tuning grid (default: 4%% "
+                             "of a method run's, at least 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--resume", action="store_true",

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=None,
                         help="single-image gradient evaluations per run (default: two passes "
                              "over the subset)")
+    parser.add_argument("--extend-edges", type=int, default=0,
+                        help="when the chosen rate is the grid's largest or smallest multiple, "
+                             "try the next one past it (at the grid's ratio there), up to this "
+                             "many times (default 0)")
     add_run_options(parser)
 
 
@@ -62,7 +66,8 @@ def config_from_args(args: argparse.Namespace):
     return TuneConfig(base, multiples=float_list(args.multiples, "--multiples"),
                       damping_multiples=float_list(args.damping_multiples,
                                                    "--damping-multiples"),
-                      subset_images=args.subset, budget=args.budget)
+                      subset_images=args.subset, budget=args.budget,
+                      extend_edges=args.extend_edges)
 
 
 def print_table(record: dict) -> None:

@@ -8,6 +8,11 @@ them, each for the same budget of single-image gradient evaluations from the sam
 start, and choose the point with the lowest held-out NLL (the test images no run trains on,
 the same as a `reconstruct` run with this seed holds out). Every run uses a fixed rate (no
 recalibration at stage changes), as `reconstruct --lr` does with the chosen value.
+
+With `extend_edges` > 0, a choice at the grid's largest or smallest multiple (the best rate may
+lie beyond it) adds the next multiple past that edge, at the grid's own ratio there (x 2 on a
+grid of powers of 2), with every damping, and chooses again: up to `extend_edges` times, or
+until the choice lies inside the grid.
 """
 
 from __future__ import annotations
@@ -46,13 +51,15 @@ class TuneConfig:
     multiples: of the calibrated base rate; damping_multiples: of the default damping (TONGA,
     hf; None: DEFAULT_DAMPING_MULTIPLES for them, none for the others); subset_images:
     training images the short runs draw from; budget: gradient evaluations per run (None: two
-    passes over the subset)."""
+    passes over the subset); extend_edges: how many times a choice at an edge of the grid of
+    multiples extends it past that edge (0: never)."""
 
     base: ReconstructionConfig
     multiples: tuple[float, ...] = DEFAULT_MULTIPLES
     damping_multiples: tuple[float, ...] | None = None
     subset_images: int = 1000
     budget: int | None = None
+    extend_edges: int = 0
 
     def __post_init__(self) -> None:
         def positive(values: tuple[float, ...], option: str) -> None:
@@ -72,6 +79,8 @@ class TuneConfig:
         if self.budget is not None and self.budget < 1:
             raise InputError("--budget", f"must be a positive number of gradient "
                              f"evaluations, got {self.budget}")
+        if self.extend_edges < 0:
+            raise InputError("--extend-edges", f"must be >= 0, got {self.extend_edges}")
         if self.base.test_size < 1:
             raise InputError("--test-size", "tune-lr chooses by the held-out NLL: hold out "
                              "at least one image")
@@ -110,11 +119,13 @@ def calibrated_values(config: ReconstructionConfig, prepared: PreparedRun
     return rate, damping, run.state.gradient_evaluations
 
 
-def grid_points(tune: TuneConfig, rate: float, damping: float | None) -> list[dict]:
-    """One dict per run: lr_multiple, lr and (damped methods) damping_multiple, damping."""
+def grid_points(tune: TuneConfig, rate: float, damping: float | None,
+                multiples: tuple[float, ...] | None = None) -> list[dict]:
+    """One dict per run: lr_multiple, lr and (damped methods) damping_multiple, damping; for
+    `multiples` (default: the grid's) with every damping."""
     dampings = tune.tuned_dampings
     points = []
-    for m in tune.multiples:
+    for m in tune.multiples if multiples is None else multiples:
         for d in dampings or (None,):
             point = {"lr_multiple": m, "lr": m * rate}
             if d is not None:
@@ -131,6 +142,43 @@ def chosen_index(nlls: list[float]) -> int:
     return min(finite, key=lambda i: nlls[i])
 
 
+def beyond_edge(multiples: list[float], chosen: float) -> float | None:
+    """The next multiple past the grid's edge when `chosen` lies at it (the grid's own ratio
+    between its two outermost multiples on that side), else None (inside, or one multiple)."""
+    grid = sorted(set(multiples))
+    if len(grid) < 2:
+        return None
+    if chosen == grid[-1]:
+        return grid[-1] * grid[-1] / grid[-2]
+    if chosen == grid[0]:
+        return grid[0] * grid[0] / grid[1]
+    return None
+
+
+def _run_point(base: ReconstructionConfig, point: dict, budget: int,
+               prepared: PreparedRun) -> int:
+    """One short run at `point`'s rate (and damping); records its held-out NLL (None when it
+    diverged) and gradient evaluations in `point`; returns the latter."""
+    options = dict(base.optimizer_options)
+    if "damping" in point:
+        options["damping"] = point["damping"]
+    config = dataclasses.replace(base, lr=point["lr"], optimizer_options=options,
+                                 gradient_budget=budget, epochs=budget / prepared.n_train)
+    run = Reconstruction(config, progress=False, prepared=prepared)
+    nll = run.optimise()
+    point["test_nll"] = nll if math.isfinite(nll) else None
+    point["gradient_evaluations"] = run.state.gradient_evaluations
+    log.info("lr x %g%s: held-out NLL %s", point["lr_multiple"],
+             f", damping x {point['damping_multiple']:g}" if "damping" in point else "",
+             "diverged" if point["test_nll"] is None else f"{nll:.3f}")
+    return run.state.gradient_evaluations
+
+
+def _best(points: list[dict]) -> dict:
+    return points[chosen_index([math.inf if p["test_nll"] is None else p["test_nll"]
+                                for p in points])]
+
+
 def tune_learning_rate(tune: TuneConfig, *, progress: bool = True) -> dict:
     """Run the grid; write and return the record (see the module docstring and README)."""
     start = time.perf_counter()
@@ -144,25 +192,22 @@ def tune_learning_rate(tune: TuneConfig, *, progress: bool = True) -> dict:
     log.info("calibrated base rate %.4g%s (%d gradient evaluations)", rate,
              "" if damping is None else f", damping {damping:.4g}", spent)
     points = grid_points(tune, rate, damping)
-    for point in points:
-        options = dict(base.optimizer_options)
-        if "damping" in point:
-            options["damping"] = point["damping"]
-        config = dataclasses.replace(base, lr=point["lr"], optimizer_options=options,
-                                     gradient_budget=budget, epochs=budget / n_train)
-        run = Reconstruction(config, progress=False, prepared=prepared)
-        nll = run.optimise()
-        point["test_nll"] = nll if math.isfinite(nll) else None
-        point["gradient_evaluations"] = run.state.gradient_evaluations
-        spent += run.state.gradient_evaluations
-        log.info("lr x %g%s: held-out NLL %s", point["lr_multiple"],
-                 f", damping x {point['damping_multiple']:g}" if "damping" in point else "",
-                 "diverged" if point["test_nll"] is None else f"{nll:.3f}")
-    best = chosen_index([math.inf if p["test_nll"] is None else p["test_nll"]
-                         for p in points])
-    chosen = points[best]
-    multiples = sorted(set(tune.multiples))
-    at_edge = len(multiples) > 1 and chosen["lr_multiple"] in (multiples[0], multiples[-1])
+    spent += sum(_run_point(base, point, budget, prepared) for point in points)
+    multiples, extended = list(tune.multiples), []
+    chosen = _best(points)
+    while len(extended) < tune.extend_edges:
+        past = beyond_edge(multiples, chosen["lr_multiple"])
+        if past is None:
+            break
+        log.info("the chosen rate is at the edge of the grid (x %g): trying x %g",
+                 chosen["lr_multiple"], past)
+        new = grid_points(tune, rate, damping, (past,))
+        spent += sum(_run_point(base, point, budget, prepared) for point in new)
+        points += new
+        multiples.append(past)
+        extended.append(past)
+        chosen = _best(points)
+    at_edge = beyond_edge(multiples, chosen["lr_multiple"]) is not None
     if at_edge:  # the best rate may lie outside the grid
         log.warning("the chosen rate is at the edge of the grid (x %g): widen --multiples",
                     chosen["lr_multiple"])
@@ -172,6 +217,9 @@ def tune_learning_rate(tune: TuneConfig, *, progress: bool = True) -> dict:
         "optimizer_options": {"damping": chosen["damping"]} if "damping" in chosen else {},
         "chosen": chosen,
         "at_grid_edge": at_edge,
+        "grid_multiples": list(tune.multiples),
+        "extend_edges": tune.extend_edges,
+        "extended_multiples": extended,
         "base_lr": rate,
         "base_damping": damping,
         "grid": points,
