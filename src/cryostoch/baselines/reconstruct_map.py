@@ -54,6 +54,7 @@ from cryostoch.operators.slicing import (
     hermitian_fold_half_plane,
     insert_slice_weights,
     insert_slices,
+    trilinear_stencil,
 )
 
 __all__ = [
@@ -212,19 +213,54 @@ def backprojection_grid_shape(layout: SpectrumLayout) -> tuple[int, int, int]:
 
 
 def gridded_backprojection(numerator_grid: Tensor, weight_grid: Tensor,
-                           layout: SpectrumLayout) -> BackProjection:
+                           layout: SpectrumLayout,
+                           symmetry: Tensor | None = None) -> BackProjection:
     """Inserted sums on the oversampled grid (Kz, Ky, Kx) of `layout` (complex and real, as
     `insert_slices` / `insert_slice_weights` wrote them) -> `BackProjection` at the integer
-    frequencies up to layout.k_max: the kx = 0 plane made Hermitian, scaled by sqrt(N) and N."""
+    frequencies up to layout.k_max: the kx = 0 plane made Hermitian, scaled by sqrt(N) and N.
+
+    symmetry: (G, 3, 3) point-group rotations, or None. With a group, each coefficient gets
+    the sums of all its symmetry mates, N(q) = sum_g N(g q) and the same for the weights
+    (trilinear reads of the oversampled grid, exact for groups that permute the grid's axes),
+    so the solve divides the pooled observations: RELION symmetrises its back-projector's data
+    and weights the same way. Solving first and averaging the maps after instead averages each
+    coefficient's well-observed mates with unobserved ones when the poses lie in one
+    asymmetric unit, as the exhaustive search's do."""
     n, os_, h = layout.box_size, layout.oversampling, layout.half_width
     k_max = int(layout.k_max)
     device = numerator_grid.device
     num3 = hermitian_fold_half_plane(numerator_grid.to(torch.complex128))
     den3 = hermitian_fold_half_plane(weight_grid.to(torch.complex128)).real
+    if symmetry is not None and symmetry.shape[0] > 1:
+        return _symmetrized(num3, den3, layout, symmetry)
     centred = h + os_ * torch.arange(-k_max, k_max + 1, device=device)
     half = os_ * torch.arange(0, k_max + 1, device=device)
     pick = (centred[:, None, None], centred[None, :, None], half[None, None, :])
     return BackProjection(num3[pick] * math.sqrt(n), den3[pick] * n, n, k_max)
+
+
+def _symmetrized(num3: Tensor, den3: Tensor, layout: SpectrumLayout,
+                 symmetry: Tensor) -> BackProjection:
+    """`gridded_backprojection` of folded sums (Kz, Ky, Kx) pooled over the group (G, 3, 3):
+    each integer frequency q gathers the trilinear reads at g q, one group element at a time
+    (bounded memory)."""
+    n, k_max = layout.box_size, int(layout.k_max)
+    device = num3.device
+    axis = torch.arange(-k_max, k_max + 1, dtype=torch.float64, device=device)
+    half = torch.arange(0, k_max + 1, dtype=torch.float64, device=device)
+    kz, ky, kx = torch.meshgrid(axis, axis, half, indexing="ij")
+    points = torch.stack([kx, ky, kz], -1).reshape(-1, 3)  # (P, 3) x, y, z
+    flat_num, flat_den = num3.reshape(-1), den3.reshape(-1)
+    numerator = torch.zeros(points.shape[0], dtype=torch.complex128, device=device)
+    denominator = torch.zeros(points.shape[0], dtype=torch.float64, device=device)
+    for g in symmetry.to(device=device, dtype=torch.float64):
+        idx, w, flip = trilinear_stencil(points @ g.T, tuple(num3.shape), layout.oversampling)
+        values = (flat_num[idx] * w).sum(-1)
+        numerator += torch.where(flip, values.conj(), values)
+        denominator += (flat_den[idx] * w).sum(-1)
+    shape = kz.shape
+    return BackProjection(numerator.reshape(shape) * math.sqrt(n),
+                          denominator.reshape(shape) * n, n, k_max)
 
 
 def _tau2_grid(back: BackProjection, tau2_per_shell: Tensor | None) -> Tensor:

@@ -275,7 +275,9 @@ class Refinement:
             self.world.sum_(weights)
             nll_sum, prob_sum, change_sum_deg = self.world.sum_(torch.tensor(
                 [nll_sum, prob_sum, change_sum_deg], dtype=torch.float64)).tolist()
-        back = gridded_backprojection(numerator, weights, layout)
+        # the sums pooled over the point group before the solve (`gridded_backprojection`):
+        # the poses of the first, exhaustive search lie in one asymmetric unit
+        back = gridded_backprojection(numerator, weights, layout, self.group_matrices())
         prior = tau2_from_fsc(fsc, back) if fsc is not None else tau2
         solved = solve_map(back, tau2_per_shell=prior, cutoff_px=radius_px)
         unfiltered = solve_map(back, cutoff_px=radius_px)
@@ -286,6 +288,11 @@ class Refinement:
                           float(edge.median()) if len(rows) else 0.0,
                           *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)),
                           new_scales)
+
+    def group_matrices(self) -> Tensor | None:
+        """(G, 3, 3) the point group's rotations (None: C1 or a symmetriser without a group)."""
+        group = getattr(self.symmetrize, "group", None)
+        return None if group is None or group.order == 1 else group.matrices
 
     def rows_per_chunk(self, rotations_per_image: int, n_points: int) -> int:
         """Images per chunk of local scores with `rotations_per_image` candidates at `n_points`
