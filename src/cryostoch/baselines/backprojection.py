@@ -53,12 +53,15 @@ def backproject_sums(
     model: MarginalLikelihood,
     *,
     oversampling: int | None = None,
+    symmetry: Tensor | None = None,
 ) -> BackProjection:
     """Trilinear back-projection of per-direction sums (D, M) into a 3-D half spectrum.
 
     The sums live on `model.coefficients` in the psi = 0 frame of `model.direction_matrices`.
     Insertion runs on a grid `oversampling` times finer than the DFT's; the result is read at
-    the integer frequencies up to the cutoff + 1 (see `BackProjection`).
+    the integer frequencies up to the cutoff + 1 (see `BackProjection`). symmetry: (G, 3, 3)
+    point-group rotations whose mates' sums every coefficient pools (`gridded_backprojection`),
+    or None.
     """
     n_dir, m = model.n_directions, model.n_points
     if tuple(numerator.shape) != (n_dir, m) or tuple(denominator.shape) != (n_dir, m):
@@ -79,7 +82,7 @@ def backproject_sums(
     rotations = model.direction_matrices.to(device=device, dtype=torch.float64)
     num3 = insert_slices(numerator.to(torch.complex128), rotations, kx, ky, shape, os_)
     den3 = insert_slice_weights(denominator.to(torch.float64), rotations, kx, ky, shape, os_)
-    return gridded_backprojection(num3, den3, layout)
+    return gridded_backprojection(num3, den3, layout, symmetry)
 
 
 def backprojection_grid_shape(layout: SpectrumLayout) -> tuple[int, int, int]:

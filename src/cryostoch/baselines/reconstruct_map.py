@@ -41,6 +41,7 @@ voxel; the integer-frequency points of that grid are the `rfft3c` spectrum of th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -221,6 +222,7 @@ def refine_map(
     iterations: int = 10,
     tolerance: float = 1e-4,
     relative_floor: float = 1e-6,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Solve the M-step exactly by preconditioned conjugate gradients, starting at `volume`.
 
@@ -236,21 +238,36 @@ def refine_map(
     CG steps remove it. The preconditioner is the gridded diagonal D(q) (`solve_map`), so
     the first step reproduces the gridded estimate and a handful of steps converge.
     Gradients come from autograd through `model.slices`. Returns float64 (N, N, N).
+
+    symmetrize: for a point group of order G > 1, the map's group average (a callable with a
+    `group` attribute, as the run's `Symmetrizer`), and `back` pooled over that group
+    (`backproject_sums(symmetry=...)`). Q is then minimised over symmetric maps: every
+    gradient and search direction is averaged over the group, so the (symmetric) start stays
+    symmetric, and the prior counts each orbit of coefficients once (1 / (G tau^2) per
+    coefficient), the prior of the pooled `solve_map`, whose diagonal stays the
+    preconditioner. None (or C1): the plain problem, unchanged.
     """
     sigma2 = model.config.noise_sigma**2
+    order = _group_order(symmetrize)
     tau2 = _tau2_grid(back, tau2_per_shell)
     precision, free = _precision(back, tau2, model.config.noise_sigma, cutoff_px,
                                  relative_floor)
     prior = torch.where(free & ~torch.isinf(tau2), 1.0 / torch.where(tau2 > 0, tau2, 1.0), 0.0)
+    if order > 1:
+        prior = prior / order
+
+    def average(v: Tensor) -> Tensor:  # onto symmetric maps (nothing to do for C1)
+        return symmetrize(v) if order > 1 else v
     cdtype = model.complex_dtype
     num = numerator.to(device=model.device, dtype=cdtype)
     den = denominator.to(device=model.device, dtype=model.dtype)
 
     def project(v: Tensor) -> Tensor:  # keep only the free coefficients
-        return _to_volume(torch.where(free, _from_volume(v, back), 0.0), back)
+        return average(_to_volume(torch.where(free, _from_volume(v, back), 0.0), back))
 
     def precondition(r: Tensor) -> Tensor:
-        return _to_volume(torch.where(free, _from_volume(r, back) / precision, 0.0), back)
+        return average(_to_volume(torch.where(free, _from_volume(r, back) / precision, 0.0),
+                                  back))
 
     def gradient(v: Tensor) -> Tensor:
         """dQ/dV at v (float64), projected on the free coefficients."""
@@ -296,21 +313,44 @@ def closed_form_map(
     oversampling: int | None = None,
     cutoff_px: float | None = None,
     refine_iterations: int = 10,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Map (N, N, N) in the model's dtype from per-direction sums: back-project, solve the
     gridded estimate, then refine it with `refine_iterations` CG steps (`refine_map`; 0 keeps
     the gridded estimate). `current` is the map the per-shell regulariser takes its power
     spectrum from. `cutoff_px` (default: the model's cutoff radius) zeroes the coefficients
     beyond it; pass `math.inf` to keep everything the slices reach.
+
+    symmetrize: the run's `Symmetrizer` (a callable averaging a map over its point group,
+    with a `group` attribute), or None. For a group of order > 1 the sums are pooled over the
+    group before the solve (`gridded_backprojection`) and the CG steps stay on symmetric maps
+    (`refine_map`): the sums of poses in one asymmetric unit, as the quadrature's are under a
+    point group, then fill every symmetry mate. Averaging a map solved without the group
+    instead mixes each coefficient with unobserved (zero) mates. C1 or None: no change.
     """
     regulariser = regulariser or Regulariser()
     if cutoff_px is None:
         cutoff_px = model.config.max_radius_px
-    back = backproject_sums(numerator, denominator, model, oversampling=oversampling)
+    order = _group_order(symmetrize)
+    symmetry = symmetrize.group.matrices if order > 1 else None
+    symmetrize = symmetrize if order > 1 else None
+    back = backproject_sums(numerator, denominator, model, oversampling=oversampling,
+                            symmetry=symmetry)
     tau2 = regulariser.tau2_per_shell(current, back.k_max + 2)
     volume = solve_map(back, tau2_per_shell=tau2, noise_sigma=model.config.noise_sigma,
                        cutoff_px=cutoff_px)
     if refine_iterations > 0:
         volume = refine_map(volume, numerator, denominator, model, back, tau2_per_shell=tau2,
-                            cutoff_px=cutoff_px, iterations=refine_iterations)
+                            cutoff_px=cutoff_px, iterations=refine_iterations,
+                            symmetrize=symmetrize)
     return volume.to(model.dtype)
+
+
+def _group_order(symmetrize: Callable[[Tensor], Tensor] | None) -> int:
+    """The order of `symmetrize.group` (1 without a symmetriser)."""
+    if symmetrize is None:
+        return 1
+    group = getattr(symmetrize, "group", None)
+    if group is None:
+        raise ValueError("symmetrize needs a `group` attribute (its point group)")
+    return int(group.order)
