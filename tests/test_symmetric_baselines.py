@@ -116,3 +116,37 @@ def test_c1_is_unchanged(d2_data):
         closed_form_map(*hard_statistics(model, blocks[:10], ctf.index(slice(0, 10)),
                                          torch.zeros(10, dtype=torch.long)), model,
                         symmetrize=lambda v: v)
+
+
+@pytest.mark.parametrize("symmetry", ["C1", "D2"])
+def test_baseline_run_passes_the_point_group_to_the_m_step(tmp_path, monkeypatch, symmetry):
+    """`cryostoch baseline --symmetry D2` hands the run's symmetriser to the step (C1: none),
+    whose map is then D2-symmetric before the engine averages it."""
+    import cryostoch.engine.baseline as engine
+    from cryostoch.engine.baseline import BaselineConfig, BaselineRun
+    from cryostoch.engine.config import ReconstructionConfig
+    from test_baselines import write_particle_set
+
+    star, _ = write_particle_set(tmp_path, count=120)
+    seen, maps = [], []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("symmetrize"))
+        result = em_iteration(*args, **kwargs)
+        maps.append(result.volume.double())
+        return result
+
+    monkeypatch.setattr(engine, "em_iteration", spy)
+    recon = ReconstructionConfig(particles=str(star), out_dir=str(tmp_path / "out"),
+                                 max_freq=0.2, test_size=20, seed=3, shift_range_a=0.0,
+                                 symmetry=symmetry)
+    run = BaselineRun(BaselineConfig("em", recon, iterations=1), progress=False)
+    run.run()
+    if symmetry == "C1":
+        assert seen == [None]
+        return
+    assert seen == [run.prepared.symmetrize]
+    inner = (slice(1, None),) * 3
+    volume = maps[0]
+    torch.testing.assert_close(run.prepared.symmetrize(volume)[inner], volume[inner], rtol=0,
+                               atol=1e-5 * float(volume.abs().max()))
