@@ -280,6 +280,13 @@ def refine_map(
         return project(grad.to(torch.float64) + prior_grad)
 
     x = project(volume.to(device=model.device, dtype=torch.float64))
+    return _conjugate_gradients(x, gradient, precondition, iterations, tolerance)
+
+
+def _conjugate_gradients(x: Tensor, gradient: Callable[[Tensor], Tensor],
+                         precondition: Callable[[Tensor], Tensor], iterations: int,
+                         tolerance: float) -> Tensor:
+    """Preconditioned CG on the quadratic whose gradient is `gradient`, from x."""
     b = -gradient(torch.zeros_like(x))
     r = b - (gradient(x) + b)  # = -grad Q(x)
     z = precondition(r)
