@@ -56,6 +56,7 @@ def em_iteration(
     progress: Callable[[int], None] | None = None,
     noise_precision: Tensor | None = None,
     sum_over_shares: Callable[[Tensor], Tensor] | None = None,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """One E-step over every image and a closed-form M-step.
 
@@ -64,12 +65,14 @@ def em_iteration(
     `progress(n)` is called after each chunk of n images. noise_precision: (K, M) per-image
     precision 1 / sigma_k^2 (coloured noise): the E-step's posteriors and the M-step's sums
     are then noise-weighted, as RELION's are. `sum_over_shares`: for `blocks` that are one
-    share of the images (data parallel), see `accumulate_and_solve`.
+    share of the images (data parallel), see `accumulate_and_solve`. symmetrize: the run's
+    `Symmetrizer` for a point group (the sums are pooled over it, `closed_form_map`), or None.
     """
     return accumulate_and_solve(partial(_posterior_weights, model), model, volume, blocks, ctf,
                                 regulariser=regulariser, chunk_size=chunk_size,
                                 refine_iterations=refine_iterations, progress=progress,
-                                noise_precision=noise_precision, sum_over_shares=sum_over_shares)
+                                noise_precision=noise_precision, sum_over_shares=sum_over_shares,
+                                symmetrize=symmetrize)
 
 
 def batch_em(
@@ -83,6 +86,7 @@ def batch_em(
     chunk_size: int = 500,
     refine_iterations: int = 10,
     callback: Callable[[int, IterationResult], None] | None = None,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """`iterations` EM iterations from `volume`; returns the final map.
 
@@ -90,4 +94,4 @@ def batch_em(
     """
     return iterate(em_iteration, model, volume, blocks, ctf, iterations=iterations,
                    callback=callback, regulariser=regulariser, chunk_size=chunk_size,
-                   refine_iterations=refine_iterations)
+                   refine_iterations=refine_iterations, symmetrize=symmetrize)

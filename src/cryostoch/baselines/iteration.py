@@ -85,6 +85,7 @@ def accumulate_and_solve(
     progress: Callable[[int], None] | None,
     noise_precision: Tensor | None = None,
     sum_over_shares: Callable[[Tensor], Tensor] | None = None,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """One iteration: `assign` every chunk under `volume`, sum, and solve for the new map.
 
@@ -92,7 +93,9 @@ def accumulate_and_solve(
     Data parallel: `blocks` may be one share of the images, the others assigned elsewhere;
     `sum_over_shares` (in place, e.g. an all-reduce) then sums the shares' back-projection
     sums, NLLs and image counts before the map is solved, so every share gets the same map;
-    `pose_index` and `score` cover this share's images only."""
+    `pose_index` and `score` cover this share's images only. symmetrize: the run's
+    `Symmetrizer` for a point group (the M-step pools the sums over it and returns a symmetric
+    map, `closed_form_map`), or None (C1)."""
     n = blocks.shape[0]
     if n == 0:
         raise ValueError("a baseline iteration needs at least one image")
@@ -125,7 +128,8 @@ def accumulate_and_solve(
             nll_sum = None if nll_sum is None else float(totals[0])
             count = float(totals[1])
         new = closed_form_map(numerator, denominator, model, regulariser=regulariser,
-                              current=volume, refine_iterations=refine_iterations)
+                              current=volume, refine_iterations=refine_iterations,
+                              symmetrize=symmetrize)
     return IterationResult(new, pose, score, None if nll_sum is None else nll_sum / count)
 
 

@@ -51,6 +51,7 @@ def projection_matching_iteration(
     refine_iterations: int = 10,
     progress: Callable[[int], None] | None = None,
     sum_over_shares: Callable[[Tensor], Tensor] | None = None,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> IterationResult:
     """Assign each image its best pose by cross-correlation, then reconstruct (closed form).
 
@@ -58,11 +59,13 @@ def projection_matching_iteration(
     `refine_iterations`: CG steps of the exact M-step solve (`closed_form_map`).
     `progress(n)` is called after each chunk of n images. `sum_over_shares`: for `blocks`
     that are one share of the images (data parallel), see `accumulate_and_solve`.
+    symmetrize: the run's `Symmetrizer` for a point group (the sums are pooled over it,
+    `closed_form_map`), or None.
     """
     return accumulate_and_solve(partial(_best_correlation, model), model, volume, blocks, ctf,
                                 regulariser=regulariser, chunk_size=chunk_size,
                                 refine_iterations=refine_iterations, progress=progress,
-                                sum_over_shares=sum_over_shares)
+                                sum_over_shares=sum_over_shares, symmetrize=symmetrize)
 
 
 def projection_matching(
@@ -76,6 +79,7 @@ def projection_matching(
     chunk_size: int = 500,
     refine_iterations: int = 10,
     callback: Callable[[int, IterationResult], None] | None = None,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """`iterations` rounds of projection matching from `volume`; returns the final map.
 
@@ -83,4 +87,5 @@ def projection_matching(
     """
     return iterate(projection_matching_iteration, model, volume, blocks, ctf,
                    iterations=iterations, callback=callback, regulariser=regulariser,
-                   chunk_size=chunk_size, refine_iterations=refine_iterations)
+                   chunk_size=chunk_size, refine_iterations=refine_iterations,
+                   symmetrize=symmetrize)

@@ -41,21 +41,21 @@ voxel; the integer-frequency points of that grid are the `rfft3c` spectrum of th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from cryostoch.baselines.backprojection import (
+    BackProjection,
+    backproject_sums,
+    backprojection_grid_shape,
+    gridded_backprojection,
+)
 from cryostoch.fourier.grids import radial_index
-from cryostoch.fourier.spectrum import SpectrumLayout
 from cryostoch.fourier.transforms import irfft3c, rfft3c
 from cryostoch.model.likelihood import MarginalLikelihood
-from cryostoch.operators.slicing import (
-    hermitian_fold_half_plane,
-    insert_slice_weights,
-    insert_slices,
-    trilinear_stencil,
-)
 
 __all__ = [
     "BackProjection",
@@ -134,30 +134,6 @@ class Regulariser:
 REGULARISER_MODES = ("map", "constant", "none")
 
 
-@dataclass
-class BackProjection:
-    """Back-projected sums on the integer frequencies |k| <= k_max of the rfft3c grid.
-
-    numerator (2K+1, 2K+1, K+1) complex128 and denominator (same shape) float64, with kz and
-    ky centred (zero at index K) and kx = 0 .. K; the numerator is already multiplied by
-    sqrt(N) and the denominator by N, so V_hat = numerator / denominator where covered.
-    """
-
-    numerator: Tensor
-    denominator: Tensor
-    box_size: int
-    k_max: int
-
-    @property
-    def radius(self) -> Tensor:
-        """|k| (cycles per box) of every coefficient, float64."""
-        k = self.k_max
-        axis = torch.arange(-k, k + 1, dtype=torch.float64, device=self.numerator.device)
-        half = torch.arange(0, k + 1, dtype=torch.float64, device=self.numerator.device)
-        kz, ky, kx = torch.meshgrid(axis, axis, half, indexing="ij")
-        return torch.sqrt(kx * kx + ky * ky + kz * kz)
-
-
 def shell_power(volume: Tensor) -> Tensor:
     """Mean |V_hat(k)|^2 of the unitary spectrum on integer shells 0 .. N//2 (float64)."""
     n = volume.shape[-1]
@@ -170,97 +146,6 @@ def shell_power(volume: Tensor) -> Tensor:
     count = torch.zeros(size, dtype=torch.float64, device=volume.device)
     count.index_add_(0, shells[keep], torch.ones_like(spectrum.real)[keep])
     return power / count.clamp(min=1)
-
-
-def backproject_sums(
-    numerator: Tensor,
-    denominator: Tensor,
-    model: MarginalLikelihood,
-    *,
-    oversampling: int | None = None,
-) -> BackProjection:
-    """Trilinear back-projection of per-direction sums (D, M) into a 3-D half spectrum.
-
-    The sums live on `model.coefficients` in the psi = 0 frame of `model.direction_matrices`.
-    Insertion runs on a grid `oversampling` times finer than the DFT's; the result is read at
-    the integer frequencies up to the cutoff + 1 (see `BackProjection`).
-    """
-    n_dir, m = model.n_directions, model.n_points
-    if tuple(numerator.shape) != (n_dir, m) or tuple(denominator.shape) != (n_dir, m):
-        raise ValueError(
-            f"sums must be ({n_dir}, {m}), got {tuple(numerator.shape)} and "
-            f"{tuple(denominator.shape)}"
-        )
-    os_ = int(oversampling or model.config.volume_oversampling)
-    if os_ < 1:
-        raise ValueError("oversampling must be >= 1")
-    n = model.config.box_size
-    k_max = min(int(math.floor(model.config.max_radius_px + 1.0)), n // 2 - 1)
-    layout = SpectrumLayout(n, k_max, os_)
-    shape = backprojection_grid_shape(layout)
-    device = numerator.device
-    kx = model.coefficients.kx.to(device=device, dtype=torch.float64)
-    ky = model.coefficients.ky.to(device=device, dtype=torch.float64)
-    rotations = model.direction_matrices.to(device=device, dtype=torch.float64)
-    num3 = insert_slices(numerator.to(torch.complex128), rotations, kx, ky, shape, os_)
-    den3 = insert_slice_weights(denominator.to(torch.float64), rotations, kx, ky, shape, os_)
-    return gridded_backprojection(num3, den3, layout)
-
-
-def backprojection_grid_shape(layout: SpectrumLayout) -> tuple[int, int, int]:
-    """Shape (Kz, Ky, Kx) of the oversampled half-spectrum grid slices are inserted into."""
-    return (layout.centred_length, layout.centred_length, layout.half_length)
-
-
-def gridded_backprojection(numerator_grid: Tensor, weight_grid: Tensor,
-                           layout: SpectrumLayout,
-                           symmetry: Tensor | None = None) -> BackProjection:
-    """Inserted sums on the oversampled grid (Kz, Ky, Kx) of `layout` (complex and real, as
-    `insert_slices` / `insert_slice_weights` wrote them) -> `BackProjection` at the integer
-    frequencies up to layout.k_max: the kx = 0 plane made Hermitian, scaled by sqrt(N) and N.
-
-    symmetry: (G, 3, 3) point-group rotations, or None. With a group, each coefficient gets
-    the sums of all its symmetry mates, N(q) = sum_g N(g q) and the same for the weights
-    (trilinear reads of the oversampled grid, exact for groups that permute the grid's axes),
-    so the solve divides the pooled observations: RELION symmetrises its back-projector's data
-    and weights the same way. Solving first and averaging the maps after instead averages each
-    coefficient's well-observed mates with unobserved ones when the poses lie in one
-    asymmetric unit, as the exhaustive search's do."""
-    n, os_, h = layout.box_size, layout.oversampling, layout.half_width
-    k_max = int(layout.k_max)
-    device = numerator_grid.device
-    num3 = hermitian_fold_half_plane(numerator_grid.to(torch.complex128))
-    den3 = hermitian_fold_half_plane(weight_grid.to(torch.complex128)).real
-    if symmetry is not None and symmetry.shape[0] > 1:
-        return _symmetrized(num3, den3, layout, symmetry)
-    centred = h + os_ * torch.arange(-k_max, k_max + 1, device=device)
-    half = os_ * torch.arange(0, k_max + 1, device=device)
-    pick = (centred[:, None, None], centred[None, :, None], half[None, None, :])
-    return BackProjection(num3[pick] * math.sqrt(n), den3[pick] * n, n, k_max)
-
-
-def _symmetrized(num3: Tensor, den3: Tensor, layout: SpectrumLayout,
-                 symmetry: Tensor) -> BackProjection:
-    """`gridded_backprojection` of folded sums (Kz, Ky, Kx) pooled over the group (G, 3, 3):
-    each integer frequency q gathers the trilinear reads at g q, one group element at a time
-    (bounded memory)."""
-    n, k_max = layout.box_size, int(layout.k_max)
-    device = num3.device
-    axis = torch.arange(-k_max, k_max + 1, dtype=torch.float64, device=device)
-    half = torch.arange(0, k_max + 1, dtype=torch.float64, device=device)
-    kz, ky, kx = torch.meshgrid(axis, axis, half, indexing="ij")
-    points = torch.stack([kx, ky, kz], -1).reshape(-1, 3)  # (P, 3) x, y, z
-    flat_num, flat_den = num3.reshape(-1), den3.reshape(-1)
-    numerator = torch.zeros(points.shape[0], dtype=torch.complex128, device=device)
-    denominator = torch.zeros(points.shape[0], dtype=torch.float64, device=device)
-    for g in symmetry.to(device=device, dtype=torch.float64):
-        idx, w, flip = trilinear_stencil(points @ g.T, tuple(num3.shape), layout.oversampling)
-        values = (flat_num[idx] * w).sum(-1)
-        numerator += torch.where(flip, values.conj(), values)
-        denominator += (flat_den[idx] * w).sum(-1)
-    shape = kz.shape
-    return BackProjection(numerator.reshape(shape) * math.sqrt(n),
-                          denominator.reshape(shape) * n, n, k_max)
 
 
 def _tau2_grid(back: BackProjection, tau2_per_shell: Tensor | None) -> Tensor:
@@ -337,6 +222,7 @@ def refine_map(
     iterations: int = 10,
     tolerance: float = 1e-4,
     relative_floor: float = 1e-6,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Solve the M-step exactly by preconditioned conjugate gradients, starting at `volume`.
 
@@ -352,21 +238,36 @@ def refine_map(
     CG steps remove it. The preconditioner is the gridded diagonal D(q) (`solve_map`), so
     the first step reproduces the gridded estimate and a handful of steps converge.
     Gradients come from autograd through `model.slices`. Returns float64 (N, N, N).
+
+    symmetrize: for a point group of order G > 1, the map's group average (a callable with a
+    `group` attribute, as the run's `Symmetrizer`), and `back` pooled over that group
+    (`backproject_sums(symmetry=...)`). Q is then minimised over symmetric maps: every
+    gradient and search direction is averaged over the group, so the (symmetric) start stays
+    symmetric, and the prior counts each orbit of coefficients once (1 / (G tau^2) per
+    coefficient), the prior of the pooled `solve_map`, whose diagonal stays the
+    preconditioner. None (or C1): the plain problem, unchanged.
     """
     sigma2 = model.config.noise_sigma**2
+    order = _group_order(symmetrize)
     tau2 = _tau2_grid(back, tau2_per_shell)
     precision, free = _precision(back, tau2, model.config.noise_sigma, cutoff_px,
                                  relative_floor)
     prior = torch.where(free & ~torch.isinf(tau2), 1.0 / torch.where(tau2 > 0, tau2, 1.0), 0.0)
+    if order > 1:
+        prior = prior / order
+
+    def average(v: Tensor) -> Tensor:  # onto symmetric maps (nothing to do for C1)
+        return symmetrize(v) if order > 1 else v
     cdtype = model.complex_dtype
     num = numerator.to(device=model.device, dtype=cdtype)
     den = denominator.to(device=model.device, dtype=model.dtype)
 
     def project(v: Tensor) -> Tensor:  # keep only the free coefficients
-        return _to_volume(torch.where(free, _from_volume(v, back), 0.0), back)
+        return average(_to_volume(torch.where(free, _from_volume(v, back), 0.0), back))
 
     def precondition(r: Tensor) -> Tensor:
-        return _to_volume(torch.where(free, _from_volume(r, back) / precision, 0.0), back)
+        return average(_to_volume(torch.where(free, _from_volume(r, back) / precision, 0.0),
+                                  back))
 
     def gradient(v: Tensor) -> Tensor:
         """dQ/dV at v (float64), projected on the free coefficients."""
@@ -379,6 +280,13 @@ def refine_map(
         return project(grad.to(torch.float64) + prior_grad)
 
     x = project(volume.to(device=model.device, dtype=torch.float64))
+    return _conjugate_gradients(x, gradient, precondition, iterations, tolerance)
+
+
+def _conjugate_gradients(x: Tensor, gradient: Callable[[Tensor], Tensor],
+                         precondition: Callable[[Tensor], Tensor], iterations: int,
+                         tolerance: float) -> Tensor:
+    """Preconditioned CG on the quadratic whose gradient is `gradient`, from x."""
     b = -gradient(torch.zeros_like(x))
     r = b - (gradient(x) + b)  # = -grad Q(x)
     z = precondition(r)
@@ -412,21 +320,44 @@ def closed_form_map(
     oversampling: int | None = None,
     cutoff_px: float | None = None,
     refine_iterations: int = 10,
+    symmetrize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Map (N, N, N) in the model's dtype from per-direction sums: back-project, solve the
     gridded estimate, then refine it with `refine_iterations` CG steps (`refine_map`; 0 keeps
     the gridded estimate). `current` is the map the per-shell regulariser takes its power
     spectrum from. `cutoff_px` (default: the model's cutoff radius) zeroes the coefficients
     beyond it; pass `math.inf` to keep everything the slices reach.
+
+    symmetrize: the run's `Symmetrizer` (a callable averaging a map over its point group,
+    with a `group` attribute), or None. For a group of order > 1 the sums are pooled over the
+    group before the solve (`gridded_backprojection`) and the CG steps stay on symmetric maps
+    (`refine_map`): the sums of poses in one asymmetric unit, as the quadrature's are under a
+    point group, then fill every symmetry mate. Averaging a map solved without the group
+    instead mixes each coefficient with unobserved (zero) mates. C1 or None: no change.
     """
     regulariser = regulariser or Regulariser()
     if cutoff_px is None:
         cutoff_px = model.config.max_radius_px
-    back = backproject_sums(numerator, denominator, model, oversampling=oversampling)
+    order = _group_order(symmetrize)
+    symmetry = symmetrize.group.matrices if order > 1 else None
+    symmetrize = symmetrize if order > 1 else None
+    back = backproject_sums(numerator, denominator, model, oversampling=oversampling,
+                            symmetry=symmetry)
     tau2 = regulariser.tau2_per_shell(current, back.k_max + 2)
     volume = solve_map(back, tau2_per_shell=tau2, noise_sigma=model.config.noise_sigma,
                        cutoff_px=cutoff_px)
     if refine_iterations > 0:
         volume = refine_map(volume, numerator, denominator, model, back, tau2_per_shell=tau2,
-                            cutoff_px=cutoff_px, iterations=refine_iterations)
+                            cutoff_px=cutoff_px, iterations=refine_iterations,
+                            symmetrize=symmetrize)
     return volume.to(model.dtype)
+
+
+def _group_order(symmetrize: Callable[[Tensor], Tensor] | None) -> int:
+    """The order of `symmetrize.group` (1 without a symmetriser)."""
+    if symmetrize is None:
+        return 1
+    group = getattr(symmetrize, "group", None)
+    if group is None:
+        raise ValueError("symmetrize needs a `group` attribute (its point group)")
+    return int(group.order)

@@ -142,6 +142,8 @@ class BaselineRun:
         self._log_metrics(None, self._test_nll(), start_time)
         rows = world.share(torch.arange(prepared.n_train))  # this rank's images
         options = {"sum_over_shares": world.sum_} if world.parallel else {}
+        if prepared.symmetrize.group.order > 1:  # the M-step pools the sums over the group
+            options["symmetrize"] = prepared.symmetrize
         if self.noise_precision is not None and cfg.method == "em":
             options["noise_precision"] = self.noise_precision[train.optics_index[rows]]
         share = train.subset(rows.numpy()) if world.parallel else train  # on disk: a view
