@@ -20,18 +20,10 @@ from cryostoch.geometry.symmetry import point_group, restrict_orientation_quadra
 from cryostoch.model.hard_assignment import hard_statistics
 from cryostoch.model.likelihood import LikelihoodConfig, MarginalLikelihood
 from cryostoch.simulate.phantom import phantom_volume
-from test_baselines import ctf_set, simulate_at_poses
+from test_baselines import _one_thread, ctf_set, simulate_at_poses  # noqa: F401 (autouse)
 
 F64 = torch.float64
 BOX, RADIUS = 24, 8.0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
