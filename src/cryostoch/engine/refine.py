@@ -4,10 +4,10 @@ Two half sets are kept independent from the start (each with its own copy of the
 start map). Every iteration, for each half:
 * E-step: each particle is scored only near its current pose (`model/local_search.py`) at a
   cutoff a few shells past the current gold-standard resolution;
-* M-step: the posterior-weighted images are back-projected and the half map solved twice:
-  without a prior (RELION's unfiltered half map, which the FSC is computed from) and as the
-  Wiener estimate whose signal-to-noise per shell is FSC / (1 - FSC) (the next reference),
-  each averaged over the point group.
+* M-step: the posterior-weighted images are back-projected, the sums pooled over the point
+  group's symmetry mates (`gridded_backprojection`), and the half map solved twice: without a
+  prior (RELION's unfiltered half map, which the FSC is computed from) and as the Wiener
+  estimate whose signal-to-noise per shell is FSC / (1 - FSC) (the next reference).
 The FSC of the two unfiltered halves (inside the particle's sphere) sets the next cutoff; the
 angular and shift steps are halved down to what that cutoff needs (half a Fourier pixel of arc
 at its edge) once the posterior is narrow enough, widened when it fills the window. It stops
