@@ -17,7 +17,7 @@ Images of the built-in phantom at known poses, with real-looking CTFs and white 
 Prints seconds per image of both, the speed-up, the share of images whose best poses agree
 within one step of the exhaustive grid (rotation and shift), and the mean |NLL difference|,
 all measured in this run. The local rounds take the images in chunks within refine's CPU
-memory budget (`engine.refine.CPU_CHUNK_BYTES`). `--device cuda` runs both searches on a GPU
+memory budget (`model.local_search.CPU_CHUNK_BYTES`). `--device cuda` runs both searches on a GPU
 (the images are made on the CPU).
 """
 
@@ -29,7 +29,6 @@ import time
 
 import torch
 
-from cryostoch.engine.refine import CPU_CHUNK_BYTES
 from cryostoch.fourier.grids import half_plane_coefficients
 from cryostoch.fourier.spectrum import oversampled_volume_spectrum
 from cryostoch.geometry.quadrature import (
@@ -44,6 +43,7 @@ from cryostoch.model.local_search import (
     ImageBatch,
     best_of_starts,
     candidate_rotations,
+    chunk_rows,
     local_scores,
     rotation_offsets,
     shift_offsets,
@@ -197,8 +197,8 @@ def pruned(volume, images, ctf, box, radius, shift_radius, device, top_k=8, fina
     rot, shifts = rot.double().to(device), shifts.double().to(device)
     # in chunks whose widest round's slices stay within refine's CPU budget (larger
     # temporaries are page-faulted anew each time); accelerators take all at once
-    per_image = max(27 * top_k, (2 * final_extent + 1) ** 3) * points.n_points * 8
-    size = len(rot) if device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
+    size = chunk_rows(device, torch.float32, max(27 * top_k, (2 * final_extent + 1) ** 3),
+                      points.n_points, len(rot))
     parts = [local_stages(block, points, ImageBatch(*(x[c] for x in (
         batch.coefficients, batch.ctf, batch.weighted_precision))), box, radius, rot[c],
         shifts[c], steps, shift_log_density, final_extent)

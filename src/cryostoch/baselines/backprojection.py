@@ -20,7 +20,27 @@ from cryostoch.operators.slicing import (
 )
 
 __all__ = ["BackProjection", "backproject_sums", "backprojection_grid_shape",
-           "gridded_backprojection"]
+           "gridded_backprojection", "pooling_group"]
+
+
+def pooling_group(symmetrize) -> Tensor | None:
+    """(G, 3, 3) the rotations a symmetriser's point group pools the sums over, None for C1 or
+    no symmetriser. `symmetrize`: the run's `Symmetrizer` (a callable with a `group`
+    attribute) or None; ValueError for a callable without a group."""
+    if symmetrize is None:
+        return None
+    group = getattr(symmetrize, "group", None)
+    if group is None:
+        raise ValueError("symmetrize needs a `group` attribute (its point group)")
+    return group.matrices if group.order > 1 else None
+
+
+def _integer_frequencies(k_max: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(kz, ky, kx) float64, each (2K+1, 2K+1, K+1): the integer frequencies of a
+    `BackProjection` (kz, ky centred, kx = 0 .. K)."""
+    axis = torch.arange(-k_max, k_max + 1, dtype=torch.float64, device=device)
+    half = torch.arange(0, k_max + 1, dtype=torch.float64, device=device)
+    return torch.meshgrid(axis, axis, half, indexing="ij")
 
 
 @dataclass
@@ -40,10 +60,7 @@ class BackProjection:
     @property
     def radius(self) -> Tensor:
         """|k| (cycles per box) of every coefficient, float64."""
-        k = self.k_max
-        axis = torch.arange(-k, k + 1, dtype=torch.float64, device=self.numerator.device)
-        half = torch.arange(0, k + 1, dtype=torch.float64, device=self.numerator.device)
-        kz, ky, kx = torch.meshgrid(axis, axis, half, indexing="ij")
+        kz, ky, kx = _integer_frequencies(self.k_max, self.numerator.device)
         return torch.sqrt(kx * kx + ky * ky + kz * kz)
 
 
@@ -124,9 +141,7 @@ def _symmetrized(num3: Tensor, den3: Tensor, layout: SpectrumLayout,
     (bounded memory)."""
     n, k_max = layout.box_size, int(layout.k_max)
     device = num3.device
-    axis = torch.arange(-k_max, k_max + 1, dtype=torch.float64, device=device)
-    half = torch.arange(0, k_max + 1, dtype=torch.float64, device=device)
-    kz, ky, kx = torch.meshgrid(axis, axis, half, indexing="ij")
+    kz, ky, kx = _integer_frequencies(k_max, device)
     points = torch.stack([kx, ky, kz], -1).reshape(-1, 3)  # (P, 3) x, y, z
     flat_num, flat_den = num3.reshape(-1), den3.reshape(-1)
     numerator = torch.zeros(points.shape[0], dtype=torch.complex128, device=device)

@@ -52,6 +52,7 @@ from cryostoch.baselines.backprojection import (
     backproject_sums,
     backprojection_grid_shape,
     gridded_backprojection,
+    pooling_group,
 )
 from cryostoch.fourier.grids import radial_index
 from cryostoch.fourier.transforms import irfft3c, rfft3c
@@ -65,6 +66,7 @@ __all__ = [
     "backprojection_grid_shape",
     "gridded_backprojection",
     "closed_form_map",
+    "pooling_group",
     "refine_map",
     "shell_power",
     "solve_map",
@@ -248,7 +250,8 @@ def refine_map(
     preconditioner. None (or C1): the plain problem, unchanged.
     """
     sigma2 = model.config.noise_sigma**2
-    order = _group_order(symmetrize)
+    symmetry = pooling_group(symmetrize)
+    order = 1 if symmetry is None else symmetry.shape[0]
     tau2 = _tau2_grid(back, tau2_per_shell)
     precision, free = _precision(back, tau2, model.config.noise_sigma, cutoff_px,
                                  relative_floor)
@@ -338,9 +341,8 @@ def closed_form_map(
     regulariser = regulariser or Regulariser()
     if cutoff_px is None:
         cutoff_px = model.config.max_radius_px
-    order = _group_order(symmetrize)
-    symmetry = symmetrize.group.matrices if order > 1 else None
-    symmetrize = symmetrize if order > 1 else None
+    symmetry = pooling_group(symmetrize)
+    symmetrize = symmetrize if symmetry is not None else None
     back = backproject_sums(numerator, denominator, model, oversampling=oversampling,
                             symmetry=symmetry)
     tau2 = regulariser.tau2_per_shell(current, back.k_max + 2)
@@ -352,12 +354,3 @@ def closed_form_map(
                             symmetrize=symmetrize)
     return volume.to(model.dtype)
 
-
-def _group_order(symmetrize: Callable[[Tensor], Tensor] | None) -> int:
-    """The order of `symmetrize.group` (1 without a symmetriser)."""
-    if symmetrize is None:
-        return 1
-    group = getattr(symmetrize, "group", None)
-    if group is None:
-        raise ValueError("symmetrize needs a `group` attribute (its point group)")
-    return int(group.order)

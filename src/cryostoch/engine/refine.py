@@ -34,6 +34,7 @@ from cryostoch.baselines.reconstruct_map import (
     BackProjection,
     backprojection_grid_shape,
     gridded_backprojection,
+    pooling_group,
     shell_power,
     solve_map,
 )
@@ -48,6 +49,7 @@ from cryostoch.model.local_search import (
     LocalScores,
     backproject_local,
     candidate_rotations,
+    chunk_rows,
     local_scores,
     on_edge,
     oversampled_candidates,
@@ -60,11 +62,6 @@ from cryostoch.model.local_search import (
 log = logging.getLogger(__name__)
 
 OVERSAMPLING = 2  # of the map's spectrum for reads and of the back-projection grid
-# On the CPU a chunk's largest temporary (the (b, J, M) complex slices) is kept under this:
-# glibc hands out blocks above its mmap threshold (32 MiB at most) as fresh pages returned on
-# free, so each chunk's temporaries were page-faulted anew; on beta-galactosidase with 128
-# images a chunk the kernel's time exceeded the computation's (sys 237 s, user 194 s)
-CPU_CHUNK_BYTES = 8 * 2**20
 FSC_THRESHOLD = 0.143  # gold standard (Rosenthal & Henderson 2003)
 
 
@@ -277,7 +274,8 @@ class Refinement:
                 [nll_sum, prob_sum, change_sum_deg], dtype=torch.float64)).tolist()
         # the sums pooled over the point group before the solve (`gridded_backprojection`):
         # the poses of the first, exhaustive search lie in one asymmetric unit
-        back = gridded_backprojection(numerator, weights, layout, self.group_matrices())
+        back = gridded_backprojection(numerator, weights, layout,
+                                      pooling_group(self.symmetrize))
         prior = tau2_from_fsc(fsc, back) if fsc is not None else tau2
         solved = solve_map(back, tau2_per_shell=prior, cutoff_px=radius_px)
         unfiltered = solve_map(back, cutoff_px=radius_px)
@@ -289,19 +287,10 @@ class Refinement:
                           *(spread.median(0).values.tolist() if len(rows) else (0.0, 0.0)),
                           new_scales)
 
-    def group_matrices(self) -> Tensor | None:
-        """(G, 3, 3) the point group's rotations (None: C1 or a symmetriser without a group)."""
-        group = getattr(self.symmetrize, "group", None)
-        return None if group is None or group.order == 1 else group.matrices
-
     def rows_per_chunk(self, rotations_per_image: int, n_points: int) -> int:
-        """Images per chunk of local scores with `rotations_per_image` candidates at `n_points`
-        points each: the configured chunk size, on the CPU at most what keeps the (b, J, M)
-        complex slices within CPU_CHUNK_BYTES (accelerators keep their large chunks)."""
-        if self.device.type != "cpu":
-            return self.config.chunk_size
-        per_image = rotations_per_image * n_points * 2 * self.dtype.itemsize
-        return max(1, min(self.config.chunk_size, CPU_CHUNK_BYTES // per_image))
+        """`chunk_rows` on this run's device and dtype, at most the configured chunk size."""
+        return chunk_rows(self.device, self.dtype, rotations_per_image, n_points,
+                          self.config.chunk_size)
 
     def reference(self, volume: Tensor, mask: Tensor | None, radius_px: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -37,6 +37,23 @@ from cryostoch.operators.slicing import (
     insert_slices_and_weights,
 )
 
+# On the CPU a chunk's largest temporary (the (b, J, M) complex slices) is kept under this:
+# glibc hands out blocks above its mmap threshold (32 MiB at most) as fresh pages returned on
+# free, so each chunk's temporaries were page-faulted anew; on beta-galactosidase with 128
+# images a chunk the kernel's time exceeded the computation's (sys 237 s, user 194 s)
+CPU_CHUNK_BYTES = 8 * 2**20
+
+
+def chunk_rows(device: torch.device, dtype: torch.dtype, rotations_per_image: int,
+               n_points: int, limit: int) -> int:
+    """Images per chunk of local scores with `rotations_per_image` candidates at `n_points`
+    points each: `limit`, and on the CPU at most what keeps the (b, J, M) complex slices of
+    `dtype` within CPU_CHUNK_BYTES (accelerators keep their large chunks)."""
+    if device.type != "cpu":
+        return limit
+    per_image = rotations_per_image * n_points * 2 * dtype.itemsize
+    return max(1, min(limit, CPU_CHUNK_BYTES // per_image))
+
 
 def cube_grid(extent: int, dims: int, *, device=None) -> Tensor:
     """(K, dims) integer points of {-e..e}^dims ordered by distance from the origin (origin
