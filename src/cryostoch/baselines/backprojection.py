@@ -20,7 +20,7 @@ from cryostoch.operators.slicing import (
 )
 
 __all__ = ["BackProjection", "backproject_sums", "backprojection_grid_shape",
-           "gridded_backprojection", "pooling_group"]
+           "correct_gridding", "gridded_backprojection", "pooling_group"]
 
 
 def pooling_group(symmetrize) -> Tensor | None:
@@ -154,3 +154,21 @@ def _symmetrized(num3: Tensor, den3: Tensor, layout: SpectrumLayout,
     shape = kz.shape
     return BackProjection(numerator.reshape(shape) * math.sqrt(n),
                           denominator.reshape(shape) * n, n, k_max)
+
+
+def correct_gridding(volume: Tensor, oversampling: int) -> Tensor:
+    """`volume` (N, N, N) divided by the real-space envelope that trilinear gridding on a grid
+    `oversampling` times finer than the DFT's imposes: sinc^2(x / (N oversampling)) per axis,
+    x = index - N // 2 (the Fourier transform of the triangle kernel).
+
+    A gridded ratio of back-projected sums averages the spectrum over that kernel; where the
+    samples are dense that multiplies the map by the envelope (0.41 at the box's faces for
+    oversampling 1, 0.81 for 2), which RELION's back-projector divides out the same way."""
+    n = volume.shape[-1]
+    if tuple(volume.shape) != (n, n, n) or oversampling < 1:
+        raise ValueError(f"need an (N, N, N) map and oversampling >= 1, got "
+                         f"{tuple(volume.shape)} and {oversampling}")
+    x = torch.arange(n, dtype=torch.float64, device=volume.device) - n // 2
+    envelope = torch.sinc(x / (n * oversampling)) ** 2
+    envelope3 = envelope[:, None, None] * envelope[None, :, None] * envelope[None, None, :]
+    return volume / envelope3.to(volume.dtype)

@@ -51,6 +51,7 @@ from cryostoch.baselines.backprojection import (
     BackProjection,
     backproject_sums,
     backprojection_grid_shape,
+    correct_gridding,
     gridded_backprojection,
     pooling_group,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "Regulariser",
     "backproject_sums",
     "backprojection_grid_shape",
+    "correct_gridding",
     "gridded_backprojection",
     "closed_form_map",
     "pooling_group",
