@@ -86,6 +86,20 @@ def test_reading_the_dft_grid_keeps_all_inserted_weight_a_finer_grid_an_eighth()
     assert float(back2.denominator.sum()) / BOX / inserted2 == pytest.approx(1 / 8, abs=0.03)
 
 
+@pytest.mark.parametrize("oversampling", [1, 2])
+def test_correct_gridding_is_floored_outside_the_inscribed_sphere(oversampling):
+    """The solvent in the corners is amplified no more than the centres of the faces are:
+    1 / sinc^2(1 / (2 oversampling))."""
+    corrected = correct_gridding(torch.ones(BOX, BOX, BOX, dtype=torch.float64), oversampling)
+    x = math.pi / (2 * oversampling)
+    face = (math.sin(x) / x) ** 2
+    c = BOX // 2
+    assert float(corrected[c, c, 0]) == pytest.approx(1 / face)  # x = -N/2: a face's centre
+    assert float(corrected.max()) == pytest.approx(1 / face)
+    assert float(corrected[0, 0, 0]) == pytest.approx(1 / face)  # a corner, floored
+    assert float(corrected[c, c, c]) == 1.0
+
+
 def test_correct_gridding_rejects_non_cubic_maps_and_bad_oversampling():
     with pytest.raises(ValueError, match="oversampling"):
         correct_gridding(torch.zeros(8, 8, 8), 0)

@@ -51,10 +51,34 @@ def fsc_05_against_truth(path: Path, sim: Path) -> float:
 
 @pytest.fixture(scope="module")
 def refined(refine_sim, tmp_path_factory) -> Path:
-    """One uninterrupted refinement of `refine_sim` (shared: its outputs are only read)."""
+    """One uninterrupted refinement of `refine_sim` with the defaults (shared: its outputs
+    are only read). The references' masks it used (the default, auto) are summarised in
+    `masks.json` beside it."""
     out = tmp_path_factory.mktemp("refined") / "whole"
-    assert main(refine_argv(refine_sim, out)) == 0
+    seen = []
+    real = refine_module.Refinement.iterate
+
+    def recording(self, state, tau2):
+        if state.reference_mask is not None:
+            mask = state.reference_mask
+            seen.append([float(mask.min()), float(mask.max()), float(mask[0, 0, 0])])
+        return real(self, state, tau2)
+
+    refine_module.Refinement.iterate = recording
+    try:
+        assert main(refine_argv(refine_sim, out)) == 0
+    finally:
+        refine_module.Refinement.iterate = real
+    (out.parent / "masks.json").write_text(json.dumps(seen))
     return out
+
+
+def test_the_default_references_are_solvent_masked(refined):
+    """By default (`--reference-mask auto`) the references are masked by a soft solvent
+    mask from the second iteration on: within [0, 1], zero in the box corner (solvent)."""
+    seen = json.loads((refined.parent / "masks.json").read_text())
+    assert seen and all(low >= 0 and high <= 1 for low, high, _ in seen)
+    assert all(corner == 0 for _, _, corner in seen)
 
 
 @pytest.mark.slow
@@ -220,24 +244,22 @@ def test_pruned_global_search_re_scores_the_coarse_candidates_finer(refine_sim):
 
 
 @pytest.mark.slow
-def test_refine_with_an_automatic_reference_mask(refine_sim, tmp_path, monkeypatch):
-    """The solvent-masked references keep the run going past its start (and the mask, used
-    from the second iteration on, lies inside the particle's sphere)."""
+def test_refine_with_the_spherical_reference_mask(refine_sim, tmp_path, monkeypatch):
+    """`--reference-mask sphere`: the references keep only the particle's sphere (no solvent
+    mask is ever set) and the run still improves on its start."""
     from cryostoch.engine import refine_run
 
-    out = tmp_path / "masked"
+    out = tmp_path / "sphere"
     seen = []
     real = refine_module.Refinement.iterate
 
     def recording(self, state, tau2):
-        if state.reference_mask is not None:
-            seen.append(state.reference_mask)
+        seen.append(state.reference_mask)
         return real(self, state, tau2)
 
     monkeypatch.setattr(refine_module.Refinement, "iterate", recording)
-    assert main(refine_argv(refine_sim, out, "--reference-mask", "auto")) == 0
-    assert seen and all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in seen)
-    assert all(float(m[0, 0, 0]) == 0 for m in seen)  # the box corner is solvent
+    assert main(refine_argv(refine_sim, out, "--reference-mask", "sphere")) == 0
+    assert seen and all(m is None for m in seen)
     record = json.loads((out / "refine.json").read_text())
     assert record["resolution_0143_a"] < 0.75 * START_A
     assert refine_run.CHECKPOINT_NAME not in [p.name for p in out.iterdir()]

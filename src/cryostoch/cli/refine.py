@@ -52,10 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="poses per particle that a later global search's exhaustive "
                              "stage keeps for re-scoring at the current cutoff (default 20; 1: "
                              "the exhaustive search alone)")
-    parser.add_argument("--reference-mask", default="sphere",
-                        help="mask of the references in the pose search: sphere (default: the "
-                             "particle diameter) or auto (a soft solvent mask of the current "
-                             "half maps' average, inside that sphere)")
+    parser.add_argument("--reference-mask", default="auto",
+                        help="mask of the references in the pose search: auto (default: a "
+                             "soft solvent mask of the current half maps' average, inside the "
+                             "particle's sphere, as cryoSPARC's dynamic mask) or sphere (the "
+                             "particle diameter only)")
     parser.add_argument("--poses-from-input", action="store_true",
                         help="start from the poses in the particles file (e.g. an ab initio "
                              "run's poses.star) instead of a global search")

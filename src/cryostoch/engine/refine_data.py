@@ -60,7 +60,7 @@ class RefineConfig:
     global_rounds: int = 1  # global searches (the first, then at the resolution reached)
     global_top_k: int = 20  # poses per particle the later global searches' exhaustive stage
     # keeps for re-scoring at the search cutoff (1: exhaustive only; `engine/refine_search.py`)
-    reference_mask: str = "sphere"  # the references' mask: the particle's sphere, or "auto"
+    reference_mask: str = "auto"  # the references' mask: "auto" (solvent) or the "sphere"
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
