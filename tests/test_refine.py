@@ -56,21 +56,24 @@ def refined(refine_sim, tmp_path_factory) -> Path:
     `masks.json` beside it."""
     out = tmp_path_factory.mktemp("refined") / "whole"
     seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        record_reference_masks(patch, seen)
+        assert main(refine_argv(refine_sim, out)) == 0
+    summary = [[float(m.min()), float(m.max()), float(m[0, 0, 0])] for m in seen if m is not None]
+    (out.parent / "masks.json").write_text(json.dumps(summary))
+    return out
+
+
+def record_reference_masks(patch: pytest.MonkeyPatch, seen: list) -> None:
+    """Patch `Refinement.iterate` to append each iteration's reference mask (None: the
+    particle's sphere only) to `seen`."""
     real = refine_module.Refinement.iterate
 
     def recording(self, state, tau2):
-        if state.reference_mask is not None:
-            mask = state.reference_mask
-            seen.append([float(mask.min()), float(mask.max()), float(mask[0, 0, 0])])
+        seen.append(state.reference_mask)
         return real(self, state, tau2)
 
-    refine_module.Refinement.iterate = recording
-    try:
-        assert main(refine_argv(refine_sim, out)) == 0
-    finally:
-        refine_module.Refinement.iterate = real
-    (out.parent / "masks.json").write_text(json.dumps(seen))
-    return out
+    patch.setattr(refine_module.Refinement, "iterate", recording)
 
 
 def test_the_default_references_are_solvent_masked(refined):
@@ -251,13 +254,7 @@ def test_refine_with_the_spherical_reference_mask(refine_sim, tmp_path, monkeypa
 
     out = tmp_path / "sphere"
     seen = []
-    real = refine_module.Refinement.iterate
-
-    def recording(self, state, tau2):
-        seen.append(state.reference_mask)
-        return real(self, state, tau2)
-
-    monkeypatch.setattr(refine_module.Refinement, "iterate", recording)
+    record_reference_masks(monkeypatch, seen)
     assert main(refine_argv(refine_sim, out, "--reference-mask", "sphere")) == 0
     assert seen and all(m is None for m in seen)
     record = json.loads((out / "refine.json").read_text())

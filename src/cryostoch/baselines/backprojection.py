@@ -176,5 +176,5 @@ def correct_gridding(volume: Tensor, oversampling: int) -> Tensor:
     x = torch.arange(n, dtype=torch.float64, device=volume.device) - n // 2
     envelope = torch.sinc(x / (n * oversampling)) ** 2
     envelope3 = envelope[:, None, None] * envelope[None, :, None] * envelope[None, None, :]
-    face = (2 * oversampling / math.pi * math.sin(math.pi / (2 * oversampling))) ** 2
+    face = float(envelope[0])  # x = -N/2: the centre of a face (the other two axes at 0)
     return volume / envelope3.clamp(min=face).to(volume.dtype)
