@@ -196,6 +196,51 @@ def test_phase_randomisation_removes_the_correlation_a_sharp_mask_adds():
     assert np.median(np.abs(corrected)) < 0.15
 
 
+def misplaced_mask_halves(n: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Halves of a particle with fine detail on one side (x < 0: white noise inside a ball) and
+    a smooth Gaussian on the other, and a mask over the smooth side only: inside the mask the
+    halves agree only at low frequency, outside it they agree to the finest shells."""
+    rng = np.random.default_rng(11)
+    detail = ball(n, 6.0, (-8, 0, 0)) * rng.standard_normal((n, n, n))
+    truth = detail + gaussian_blob(n, 3.0, (8, 0, 0), 3.0)
+    mask = fourier_filter(ball(n, 7.0, (8, 0, 0)), lambda k: np.exp(-(k / 8) ** 2)).clip(0, 1)
+    h1 = truth + 0.1 * rng.standard_normal((n, n, n))
+    h2 = truth + 0.1 * rng.standard_normal((n, n, n))
+    return h1, h2, mask
+
+
+def numpy_last_shell_above(fsc: np.ndarray, threshold: float = 0.143) -> int:
+    below = np.nonzero(fsc[1:] < threshold)[0]
+    return int(below[0]) if len(below) else len(fsc) - 1
+
+
+def test_a_mask_that_misses_the_particle_is_skipped_as_relion_does():
+    """RELION's rule: when the unmasked FSC stays above 0.143 to a finer shell than the masked,
+    corrected one, the unmasked curve gives the resolution and the weights (unless forced)."""
+    n, pixel = 32, 2.0
+    h1, h2, mask = misplaced_mask_halves(n)
+    unmasked = numpy_fsc(h1, h2)
+    k_unmasked = numpy_last_shell_above(unmasked)
+    assert k_unmasked >= 12  # the detail side agrees far out
+    result = postprocess_halves(t64(h1), t64(h2), pixel, mask=t64(mask), bfactor=0.0,
+                                generator=torch.Generator().manual_seed(0))
+    k_corrected = numpy_last_shell_above(result.fsc_corrected.numpy())
+    assert k_corrected <= k_unmasked - 4  # inside the mask only the smooth side: a short curve
+    assert result.mask_skipped and result.final_curve_name == "unmasked"
+    np.testing.assert_allclose(result.fsc_final.numpy(), unmasked, atol=1e-9)
+    assert k_unmasked <= n * pixel / result.resolution_a < k_unmasked + 1
+    assert result.resolution_corrected_a > result.resolution_a
+    assert any("unmasked FSC extends beyond" in w for w in result.warnings)
+    forced = postprocess_halves(t64(h1), t64(h2), pixel, mask=t64(mask), bfactor=0.0,
+                                force_mask=True, generator=torch.Generator().manual_seed(0))
+    assert not forced.mask_skipped and forced.final_curve_name == "corrected"
+    assert forced.resolution_a == pytest.approx(result.resolution_corrected_a)
+    # the map is weighted by the curve used: the skipped mask's map keeps more of shell 10
+    shell = np.rint(radius_grid(n)).astype(int) == 10
+    power = [np.abs(np.fft.fftn(r.map_unsharpened.numpy()))[shell].sum() for r in (result, forced)]
+    assert power[0] > 2 * power[1]
+
+
 def test_guinier_fit_recovers_the_bfactor_and_sharpening_flattens_the_spectrum():
     n, pixel, b0 = 48, 1.5, 150.0
     rng = np.random.default_rng(5)
@@ -226,6 +271,8 @@ def test_auto_mask_covers_the_particle_and_is_soft():
     h1 = truth + 0.05 * rng.standard_normal((n, n, n))
     h2 = truth + 0.05 * rng.standard_normal((n, n, n))
     result = postprocess_halves(t64(h1).float(), t64(h2).float(), pixel)
+    assert not result.mask_skipped and result.warnings == []  # around the particle: kept
+    assert result.resolution_a == pytest.approx(result.resolution_corrected_a)
     mask = result.mask.double().numpy()
     assert result.mask_auto and result.mask.dtype == torch.float32
     assert mask.min() >= 0.0 and mask.max() <= 1.0

@@ -3,17 +3,19 @@
 As RELION's relion_postprocess: the FSC of the half maps without and with a soft solvent mask
 (given, or made automatically from the low-passed average), corrected for the mask's own
 correlation by phase randomisation beyond the resolution where the unmasked FSC falls below 0.8
-(Chen et al. 2013); the resolution at FSC = 0.143 of the corrected curve; and the average map
-weighted by sqrt(2 FSC / (1 + FSC)), sharpened by the B-factor of a Guinier fit (10 A to the
-resolution; RELION's sign: negative B sharpens) and low-passed at the resolution. Writes map.mrc
-(sharpened, unmasked like RELION's postprocess.mrc), map_unsharpened.mrc, mask.mrc, fsc.csv,
-fsc.png, guinier.png and postprocess.json into --out.
+(Chen et al. 2013); the resolution at FSC = 0.143 of the corrected curve (of the unmasked
+one where it reaches further, as RELION: the mask is then skipped unless --force-mask); and the
+average map weighted by sqrt(2 FSC / (1 + FSC)), sharpened by the B-factor of a Guinier fit
+(10 A to the resolution; RELION's sign: negative B sharpens) and low-passed at the resolution.
+Writes map.mrc (sharpened, unmasked like RELION's postprocess.mrc), map_unsharpened.mrc,
+mask.mrc, fsc.csv, fsc.png, guinier.png and postprocess.json into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bfactor", type=float, default=None, metavar="B",
                         help="apply this B-factor in A^2 instead of the Guinier fit's "
                              "(negative sharpens, as in RELION)")
+    parser.add_argument("--force-mask", action="store_true",
+                        help="use the masked, corrected FSC even where the unmasked FSC reaches "
+                             "a finer shell (by default the mask is then skipped, as in RELION)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random phases")
     parser.add_argument("--pixel-size-a", type=float, default=None, metavar="P",
                         help="pixel size in A (default: from the MRC headers)")
@@ -121,15 +126,21 @@ def run(args: argparse.Namespace) -> int:
     mask = None if args.mask == "auto" else _read_mask(Path(args.mask), box, pixel)
     result = postprocess_halves(half1, half2, pixel, mask=mask,
                                 randomize_at_a=args.randomize_at_a, bfactor=args.bfactor,
+                                force_mask=args.force_mask,
                                 generator=torch.Generator().manual_seed(args.seed))
     metadata = {"half1": str(paths[0]), "half2": str(paths[1]),
                 "mask_file": None if mask is None else str(args.mask), "seed": args.seed}
     write_postprocess(result, args.out, pixel, overwrite=args.overwrite, metadata=metadata)
-    corrected = result.curve("corrected")
+    final, used = result.curve("final"), result.final_curve_name
     print(f"phases randomised beyond {result.randomize_at_a:.2f} A; mask keeps "
           f"{100 * result.mask_fraction:.1f}% of the box ({'auto' if mask is None else 'given'})")
-    print(f"resolution at FSC = 0.143 (corrected): {corrected.describe_resolution(0.143)}")
-    print(f"resolution at FSC = 0.5   (corrected): {corrected.describe_resolution(0.5)}")
+    for warning in result.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(f"resolution at FSC = 0.143 ({used}): {final.describe_resolution(0.143)}")
+    print(f"resolution at FSC = 0.5   ({used}): {final.describe_resolution(0.5)}")
+    if result.mask_skipped:
+        print("resolution at FSC = 0.143 (masked, corrected; not used): "
+              f"{result.curve('corrected').describe_resolution(0.143)}")
     print(f"B-factor: {result.bfactor:.1f} A^2 ({result.bfactor_source})")
     print(f"wrote {args.out}/map.mrc and the rest of the results in {args.out}")
     return 0

@@ -239,9 +239,11 @@ def refine_report_html(run: PreparedRun, state: RefineState, post: PostprocessRe
     history = record.get("history", [])
     timings = {"wall time": f"{record['seconds']:.3g} s", "iterations": record["iterations"],
                "seconds per iteration": [round(h["seconds"], 1) for h in history]}
-    results = {"resolution (A), corrected FSC 0.143": post.resolution_a,
+    results = {f"resolution (A), FSC 0.143 ({post.final_curve_name})": post.resolution_a,
                "resolution (A), FSC 0.5": post.resolution_05_a,
+               "resolution (A), masked corrected FSC 0.143": post.resolution_corrected_a,
                "resolution (A), unmasked FSC 0.143": record.get("resolution_unmasked_a"),
+               "post-processing warnings": "; ".join(post.warnings) or "none",
                "B-factor applied (A^2)": post.bfactor}
     header = RunHeader("cryostoch refine", str(run.config.particles), record["n_particles"],
                        dataset.box_size, dataset.pixel_size_a, record["config"], timings,

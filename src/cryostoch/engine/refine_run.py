@@ -166,6 +166,8 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
               "n_particles": len(refinement.subset),
               "resolution_0143_a": post.resolution_a, "resolution_05_a": post.resolution_05_a,
               "resolution_unmasked_a": post.curve("unmasked").resolution_at(0.143),
+              "resolution_corrected_a": post.resolution_corrected_a,
+              "fsc_used": post.final_curve_name, "postprocess_warnings": post.warnings,
               "bfactor_a2": post.bfactor, "history": state.history, "world_size": world_size}
     with StagedOutputs(out) as staged:
         write_map(staged.path("half1.mrc"), half1, pixel)
@@ -185,10 +187,13 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
     write_postprocess(post, out, pixel, overwrite=True,
                       metadata={"source": "cryostoch refine", "seconds": seconds})
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
-    log.info("gold-standard resolution %.2f A (FSC 0.143, masked, phase-randomisation "
-             "corrected; unmasked %.2f A); B %.0f A^2; %d iterations, %.0f s; map %s",
-             post.resolution_a, record["resolution_unmasked_a"], post.bfactor,
-             state.iteration, seconds, out / "map.mrc")
+    for warning in post.warnings:
+        log.warning("post-processing: %s", warning)
+    log.info("gold-standard resolution %.2f A (FSC 0.143, %s; masked and phase-randomisation "
+             "corrected %.2f A, unmasked %.2f A); B %.0f A^2; %d iterations, %.0f s; map %s",
+             post.resolution_a, "unmasked: mask skipped" if post.mask_skipped else
+             "masked, corrected", post.resolution_corrected_a, record["resolution_unmasked_a"],
+             post.bfactor, state.iteration, seconds, out / "map.mrc")
     return RefineResult(out, out / "map.mrc", post.resolution_a, state.iteration, seconds,
                         state)
 

@@ -14,6 +14,10 @@ From two independently refined half maps `(N, N, N)` with pixel size `p` A:
    correlation into it, and there the formula is biased low (0.65 instead of 0.83 on the
    simulated halves of tests/test_postprocess.py);
 4. the resolution where FSC_true first falls below 0.143 (and 0.5), as `FscResult` finds it;
+   as RELION does, when the unmasked FSC stays above 0.143 to a finer shell than FSC_true the
+   mask is taken to cut into the particle and the unmasked FSC is used instead
+   (`mask_skipped`, with a warning; `force_mask` keeps FSC_true), and `warnings` says so when
+   the phase-randomised FSC exceeds 0.1 at the resolution (the mask is too sharp);
 5. the final map: the average of the halves weighted per shell by Rosenthal & Henderson's
    `sqrt(2 FSC / (1 + FSC))` (FSC_true clipped to [0, 1]), multiplied by `exp(-B s^2 / 4)` and
    low-passed with a raised-cosine edge two shells wide centred on the resolution. B follows
@@ -45,6 +49,7 @@ __all__ = [
     "AUTO_MASK_THRESHOLD",
     "CORRECTION_OFFSET",
     "GUINIER_LOW_A",
+    "RANDOMIZED_WARN_FSC",
     "RANDOMIZE_FSC",
     "GuinierFit",
     "PostprocessResult",
@@ -53,6 +58,7 @@ __all__ = [
     "fsc_weights",
     "guinier_curve",
     "guinier_fit",
+    "last_shell_above",
     "postprocess_halves",
     "randomization_shell",
     "randomize_phases_beyond",
@@ -60,6 +66,7 @@ __all__ = [
 
 RANDOMIZE_FSC = 0.8  # phases are randomised beyond the shell where the unmasked FSC falls below
 CORRECTION_OFFSET = 2  # FSC_true is corrected from this many shells beyond that one (RELION)
+RANDOMIZED_WARN_FSC = 0.1  # above this at the resolution the mask's own correlation dominates
 GUINIER_LOW_A = 10.0  # the Guinier fit starts at this resolution (RELION's default)
 AUTO_MASK_LOWPASS_A = 15.0  # the automatic mask follows the average low-passed to this or coarser
 # Threshold of the automatic mask, as a fraction of the low-passed average's maximum: the rule
@@ -139,6 +146,13 @@ def corrected_fsc(fsc_masked: Tensor, fsc_randomized: Tensor, shell: int) -> Ten
     ok = beyond & (denom.abs() > 1e-9)
     true = (masked - rand) / torch.where(ok, denom, 1.0)
     return torch.where(ok, true, masked)
+
+
+def last_shell_above(fsc: Tensor, threshold: float = 0.143) -> int:
+    """The last shell `k` of `fsc` `(S,)` before it first falls below `threshold` (0 if shell 1
+    already does): RELION's shell count of a resolution, used to compare two curves."""
+    below = (fsc[1:] < threshold).nonzero()
+    return int(below[0]) if len(below) else int(fsc.shape[0]) - 1
 
 
 def fsc_weights(fsc: Tensor) -> Tensor:
@@ -255,7 +269,9 @@ class PostprocessResult:
     fsc_unmasked: Tensor
     fsc_masked: Tensor
     fsc_randomized: Tensor
-    fsc_corrected: Tensor  # FSC_true, the gold-standard curve
+    fsc_corrected: Tensor  # FSC_true, the masked gold-standard curve
+    fsc_final: Tensor  # the curve used: fsc_corrected, or fsc_unmasked when mask_skipped
+    mask_skipped: bool  # the unmasked FSC reached a finer shell than FSC_true (RELION's rule)
     randomize_shell: int  # phases randomised in the shells beyond this one
     bfactor: float  # applied, A^2 (negative sharpens)
     bfactor_source: str  # 'guinier' (the fit's), 'given', or 'none' (too few shells to fit: 0)
@@ -276,18 +292,45 @@ class PostprocessResult:
         return _shell_frequencies(self.box_size, self.pixel_size_a)
 
     def curve(self, name: str) -> FscResult:
-        """One of 'unmasked', 'masked', 'randomized', 'corrected' as an `FscResult`."""
+        """One of 'unmasked', 'masked', 'randomized', 'corrected', 'final' as an
+        `FscResult`."""
         fsc = getattr(self, f"fsc_{name}")
         return FscResult.from_curve(fsc, self.box_size, self.pixel_size_a)
 
     @property
+    def final_curve_name(self) -> str:
+        """'unmasked' when the mask was skipped, else 'corrected'."""
+        return "unmasked" if self.mask_skipped else "corrected"
+
+    @property
     def resolution_a(self) -> float:
-        """Resolution at FSC_true = 0.143 (Nyquist if it never falls below)."""
-        return self.curve("corrected").resolution_at(0.143)
+        """Resolution at 0.143 of the curve used, FSC_true or (mask skipped) the unmasked FSC;
+        Nyquist if it never falls below."""
+        return self.curve("final").resolution_at(0.143)
 
     @property
     def resolution_05_a(self) -> float:
-        return self.curve("corrected").resolution_at(0.5)
+        return self.curve("final").resolution_at(0.5)
+
+    @property
+    def resolution_corrected_a(self) -> float:
+        """Resolution at FSC_true = 0.143 whether or not the mask was skipped."""
+        return self.curve("corrected").resolution_at(0.143)
+
+    @property
+    def warnings(self) -> list[str]:
+        """RELION's two warnings about the mask, where they apply."""
+        notes = []
+        if self.mask_skipped:
+            notes.append("the unmasked FSC extends beyond the solvent-corrected FSC: the mask "
+                         "was skipped (the resolution and weighting use the unmasked FSC); "
+                         "adjust the mask, or force it with --force-mask")
+        shell = max(last_shell_above(self.fsc_final), 1)
+        if not self.mask_skipped and float(self.fsc_randomized[shell]) > RANDOMIZED_WARN_FSC:
+            notes.append(f"the phase-randomised FSC is {float(self.fsc_randomized[shell]):.2f} "
+                         f"(> {RANDOMIZED_WARN_FSC:g}) at the estimated resolution: the "
+                         "estimate may be wrong; give a softer mask with fewer features")
+        return notes
 
     @property
     def randomize_at_a(self) -> float:
@@ -339,14 +382,15 @@ def _final_maps(half1: Tensor, half2: Tensor, pixel_size_a: float, fsc_true: Ten
 
 def postprocess_halves(half1: Tensor, half2: Tensor, pixel_size_a: float, *,
                        mask: Tensor | None = None, randomize_at_a: float | None = None,
-                       bfactor: float | None = None,
+                       bfactor: float | None = None, force_mask: bool = False,
                        generator: torch.Generator | None = None) -> PostprocessResult:
     """Post-process two half maps `(N, N, N)` (see the module docstring).
 
     `mask`: `(N, N, N)` in [0, 1], None for `auto_mask`. `randomize_at_a`: randomise phases
     beyond this resolution (A) instead of where the unmasked FSC falls below 0.8. `bfactor`:
-    apply this B (A^2, negative sharpens) instead of the Guinier fit's. `generator`: the random
-    phases (a generator seeded 0 when None). ValueError on inconsistent input.
+    apply this B (A^2, negative sharpens) instead of the Guinier fit's. `force_mask`: use FSC_true
+    even where the unmasked FSC reaches further (RELION's `--force_mask`). `generator`: the
+    random phases (a generator seeded 0 when None). ValueError on inconsistent input.
     """
     n = _check_volume(half1, "half1")
     if _check_volume(half2, "half2") != n or tuple(half2.shape) != tuple(half1.shape):
@@ -376,9 +420,13 @@ def postprocess_halves(half1: Tensor, half2: Tensor, pixel_size_a: float, *,
     random2 = randomize_phases_beyond(half2, shell, generator)
     fsc_random = fourier_shell_correlation(random1, random2, mask=mask)[1].to(**cpu)
     fsc_true = corrected_fsc(fsc_masked, fsc_random, shell)
-    resolution_a = FscResult.from_curve(fsc_true, n, pixel_size_a).resolution_at(0.143)
-    maps = _final_maps(half1, half2, pixel_size_a, fsc_true, resolution_a, bfactor)
+    # RELION's rule: a mask whose corrected FSC ends short of the unmasked one cuts into the
+    # particle (or the halves share signal outside it); the unmasked curve is then the honest one
+    skipped = not force_mask and last_shell_above(fsc_unmasked) > last_shell_above(fsc_true)
+    fsc_final = fsc_unmasked if skipped else fsc_true
+    resolution_a = FscResult.from_curve(fsc_final, n, pixel_size_a).resolution_at(0.143)
+    maps = _final_maps(half1, half2, pixel_size_a, fsc_final, resolution_a, bfactor)
     return PostprocessResult(
         pixel_size_a=float(pixel_size_a), fsc_unmasked=fsc_unmasked, fsc_masked=fsc_masked,
-        fsc_randomized=fsc_random, fsc_corrected=fsc_true, randomize_shell=shell,
-        mask=mask, mask_auto=mask_auto, **maps)
+        fsc_randomized=fsc_random, fsc_corrected=fsc_true, fsc_final=fsc_final,
+        mask_skipped=skipped, randomize_shell=shell, mask=mask, mask_auto=mask_auto, **maps)

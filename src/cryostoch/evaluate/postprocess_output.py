@@ -40,12 +40,15 @@ def _finite_or_none(value: float) -> float | None:
 
 def postprocess_summary(result: PostprocessResult, metadata: dict | None = None) -> dict:
     """What `postprocess.json` holds: resolutions (A), B-factor (A^2), mask, randomisation."""
-    corrected = result.curve("corrected")
+    final = result.curve("final")
     fit = result.guinier
     summary = {
         "resolution_a": _finite_or_none(result.resolution_a),
-        "resolution_0143_reached": corrected.crosses(0.143),
+        "resolution_0143_reached": final.crosses(0.143),
         "resolution_05_a": _finite_or_none(result.resolution_05_a),
+        "fsc_used": result.final_curve_name,
+        "mask_skipped": result.mask_skipped,
+        "resolution_corrected_a": _finite_or_none(result.resolution_corrected_a),
         "resolution_unmasked_a": _finite_or_none(result.curve("unmasked").resolution_at(0.143)),
         "resolution_masked_a": _finite_or_none(result.curve("masked").resolution_at(0.143)),
         "bfactor_a2": round(result.bfactor, 3),
@@ -62,6 +65,7 @@ def postprocess_summary(result: PostprocessResult, metadata: dict | None = None)
         "randomize_beyond_shell": result.randomize_shell,
         "box_size": result.box_size,
         "pixel_size_a": result.pixel_size_a,
+        "warnings": result.warnings,
     }
     summary.update(metadata or {})
     return summary
@@ -114,10 +118,12 @@ def guinier_figure(result: PostprocessResult) -> Figure:
 
 def _curve_options(result: PostprocessResult) -> dict:
     """The four FSC curves with their labels, as fsc.png draws them."""
-    labels = ["unmasked", "masked", "phase-randomised (masked)",
-              f"corrected: {result.curve('corrected').describe_resolution(0.143)}"]
+    used = result.final_curve_name
+    labels = ["unmasked", "masked", "phase-randomised (masked)", "corrected"]
+    labels[CURVES.index(used)] += (f" (used: {result.curve(used).describe_resolution(0.143)}"
+                                   + (", mask skipped)" if result.mask_skipped else ")"))
     return {"results": [result.curve(name) for name in CURVES], "labels": labels,
-            "annotate": [False, False, False, True], "resolution_ticks": True,
+            "annotate": [name == used for name in CURVES], "resolution_ticks": True,
             "title": "Gold-standard FSC (Chen et al. 2013 correction)"}
 
 
