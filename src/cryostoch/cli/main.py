@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "flip-hand": "flip_hand",
     "align": "align",
     "tune-lr": "tune_lr",
+    "pose-error": "pose_error",
 }
 
 
