@@ -17,7 +17,13 @@ import starfile
 import torch
 
 from cryostoch.cli.main import main
-from cryostoch.evaluate.pose_error import MIRROR_Z, fit_frame, frame_modes, pose_errors
+from cryostoch.evaluate.pose_error import (
+    MIRROR_Z,
+    fit_frame,
+    frame_modes,
+    nearest_frame_angles_deg,
+    pose_errors,
+)
 from cryostoch.geometry.rotations import (
     euler_to_matrix,
     geodesic_angle_rad,
@@ -73,6 +79,8 @@ def test_a_confused_pseudo_threefold_shows_as_a_second_frame_and_c3_absorbs_it()
     between = math.degrees(float(geodesic_angle_rad(modes[0].rotation, modes[1].rotation)))
     assert between == pytest.approx(120.0, abs=1.0)
     assert not bool((modes[0].inliers & modes[1].inliers).any())
+    np.testing.assert_allclose(nearest_frame_angles_deg(est, true, modes).numpy(),
+                               noise_angles_deg(noise).numpy(), atol=0.5)
     c1 = pose_errors(est, true, torch.zeros(N, 2), torch.zeros(N, 2), modes[0])
     assert c1.share_within(20) == pytest.approx(1 - float(wrong.double().mean()), abs=0.01)
     fit = fit_frame(est, true, c3)

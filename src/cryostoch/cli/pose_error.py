@@ -8,7 +8,8 @@ poses themselves (`evaluate.pose_error`): no map is needed. Printed: the frame, 
 particles within 5, 10 and 20 deg of their true pose (to the nearest symmetry mate of the
 truth's point group `--symmetry`), the median angular and shift errors, and the further frames
 that groups of the remaining particles share (how a pseudo-symmetric particle's mates were
-confused). With `--out`: pose_errors.csv (one row per matched particle) and pose_error.json.
+confused), with the share within 5, 10 and 20 deg of the nearest of those frames. With
+`--out`: pose_errors.csv (one row per matched particle) and pose_error.json.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _matched(args: argparse.Namespace):
     return keys, est_rot[e], true_rot[t], est_shift[e], true_shift[t], pixel[e]
 
 
-def _summary(errors, modes, pixel_a: float, n_est: int) -> dict:
+def _summary(errors, modes, any_frame_deg, pixel_a: float, n_est: int) -> dict:
     from cryostoch.geometry.rotations import geodesic_angle_rad
 
     angle, shift = errors.angle_deg, errors.shift_px
@@ -83,6 +84,8 @@ def _summary(errors, modes, pixel_a: float, n_est: int) -> dict:
         "frame_euler_deg": [round(float(v), 3) for v in errors.frame_euler_deg],
         "map_translation_px": [round(float(v), 3) for v in errors.translation_px],
         "within_deg": {str(d): round(errors.share_within(d), 4) for d in (5, 10, 20)},
+        "within_deg_of_any_frame": {str(d): round(float((any_frame_deg <= d).double().mean()), 4)
+                                    for d in (5, 10, 20)},
         "angle_error_deg_percentiles": {str(p): round(float(angle.quantile(p / 100)), 3)
                                         for p in (25, 50, 75, 90)},
         "shift_error_a_median": round(float(shift.median()) * pixel_a, 3),
@@ -115,7 +118,11 @@ def _write(out: Path, keys, errors, modes, pixel, summary: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cryostoch.evaluate.pose_error import frame_modes, pose_errors
+    from cryostoch.evaluate.pose_error import (
+        frame_modes,
+        nearest_frame_angles_deg,
+        pose_errors,
+    )
     from cryostoch.geometry.symmetry import point_group
 
     if not (math.isfinite(args.inlier_deg) and 0 < args.inlier_deg < 180):
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                         generator=torch.Generator().manual_seed(0))
     errors = pose_errors(est, true, est_shift, true_shift, modes[0], group)
     pixel_a = float(np.nanmedian(pixel)) if np.isfinite(pixel).any() else 1.0
-    summary = _summary(errors, modes, pixel_a, len(keys))
+    any_frame = nearest_frame_angles_deg(est, true, modes, group)
+    summary = _summary(errors, modes, any_frame, pixel_a, len(keys))
     rot, tilt, psi = summary["frame_euler_deg"]
     print(f"{summary['matched']} particles matched; frame: rot {rot:.1f}, tilt {tilt:.1f}, "
           f"psi {psi:.1f} deg, {'mirrored' if errors.frame.mirrored else 'same hand'}")
@@ -145,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
     for number, mode in enumerate(summary["modes"], start=1):
         print(f"frame {number}: {100 * mode['share']:.1f}% of the particles, "
               f"{mode['angle_from_first_deg']:.1f} deg from frame 1")
+    if len(modes) > 1:
+        within = summary["within_deg_of_any_frame"]
+        print(f"within 5 / 10 / 20 deg of the nearest frame: {100 * within['5']:.1f}% / "
+              f"{100 * within['10']:.1f}% / {100 * within['20']:.1f}% (errors modulo the "
+              "mates the frames stand for)")
     if args.out is not None:
         _write(args.out, keys, errors, modes, pixel, summary)
         print(f"wrote {args.out}/pose_errors.csv and {args.out}/pose_error.json")

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from cryostoch.geometry.rotations import geodesic_angle_rad, matrix_to_euler
 
-__all__ = ["FrameFit", "PoseErrors", "fit_frame", "frame_modes", "pose_errors", "MIRROR_Z"]
+__all__ = ["FrameFit", "PoseErrors", "fit_frame", "frame_modes", "nearest_frame_angles_deg",
+           "pose_errors", "MIRROR_Z"]
 
 MIRROR_Z = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 CANDIDATES = 256  # proposals tried per hand (the best of a few hundred is the mode)
@@ -201,3 +202,16 @@ def pose_errors(est: Tensor, true: Tensor, est_shifts_px: Tensor, true_shifts_px
     u = torch.linalg.lstsq(design[use].reshape(-1, 3), delta[use].reshape(-1, 1)).solution
     residual = delta - (design @ u).squeeze(-1)
     return PoseErrors(frame, angles, residual.norm(dim=1), u.squeeze(1))
+
+
+def nearest_frame_angles_deg(est: Tensor, true: Tensor, frames: list[FrameFit],
+                             group: Tensor | None = None) -> Tensor:
+    """`(N,)` each particle's angular error in degrees to the nearest of `frames` (one hand,
+    from `frame_modes`): the error modulo a pseudo-symmetry whose mates the frames are."""
+    est, true = est.to(torch.float64), true.to(torch.float64)
+    group = torch.eye(3, dtype=torch.float64)[None] if group is None else group.to(true)
+    _check_rotations(est, true, group)
+    oriented = _oriented(est, frames[0].mirrored)
+    angles = torch.stack([_nearest_mate_angles(oriented, true, f.rotation, group)
+                          for f in frames])
+    return torch.rad2deg(angles.min(dim=0).values)
