@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     result = refine(config, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"map: {result.map_path}")
-    print(f"gold-standard resolution (FSC 0.143, masked, corrected): {result.resolution_a:.2f} A "
+    curve = ("unmasked: the mask was skipped" if result.fsc_used == "unmasked"
+             else "masked, corrected")
+    print(f"gold-standard resolution (FSC 0.143, {curve}): {result.resolution_a:.2f} A "
           f"after {result.iterations} iterations in {result.seconds:.0f} s")
     print(f"outputs in {result.out_dir}: map.mrc, map_unsharpened.mrc, half1.mrc, half2.mrc, "
           "mask.mrc, fsc.csv, fsc.png, guinier.png, postprocess.json, poses.star, metrics.csv, "

@@ -61,10 +61,11 @@ log = logging.getLogger(__name__)
 class RefineResult:
     out_dir: Path
     map_path: Path
-    resolution_a: float  # gold-standard, phase-randomisation corrected, FSC 0.143
+    resolution_a: float  # gold-standard FSC 0.143 of the curve post-processing used
     iterations: int
     seconds: float
     state: RefineState
+    fsc_used: str = "corrected"  # 'unmasked' when post-processing skipped the mask (RELION)
 
 
 def refine(config: RefineConfig, *, resume: bool = False, overwrite: bool = False,
@@ -195,7 +196,7 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
              "masked, corrected", post.resolution_corrected_a, record["resolution_unmasked_a"],
              post.bfactor, state.iteration, seconds, out / "map.mrc")
     return RefineResult(out, out / "map.mrc", post.resolution_a, state.iteration, seconds,
-                        state)
+                        state, post.final_curve_name)
 
 
 def _write_poses(path: Path, run: PreparedRun, state: RefineState, subset: Tensor) -> None:
