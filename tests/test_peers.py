@@ -61,3 +61,19 @@ def test_table_rows_say_what_was_measured():
     assert "| A | 12 | 27.9 | Nyquist (10 A) | mirrored | x / y |" in text
     assert "| B | - | - | - | - | not run: relion_refine is not installed |" in text
     assert "two other jobs ran meanwhile" in text and "`a --b`" in text
+
+
+def test_cryodrgn_ai_command_and_last_volume(tmp_path):
+    import cryodrgn_ai_peer
+
+    command = cryodrgn_ai_peer.abinit_command(Path("cryodrgn"), Path("s.mrcs"), Path("c.pkl"),
+                                              tmp_path, 2, 400, Path("i.pkl"), 1)
+    pairs = dict(zip(command[5::2], command[6::2], strict=False))
+    assert command[1] == "abinit" and "--uninvert-data" in command  # protein-white stack
+    assert pairs["--zdim"] == "0" and pairs["--num-epochs"] == "2"
+    assert pairs["--n-imgs-pose-search"] == "400" and pairs["--n-imgs-pretrain"] == "400"
+    with pytest.raises(RuntimeError, match="no reconstruct"):
+        cryodrgn_ai_peer.last_volume(tmp_path)
+    for epoch in (0, 2, 10):  # numeric order, not text order
+        (tmp_path / f"reconstruct.{epoch}.mrc").write_bytes(b"")
+    assert cryodrgn_ai_peer.last_volume(tmp_path).name == "reconstruct.10.mrc"

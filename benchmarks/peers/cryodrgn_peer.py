@@ -107,17 +107,22 @@ def run(work: Path, star: Path, epochs: int, pretrain_images: int, threads: int,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both cryoDRGN scripts take."""
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--pretrain-images", type=int, default=DEFAULT_PRETRAIN_IMAGES,
-                        help="images trained on with random poses first (cryoDRGN's: 10000)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES,
                         help="train on the first N images of the set")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--n-particles", type=int, default=3000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--pretrain-images", type=int, default=DEFAULT_PRETRAIN_IMAGES,
+                        help="images trained on with random poses first (cryoDRGN's: 10000)")
     args = parser.parse_args(argv)
     star = common.simulate_set(args.work, args.n_particles)
     print(run(args.work, star, args.epochs, args.pretrain_images, args.threads, args.n_images,

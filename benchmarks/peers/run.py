@@ -3,10 +3,11 @@
     PYTHONPATH=src python benchmarks/peers/run.py --work /work/peers_work
 
 Simulates the set once (common.simulate_set), runs each peer in turn (cryostoch_peer.py,
-relion_peer.py, cryodrgn_peer.py; each also runnable alone), aligns every map onto the truth
-for its FSC and writes benchmarks/peers.md. A peer whose result.json is already in WORK is not
-run again unless --rerun names it, so a table can be finished after an interruption; a peer
-that fails or cannot be installed gets a row saying so, and the others still run.
+relion_peer.py, cryodrgn_peer.py, cryodrgn_ai_peer.py; each also runnable alone), aligns every
+map onto the truth for its FSC and writes benchmarks/peers.md. A peer whose result.json is
+already in WORK is not run again unless --rerun names it, so a table can be finished after an
+interruption; a peer that fails or cannot be installed gets a row saying so, and the others
+still run.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import traceback
 from pathlib import Path
 
 import common
+import cryodrgn_ai_peer
 import cryodrgn_peer
 import cryostoch_peer
 import relion_peer
 
-PEERS = ("cryostoch", "cryostoch_refine", "relion", "cryodrgn")
+PEERS = ("cryostoch", "cryostoch_refine", "relion", "cryodrgn", "cryodrgn_ai")
 
 
 def run_peer(name: str, args: argparse.Namespace, star: Path) -> dict:
@@ -30,6 +32,9 @@ def run_peer(name: str, args: argparse.Namespace, star: Path) -> dict:
         return cryostoch_peer.run_row(args.work, name, star, args.threads)
     if name == "relion":
         return relion_peer.run(args.work, star, args.relion_iterations, args.threads)
+    if name == "cryodrgn_ai":
+        return cryodrgn_ai_peer.run(args.work, star, args.cryodrgn_ai_epochs, args.threads,
+                                    args.cryodrgn_images)
     return cryodrgn_peer.run(args.work, star, args.cryodrgn_epochs,
                              args.cryodrgn_pretrain_images, args.threads, args.cryodrgn_images)
 
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cryodrgn-epochs", type=int, default=cryodrgn_peer.DEFAULT_EPOCHS)
     parser.add_argument("--cryodrgn-pretrain-images", type=int,
                         default=cryodrgn_peer.DEFAULT_PRETRAIN_IMAGES)
+    parser.add_argument("--cryodrgn-ai-epochs", type=int,
+                        default=cryodrgn_ai_peer.DEFAULT_EPOCHS)
     parser.add_argument("--cryodrgn-images", type=int, default=cryodrgn_peer.DEFAULT_N_IMAGES,
                         help="cryoDRGN trains on the first N images (CPU time)")
     args = parser.parse_args(argv)
