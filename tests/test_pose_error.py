@@ -170,3 +170,15 @@ def test_cli_refuses_files_that_share_no_particles(tmp_path, capsys):
     assert main(["pose-error", str(tmp_path / "a.star"), str(tmp_path / "a.star"),
                  "--symmetry", "Cs"]) == 2
     assert "--symmetry" in capsys.readouterr().err
+    for option, value in (("--inlier-deg", "0"), ("--modes", "0")):
+        assert main(["pose-error", str(tmp_path / "a.star"), str(tmp_path / "a.star"),
+                     option, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and option in err[0]
+    blocks = starfile.read(tmp_path / "a.star", always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(
+        columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    starfile.write(blocks, tmp_path / "no_poses.star")
+    assert main(["pose-error", str(tmp_path / "no_poses.star"), str(tmp_path / "a.star")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_poses.star" in err[0] and "has no poses" in err[0]

@@ -62,8 +62,9 @@ def _oriented(est: Tensor, mirrored: bool) -> Tensor:
 
 
 def _nearest_mate_angles(oriented: Tensor, true: Tensor, q: Tensor, group: Tensor) -> Tensor:
-    """`(N,)` min over g of the angle between `oriented` `(N, 3, 3)` and `true g q`, for one
-    `q` `(3, 3)` or one per particle `(N, 3, 3)`; `group` `(G, 3, 3)`."""
+    """min over g of the angle between `oriented` `(N, 3, 3)` and `true g q`, `group`
+    `(G, 3, 3)`: `(N,)` for one `q` `(3, 3)` or one per particle `(N, 3, 3)`, `(K, N)` for `K`
+    candidates `(K, 1, 3, 3)` (broadcast)."""
     best = torch.full(oriented.shape[:1], math.inf, dtype=oriented.dtype, device=oriented.device)
     for g in group:
         best = torch.minimum(best, geodesic_angle_rad(oriented, true @ g @ q))
@@ -73,15 +74,9 @@ def _nearest_mate_angles(oriented: Tensor, true: Tensor, q: Tensor, group: Tenso
 def _inlier_counts(oriented: Tensor, true: Tensor, proposals: Tensor, group: Tensor,
                    inlier_rad: float) -> Tensor:
     """`(K,)` particles within `inlier_rad` of each proposal `(K, 3, 3)` (nearest mate)."""
-    counts = []
-    for start in range(0, proposals.shape[0], CHUNK):
-        chunk = proposals[start:start + CHUNK]  # (k, 3, 3)
-        best = torch.full((chunk.shape[0], oriented.shape[0]), math.inf, dtype=oriented.dtype)
-        for g in group:
-            mates = (true @ g).unsqueeze(0) @ chunk.unsqueeze(1)  # (k, N, 3, 3)
-            best = torch.minimum(best, geodesic_angle_rad(oriented.unsqueeze(0), mates))
-        counts.append((best < inlier_rad).sum(dim=1))
-    return torch.cat(counts)
+    return torch.cat([
+        (_nearest_mate_angles(oriented, true, chunk.unsqueeze(1), group) < inlier_rad).sum(dim=1)
+        for chunk in proposals.split(CHUNK)])
 
 
 def _chordal_mean(rotations: Tensor) -> Tensor:
@@ -116,6 +111,15 @@ def _fit_hand(est: Tensor, true: Tensor, group: Tensor, mirrored: bool, inlier_r
     return q, _nearest_mate_angles(oriented, true, q, group) < inlier_rad
 
 
+def _checked(est: Tensor, true: Tensor, group: Tensor | None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """`est`, `true` `(N, 3, 3)` and `group` `(G, 3, 3)` (None: C1) in float64, checked."""
+    est, true = est.to(torch.float64), true.to(torch.float64)
+    group = torch.eye(3, dtype=torch.float64)[None] if group is None else group.to(true)
+    _check_rotations(est, true, group)
+    return est, true, group
+
+
 def _check_rotations(est: Tensor, true: Tensor, group: Tensor) -> None:
     if est.dim() != 3 or tuple(est.shape[1:]) != (3, 3) or est.shape != true.shape:
         raise ValueError(f"poses must be two (N, 3, 3) stacks of one N, got "
@@ -132,9 +136,7 @@ def fit_frame(est: Tensor, true: Tensor, group: Tensor | None = None, *,
     """The global rotation and hand relating estimated poses `est` `(N, 3, 3)` to true poses
     `true` `(N, 3, 3)` (module docstring). `group` `(G, 3, 3)`: the truth's point group (None:
     C1). `hand`: 'either' (the one more particles agree with), 'same' or 'mirrored'."""
-    est, true = est.to(torch.float64), true.to(torch.float64)
-    group = torch.eye(3, dtype=torch.float64)[None] if group is None else group.to(true)
-    _check_rotations(est, true, group)
+    est, true, group = _checked(est, true, group)
     if hand not in ("either", "same", "mirrored"):
         raise ValueError(f"hand must be 'either', 'same' or 'mirrored', got {hand!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -191,11 +193,8 @@ def pose_errors(est: Tensor, true: Tensor, est_shifts_px: Tensor, true_shifts_px
                 frame: FrameFit, group: Tensor | None = None) -> PoseErrors:
     """Errors of `est` `(N, 3, 3)` / `est_shifts_px` `(N, 2)` against `true` `(N, 3, 3)` /
     `true_shifts_px` `(N, 2)` in `frame` (from `fit_frame`)."""
-    est, true = est.to(torch.float64), true.to(torch.float64)
-    group = torch.eye(3, dtype=torch.float64)[None] if group is None else group.to(true)
-    _check_rotations(est, true, group)
-    oriented = _oriented(est, frame.mirrored)
-    angles = torch.rad2deg(_nearest_mate_angles(oriented, true, frame.rotation, group))
+    est, true, group = _checked(est, true, group)
+    angles = nearest_frame_angles_deg(est, true, [frame], group)
     delta = (est_shifts_px - true_shifts_px).to(torch.float64)  # (N, 2)
     use = frame.inliers if int(frame.inliers.sum()) >= 3 else torch.ones_like(frame.inliers)
     design = est[:, :2, :]  # (N, 2, 3): (A_est u)_xy
@@ -208,9 +207,7 @@ def nearest_frame_angles_deg(est: Tensor, true: Tensor, frames: list[FrameFit],
                              group: Tensor | None = None) -> Tensor:
     """`(N,)` each particle's angular error in degrees to the nearest of `frames` (one hand,
     from `frame_modes`): the error modulo a pseudo-symmetry whose mates the frames are."""
-    est, true = est.to(torch.float64), true.to(torch.float64)
-    group = torch.eye(3, dtype=torch.float64)[None] if group is None else group.to(true)
-    _check_rotations(est, true, group)
+    est, true, group = _checked(est, true, group)
     oriented = _oriented(est, frames[0].mirrored)
     angles = torch.stack([_nearest_mate_angles(oriented, true, f.rotation, group)
                           for f in frames])

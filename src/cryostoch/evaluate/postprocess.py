@@ -109,8 +109,7 @@ def randomization_shell(fsc_unmasked: Tensor, box_size: int, pixel_size_a: float
             raise ValueError(f"randomisation resolution {randomize_at_a} A is coarser than the "
                              f"box ({box_size * pixel_size_a:g} A)")
         return min(shell, box_size // 2)
-    below = (fsc_unmasked[1:] < RANDOMIZE_FSC).nonzero()
-    return int(below[0]) + 1 if len(below) else box_size // 2
+    return min(last_shell_above(fsc_unmasked, RANDOMIZE_FSC) + 1, box_size // 2)
 
 
 def randomize_phases_beyond(volume: Tensor, shell: int,
@@ -270,7 +269,6 @@ class PostprocessResult:
     fsc_masked: Tensor
     fsc_randomized: Tensor
     fsc_corrected: Tensor  # FSC_true, the masked gold-standard curve
-    fsc_final: Tensor  # the curve used: fsc_corrected, or fsc_unmasked when mask_skipped
     mask_skipped: bool  # the unmasked FSC reached a finer shell than FSC_true (RELION's rule)
     randomize_shell: int  # phases randomised in the shells beyond this one
     bfactor: float  # applied, A^2 (negative sharpens)
@@ -296,6 +294,11 @@ class PostprocessResult:
         `FscResult`."""
         fsc = getattr(self, f"fsc_{name}")
         return FscResult.from_curve(fsc, self.box_size, self.pixel_size_a)
+
+    @property
+    def fsc_final(self) -> Tensor:
+        """The curve used: FSC_true, or the unmasked FSC when the mask was skipped."""
+        return self.fsc_unmasked if self.mask_skipped else self.fsc_corrected
 
     @property
     def final_curve_name(self) -> str:
@@ -423,10 +426,10 @@ def postprocess_halves(half1: Tensor, half2: Tensor, pixel_size_a: float, *,
     # RELION's rule: a mask whose corrected FSC ends short of the unmasked one cuts into the
     # particle (or the halves share signal outside it); the unmasked curve is then the honest one
     skipped = not force_mask and last_shell_above(fsc_unmasked) > last_shell_above(fsc_true)
-    fsc_final = fsc_unmasked if skipped else fsc_true
-    resolution_a = FscResult.from_curve(fsc_final, n, pixel_size_a).resolution_at(0.143)
-    maps = _final_maps(half1, half2, pixel_size_a, fsc_final, resolution_a, bfactor)
+    fsc_used = fsc_unmasked if skipped else fsc_true
+    resolution_a = FscResult.from_curve(fsc_used, n, pixel_size_a).resolution_at(0.143)
+    maps = _final_maps(half1, half2, pixel_size_a, fsc_used, resolution_a, bfactor)
     return PostprocessResult(
         pixel_size_a=float(pixel_size_a), fsc_unmasked=fsc_unmasked, fsc_masked=fsc_masked,
-        fsc_randomized=fsc_random, fsc_corrected=fsc_true, fsc_final=fsc_final,
-        mask_skipped=skipped, randomize_shell=shell, mask=mask, mask_auto=mask_auto, **maps)
+        fsc_randomized=fsc_random, fsc_corrected=fsc_true, mask_skipped=skipped,
+        randomize_shell=shell, mask=mask, mask_auto=mask_auto, **maps)
