@@ -40,7 +40,8 @@ def refine_sim(tmp_path_factory) -> Path:
 def refine_argv(sim: Path, out: Path, *extra: str) -> list[str]:
     return ["refine", str(sim / "particles.star"), "--init", str(sim / "start.mrc"),
             "--out", str(out), "--initial-resolution-a", str(START_A), "--iterations", "3",
-            "--quiet", *extra]
+            "--global-searches", "2", "--quiet", *extra]  # one search after the first: the
+    # default's (6) path at a third of its cost
 
 
 def fsc_05_against_truth(path: Path, sim: Path) -> float:
@@ -160,16 +161,23 @@ def test_refine_refuses_bad_input_in_one_line(refine_sim, tmp_path, capsys):
     damaged.mkdir()
     (damaged / "checkpoint.pt").write_bytes(b"not a checkpoint")
     refused(capsys, refine_argv(refine_sim, damaged, "--resume"), "checkpoint.pt")
+    chain = ["reconstruct", str(refine_sim / "particles.star"), "--out", str(tmp_path / "r"),
+             "--quiet"]
+    refused(capsys, chain + ["--refine", "--refine-iterations", "0"], "--refine-iterations")
+    refused(capsys, chain + ["--refine-iterations", "3"], "--refine")
+    assert not (tmp_path / "r").exists()  # refused before the ab initio run
 
 
 @pytest.mark.slow
 def test_reconstruct_then_refine_in_one_command(refine_sim, tmp_path):
     out = tmp_path / "chain"
     assert main(["reconstruct", str(refine_sim / "particles.star"), "--out", str(out),
-                 "--epochs", "0.3", "--test-size", "20", "--quiet", "--refine"]) == 0
+                 "--epochs", "0.3", "--test-size", "20", "--quiet", "--refine",
+                 "--refine-iterations", "1"]) == 0
     assert (out / "map.mrc").is_file() and (out / "poses.star").is_file()
     record = json.loads((out / "refine" / "refine.json").read_text())
     assert record["config"]["init_map"] == str(out / "map.mrc")
+    assert record["config"]["max_iterations"] == 1 and record["iterations"] <= 2
     assert (out / "refine" / "map.mrc").is_file() and (out / "refine" / "half2.mrc").is_file()
 
 
@@ -255,7 +263,8 @@ def test_refine_with_the_spherical_reference_mask(refine_sim, tmp_path, monkeypa
     out = tmp_path / "sphere"
     seen = []
     record_reference_masks(monkeypatch, seen)
-    assert main(refine_argv(refine_sim, out, "--reference-mask", "sphere")) == 0
+    assert main(refine_argv(refine_sim, out, "--reference-mask", "sphere",
+                            "--global-searches", "1")) == 0
     assert seen and all(m is None for m in seen)
     record = json.loads((out / "refine.json").read_text())
     assert record["resolution_0143_a"] < 0.75 * START_A
@@ -314,7 +323,7 @@ def test_refine_with_d2_symmetry_improves_on_its_start(tmp_path):
     write_map(sim / "start.mrc", soft_low_pass(truth, BOX * PIXEL_A / START_A, 2.0, ndim=3),
               PIXEL_A)
     out = tmp_path / "d2"
-    assert main(refine_argv(sim, out, "--symmetry", "D2")) == 0
+    assert main(refine_argv(sim, out, "--symmetry", "D2", "--global-searches", "1")) == 0
     record = json.loads((out / "refine.json").read_text())
     assert record["resolution_0143_a"] < 0.75 * START_A
     start_05 = compute_fsc(read_map(sim / "start.mrc")[0].double(), truth,
@@ -322,3 +331,32 @@ def test_refine_with_d2_symmetry_improves_on_its_start(tmp_path):
     refined_05 = compute_fsc(read_map(out / "map_unsharpened.mrc")[0].double(), truth,
                              pixel_size_a=PIXEL_A).resolution_at(0.5)
     assert refined_05 < 0.85 * start_05, (refined_05, start_05)
+
+
+def test_global_searches_follow_each_gain_in_resolution_up_to_their_number(monkeypatch):
+    """`_search_again`: a global search before any iteration that follows a gain (stalls 0),
+    none before the first local iteration nor past --global-searches or --iterations; after
+    a stall only once local searches converged with a cutoff 30% finer than the last one."""
+    from types import SimpleNamespace
+
+    from cryostoch.engine import refine_run
+    from cryostoch.engine.refine_data import RefineConfig
+
+    config = RefineConfig(particles="p.star", init_map="m.mrc", out_dir="unused",
+                          global_rounds=3, max_iterations=8)
+
+    def again(iteration, stalls, searches, converged=False, cutoff=10.0, last=10.0):
+        refinement = SimpleNamespace(config=config, converged=lambda state: converged)
+        state = SimpleNamespace(iteration=iteration, stalls=stalls, global_searches=searches,
+                                global_radius_px=last)
+        monkeypatch.setattr(refine_run, "search_radii", lambda *args: (cutoff, cutoff))
+        return refine_run._search_again(refinement, None, state)
+
+    assert config.global_rounds == 3 and RefineConfig("p", "m", "o").global_rounds == 6
+    assert not again(0, 0, 1)  # the first search has just been made
+    assert again(1, 0, 1) and again(4, 0, 2)
+    assert not again(4, 0, 3)  # all three made
+    assert not again(8, 0, 1)  # no iterations left
+    assert not again(3, 1, 1)  # a stall, local searches not converged
+    assert not again(3, 2, 1, converged=True, cutoff=12.0)  # converged, cutoff only 20% finer
+    assert again(3, 2, 1, converged=True, cutoff=13.5)

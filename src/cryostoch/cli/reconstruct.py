@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine", action="store_true",
                         help="then refine the map with gold-standard half sets to the data's "
                              "resolution (cryostoch refine, outputs in DIR/refine)")
+    parser.add_argument("--refine-iterations", type=int, default=None, metavar="N",
+                        help="with --refine: its most iterations before the last one to "
+                             "Nyquist (refine's --iterations; default 12)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint.pt")
     parser.add_argument("--snapshots", type=int_list, default=(),
@@ -94,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
 def _reconstruct_and_refine(config: ReconstructionConfig, args: argparse.Namespace) -> int:
     from cryostoch.engine.reconstruct import reconstruct
 
+    if args.refine_iterations is not None:  # checked before the ab initio run, not after it
+        if not args.refine:
+            raise InputError("--refine-iterations", "applies only with --refine")
+        if args.refine_iterations < 1:
+            raise InputError("--refine-iterations", "must be at least 1")
     result = reconstruct(config, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.quiet)
     nll = "n/a" if result.final_test_nll is None else f"{result.final_test_nll:.3f}"
@@ -121,7 +129,9 @@ def _refine(config: ReconstructionConfig, map_path, args: argparse.Namespace) ->
         particle_diameter_a=config.particle_diameter_a, shift_range_a=config.shift_range_a,
         class_file=config.class_file, keep_classes=config.keep_classes, seed=config.seed,
         device=config.device, dtype=config.dtype, invert=config.invert,
-        project_root=config.project_root, cache_dir=config.cache_dir)
+        project_root=config.project_root, cache_dir=config.cache_dir,
+        **({} if args.refine_iterations is None else
+           {"max_iterations": args.refine_iterations}))
     result = refine(refine_config, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"refined map: {result.map_path} (gold-standard FSC 0.143: "

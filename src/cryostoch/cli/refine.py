@@ -42,12 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=False,
                         help="estimate an amplitude scale per particle each iteration (mean "
                              "1), for contrast that varies between particles (default off)")
-    parser.add_argument("--global-searches", type=int, default=2,
-                        help="global pose searches: the first, then (when the local "
-                             "searches have converged) again, each half against its own map: "
-                             "exhaustive at the finest affordable cutoff, its --global-top-k "
-                             "best poses re-scored at the resolution reached (default 2: one "
-                             "more after the first; 1: local searches only after the first)")
+    parser.add_argument("--global-searches", type=int, default=6,
+                        help="global pose searches in all, each half against its own map: "
+                             "the first, then one before every iteration that follows a gain "
+                             "in resolution (and one when local searches have converged, if "
+                             "the cutoff grew 30%% since the last): exhaustive at the finest "
+                             "affordable cutoff, its --global-top-k best poses re-scored at "
+                             "the resolution reached (default 6; 1: local searches only "
+                             "after the first)")
     parser.add_argument("--global-top-k", type=int, default=20,
                         help="poses per particle that a later global search's exhaustive "
                              "stage keeps for re-scoring at the current cutoff (default 20; 1: "

@@ -57,7 +57,7 @@ class RefineConfig:
     fine_pass: bool = True  # the significant cells sampled again at half the steps
     particle_scale: bool = False  # an amplitude scale per particle, estimated each iteration
     # (RELION's adaptive oversampling) for the M-step and the poses
-    global_rounds: int = 2  # global searches (the first, then at the resolution reached)
+    global_rounds: int = 6  # global searches (the first, then while the resolution improves)
     global_top_k: int = 20  # poses per particle the later global searches' exhaustive stage
     # keeps for re-scoring at the search cutoff (1: exhaustive only; `engine/refine_search.py`)
     reference_mask: str = "auto"  # the references' mask: "auto" (solvent) or the "sphere"
