@@ -201,7 +201,7 @@ def test_refine_with_two_processes_gives_the_half_maps_of_one(tmp_path):
     for n in (1, 2):
         launch(n, "refine", str(sim / "particles.star"), "--init", str(sim / "start.mrc"),
                "--out", str(tmp_path / f"ranks{n}"), "--initial-resolution-a", "40",
-               "--iterations", "2", "--threads", "1", "--quiet")
+               "--iterations", "2", "--global-searches", "1", "--threads", "1", "--quiet")
     for name in ("half1.mrc", "half2.mrc"):
         a, _ = read_map(tmp_path / "ranks1" / name)
         b, _ = read_map(tmp_path / "ranks2" / name)
