@@ -41,6 +41,31 @@ def test_info_betagal_star(capsys, shared_data):
         assert needle in out, needle
 
 
+def test_info_says_where_the_ctf_aliases_in_the_box(capsys, shared_data):
+    """The betagal particles (200 kV, Cs 1.4 mm, ~4 um underfocus, 64 px of 3.54 A): beyond
+    the frequency where the CTF moves signal by half the box (lambda dz k - Cs lambda^3 k^3 =
+    113 A, solved here with numpy for the median larger defocus), the CTF aliases."""
+    import re
+
+    import numpy as np
+    import starfile
+
+    star = shared_data / "betagal_empiar10204" / "Extract" / "job009" / "particles.star"
+    _, out, _ = info(capsys, star)
+    table = starfile.read(star)["particles"]
+    larger = np.maximum(table["rlnDefocusU"].abs(), table["rlnDefocusV"].abs()).to_numpy()
+    dz = np.sort(larger)[(len(larger) - 1) // 2]  # the lower median, as torch's
+    volts = 200e3
+    lam = 12.2643247 / np.sqrt(volts * (1 + 0.978466e-6 * volts))
+    cs = 1.4e7
+    roots = np.roots([-cs * lam**3, 0.0, lam * dz, -64 * 3.54 / 2])
+    k = min(r.real for r in roots if abs(r.imag) < 1e-12 and r.real > 0)
+    found = re.search(r"aliases beyond ([0-9.]+) A at the median defocus \(([0-9]+) A\)", out)
+    assert found, out
+    assert float(found.group(1)) == pytest.approx(1 / k, abs=0.06)
+    assert float(found.group(2)) == pytest.approx(dz, abs=1)
+
+
 def test_info_reports_the_offsets_of_aligned_particles(capsys, shared_data):
     import starfile
 

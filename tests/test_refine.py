@@ -96,6 +96,10 @@ def test_refine_improves_on_its_start_and_writes_every_output(refine_sim, refine
     script = (out / "open_in_chimerax.cxc").read_text()
     assert all(f"open {name}" in script for name in ("map.mrc", "half1.mrc", "half2.mrc"))
     record = json.loads((out / "refine.json").read_text())
+    # what the box holds at the median defocus, recorded (operators/ctf.py tests the numbers)
+    limits = record["box_limits"]
+    assert set(limits) == {"particle_inside_a", "aliasing_a", "defocus_a"}
+    assert limits["defocus_a"] > 0 and limits["aliasing_a"] >= 2 * PIXEL_A
     # the gold standard and the truth both say it went well past the start's 40 A
     assert record["resolution_0143_a"] < 0.75 * START_A
     start_05 = fsc_05_against_truth(refine_sim / "start.mrc", refine_sim)

@@ -17,6 +17,7 @@ from cryostoch.errors import InputError
 from cryostoch.io.dataset import ParticleDataset, read_particle_table
 from cryostoch.io.mrc import MODE_DTYPES, data_statistics, read_header
 from cryostoch.io.records import ParticleTable
+from cryostoch.operators.ctf import box_limits
 
 PARTICLE_SUFFIXES = (".star", ".cs")
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".st", ".rec")
@@ -68,6 +69,18 @@ def _range(values: np.ndarray, unit: str, digits: int = 0) -> str:
     )
 
 
+def _aliasing(table: ParticleTable, box: int, pixel_a: float) -> str:
+    """Where the median particle's CTF starts to alias in its box: the signal of finer detail
+    lies outside the image (RELION and cryoSPARC advise a larger box)."""
+    limits = box_limits(table.ctf, box, pixel_a, 0.0)
+    if not math.isfinite(limits.aliasing_a):
+        return "unknown"
+    if limits.aliasing_a <= 2 * pixel_a * (1 + 1e-9):
+        return f"sampled up to Nyquist at the median defocus ({limits.defocus_a:.0f} A)"
+    return (f"aliases beyond {limits.aliasing_a:.1f} A at the median defocus "
+            f"({limits.defocus_a:.0f} A): finer detail's signal lies outside the {box}-px box")
+
+
 def _number(value: float, unit: str = "") -> str:
     if not math.isfinite(value):
         return "unknown"
@@ -106,6 +119,9 @@ def describe_particles(path: Path, project_root: Path | None
         lines.append(_row("Defocus U", _range(du, "A")))
         lines.append(_row("Defocus V", _range(dv, "A")))
         lines.append(_row("Astigmatism |U-V|", _range(np.abs(du - dv), "A")))
+        if boxes.size == 1 and pixels.size == 1 and len(table) > 0:
+            lines.append(_row("CTF in the box", _aliasing(table, int(boxes[0]),
+                                                          float(pixels[0]))))
         phase = table.ctf.phase_shift_deg.numpy()
         if np.any(phase != 0):
             lines.append(_row("Phase shift", _range(phase, "deg", 1)))

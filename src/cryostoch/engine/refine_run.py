@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from cryostoch.evaluate.postprocess_output import write_postprocess
 from cryostoch.evaluate.transform import soft_sphere_mask
 from cryostoch.geometry.rotations import matrix_to_euler
 from cryostoch.io.mrc import write_map
+from cryostoch.operators.ctf import BoxLimits, box_limits
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ def refine(config: RefineConfig, *, resume: bool = False, overwrite: bool = Fals
 def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
             poses: tuple[Tensor, Tensor] | None, started: float, world: World) -> RefineResult:
     refinement, state, tau2 = _start(config, out, resume, run, poses, world)
+    limits = box_limits_of(run)
+    if limits is not None and world.is_main:
+        log.info("%s", box_limits_line(limits, run.geometry.box_size,
+                                       run.geometry.pixel_size_a))
     while not state.final:
         if _search_again(refinement, run, state):
             state = search_halves(refinement, run, state, world)
@@ -180,7 +186,8 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
               "resolution_unmasked_a": post.curve("unmasked").resolution_at(0.143),
               "resolution_corrected_a": post.resolution_corrected_a,
               "fsc_used": post.final_curve_name, "postprocess_warnings": post.warnings,
-              "bfactor_a2": post.bfactor, "history": state.history, "world_size": world_size}
+              "bfactor_a2": post.bfactor, "history": state.history, "world_size": world_size,
+              "box_limits": _as_record(box_limits_of(run))}
     with StagedOutputs(out) as staged:
         write_map(staged.path("half1.mrc"), half1, pixel)
         write_map(staged.path("half2.mrc"), half2, pixel)
@@ -208,6 +215,38 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
              post.bfactor, state.iteration, seconds, out / "map.mrc")
     return RefineResult(out, out / "map.mrc", post.resolution_a, state.iteration, seconds,
                         state, post.final_curve_name)
+
+
+def box_limits_of(run: PreparedRun) -> BoxLimits | None:
+    """What the particles' box holds at their median defocus (None without CTFs)."""
+    ctf = run.dataset.ctf
+    if ctf is None or len(ctf) == 0:
+        return None
+    geometry = run.geometry
+    return box_limits(ctf, geometry.box_size, geometry.pixel_size_a,
+                      2 * geometry.particle_radius_px * geometry.pixel_size_a)
+
+
+def box_limits_line(limits: BoxLimits, box_size: int, pixel_size_a: float) -> str:
+    """The log's sentence on `limits` (a refinement cannot be finer than the data hold)."""
+    def resolution(value_a: float) -> str:
+        if math.isinf(value_a):
+            return "no resolution"
+        return "Nyquist" if value_a <= 2 * pixel_size_a * (1 + 1e-9) else f"{value_a:.1f} A"
+
+    line = (f"the {box_size}-px box at the median defocus ({limits.defocus_a / 1e4:.2f} um) "
+            f"keeps the whole particle's signal up to {resolution(limits.particle_inside_a)} "
+            f"and some of it up to {resolution(limits.aliasing_a)}")
+    if limits.particle_inside_a > 2 * pixel_size_a * (1 + 1e-9):
+        line += ("; beyond, the CTF moves the signal of the particle's rim out of the box "
+                 "(re-extract with a larger box for finer detail)")
+    return line
+
+
+def _as_record(limits: BoxLimits | None) -> dict | None:
+    return None if limits is None else {
+        key: (None if math.isinf(value) else value)
+        for key, value in dataclasses.asdict(limits).items()}
 
 
 def _write_poses(path: Path, run: PreparedRun, state: RefineState, subset: Tensor) -> None:

@@ -110,6 +110,56 @@ def evaluate_ctf(ctf: CtfParameters, freq_x_per_a: Tensor, freq_y_per_a: Tensor)
     return (-torch.sin(gamma) * envelope * per_particle(ctf.scale)).to(freq_x_per_a.dtype)
 
 
+def ctf_delocalisation_a(ctf: CtfParameters, freq_per_a: Tensor) -> Tensor:
+    """(n, F): how far, in A, each particle's CTF moves the signal of spatial frequency
+    `freq_per_a` ((F,), 1/A) in the image, the gradient of the CTF's phase over 2 pi,
+    |lambda dz k - Cs lambda^3 k^3|, along its larger defocus dz (an astigmatic CTF's worse
+    axis). Signal moved past the box's edge is lost to the particle's image; moved farther
+    than half the box, the CTF turns by more than pi per Fourier pixel and aliases."""
+    c = ctf.to(dtype=torch.float64)
+    k = freq_per_a.to(device=c.defocus_u_a.device, dtype=torch.float64)[None, :]
+    wavelength = electron_wavelength_a(c.voltage_kv).to(k.device)[:, None]
+    defocus = torch.maximum(c.defocus_u_a.abs(), c.defocus_v_a.abs())[:, None]
+    cs_a = c.spherical_aberration_mm[:, None] * 1e7
+    return (wavelength * defocus * k - cs_a * wavelength**3 * k**3).abs()
+
+
+@dataclass(frozen=True)
+class BoxLimits:
+    """What a box of particle images can hold, for the particle of median defocus: the finest
+    resolution (A) at which the CTF keeps the signal of the whole particle inside the box
+    (`particle_inside_a`; coarser detail of its rim is already partly outside beyond it), and
+    at which it keeps any signal of the particle's centre (`aliasing_a`). Each is Nyquist's
+    2 px when nothing is lost up to it, and infinite when the particle fills the box."""
+
+    particle_inside_a: float
+    aliasing_a: float
+    defocus_a: float  # the median particle's larger defocus
+
+
+def box_limits(ctf: CtfParameters, box_size: int, pixel_size_a: float,
+               particle_diameter_a: float, samples: int = 4096) -> BoxLimits:
+    """The `BoxLimits` of `box_size`-pixel images with this CTF (cryoSPARC and RELION advise
+    a box of the particle's diameter plus twice the delocalisation at the target resolution:
+    the same criterion, turned round)."""
+    box_a = box_size * pixel_size_a
+    nyquist_a = 2 * pixel_size_a
+    k = torch.linspace(0.0, 1.0 / nyquist_a, samples, dtype=torch.float64)
+    defocus = torch.maximum(ctf.defocus_u_a.abs(), ctf.defocus_v_a.abs())
+    median = defocus.median(dim=0).indices.reshape(1)  # (a particle of each: memory)
+    spread = ctf_delocalisation_a(ctf.index(median), k)[0]  # (F,)
+
+    def finest_a(limit_a: float) -> float:
+        outside = torch.nonzero(spread > limit_a).flatten()
+        if len(outside) == 0:
+            return nyquist_a
+        last_inside = int(outside[0]) - 1
+        return math.inf if last_inside <= 0 else 1.0 / float(k[last_inside])
+
+    return BoxLimits(finest_a((box_a - particle_diameter_a) / 2), finest_a(box_a / 2),
+                     float(defocus[median]))
+
+
 class CtfGrid:
     """The CTF of many particles on one fixed set of frequencies, evaluated fast.
 
