@@ -191,6 +191,7 @@ def test_refine_writes_a_self_contained_report(refine_sim, tmp_path):  # noqa: F
     text = page.read_text()
     assert "FSC 0.143" in text and "<th>poses moved (deg)</th>" in text
     assert text.count("<tr>") >= 2 + 1  # the per-iteration table: header and rows
+    assert "the CTF aliased in the box (median defocus) beyond" in text
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

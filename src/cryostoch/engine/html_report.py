@@ -245,6 +245,13 @@ def refine_report_html(run: PreparedRun, state: RefineState, post: PostprocessRe
                "resolution (A), unmasked FSC 0.143": record.get("resolution_unmasked_a"),
                "post-processing warnings": "; ".join(post.warnings) or "none",
                "B-factor applied (A^2)": post.bfactor}
+    limits = record.get("box_limits")
+    if limits:  # None: the particle fills the box
+        inside = limits["particle_inside_a"]
+        results["the whole particle's signal in the box (median defocus) up to"] = (
+            "no resolution" if inside is None else f"{inside:.3g} A")
+        results["the CTF aliased in the box (median defocus) beyond"] = (
+            f"{limits['aliasing_a']:.3g} A")
     header = RunHeader("cryostoch refine", str(run.config.particles), record["n_particles"],
                        dataset.box_size, dataset.pixel_size_a, record["config"], timings,
                        results)
