@@ -377,3 +377,81 @@ def test_the_tuning_budget_is_a_fixed_share_of_the_method_run():
     assert StudyTuning(budget=500).point_budget(full, 49_900) == 500
     with pytest.raises(ValueError, match="run fraction"):
         StudyTuning(run_fraction=0)
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("halving") / "sim"
+    assert main(["simulate", "--volume", "phantom", "--n-particles", "300", "--box", "32",
+                 "--pixel-size-a", "8", "--snr", "0.1", "--out", str(out), "--montage", "0",
+                 "--quiet"]) == 0
+    return out / "particles.star"
+
+
+def halving_config(star: Path, out: Path, lr: float) -> ReconstructionConfig:
+    return ReconstructionConfig(particles=str(star), out_dir=str(out / "sgd"), max_freq=0.3,
+                                test_size=50, epochs=0.3, batch_size=50, seed=3,
+                                shift_range_a=0.0, optimizer="sgd", lr=lr).paper_faithful()
+
+
+def test_a_run_that_diverges_is_run_again_at_half_the_step(small_set, tmp_path, monkeypatch,
+                                                           caplog):
+    """A paper method whose (tuned) step diverges over the whole run is run again from the
+    start at half the step, up to three times, and the report's records say how often: here
+    the run diverges (patched: a non-finite objective) whenever its lr exceeds 0.3, planned
+    at 1.0, so it ends at 0.25 after two halvings; a resumed study continues at that step."""
+    from cryostoch.engine.reconstruct import Reconstruction
+    from cryostoch.errors import DivergedError
+
+    tried = []
+    real_run = Reconstruction.run
+
+    def diverging_above(self):
+        tried.append(self.config.lr)
+        if self.config.lr > 0.3:
+            raise DivergedError(self.config.particles, "the reconstruction diverged (test)")
+        return real_run(self)
+
+    monkeypatch.setattr(Reconstruction, "run", diverging_above)
+    plan = [("sgd", halving_config(small_set, tmp_path, 1.0))]
+    with caplog.at_level("WARNING"):
+        (run,) = experiment_runs.run_methods(plan, tmp_path, progress=False, resume=False)
+    assert tried == [1.0, 0.5, 0.25]
+    assert run.lr_halvings == 2 and torch.isfinite(run.volume).all()
+    assert sum("half the step" in r.getMessage() for r in caplog.records) == 2
+    record = json.loads((tmp_path / "sgd" / RUN_RECORD).read_text())
+    assert record["lr_halvings"] == 2
+    # the finished run is reused on resume, its halvings with it
+    tried.clear()
+    (again,) = experiment_runs.run_methods(plan, tmp_path, progress=False, resume=True)
+    assert tried == [] and again.lr_halvings == 2
+    # an interrupted halved run resumes at its halved step
+    (tmp_path / "sgd" / RUN_RECORD).unlink()
+    experiment_runs.run_methods(plan, tmp_path, progress=False, resume=True)
+    assert tried == [0.25]
+
+
+def test_a_run_that_diverges_at_every_halving_ends_the_study(small_set, tmp_path):
+    """A step far too large (lr 1e12, genuinely non-finite) diverges four times: the error
+    reaches the user as before, after three halvings."""
+    from cryostoch.errors import DivergedError
+
+    plan = [("sgd", halving_config(small_set, tmp_path, 1e12))]
+    with pytest.raises(DivergedError, match="diverged"):
+        experiment_runs.run_methods(plan, tmp_path, progress=False, resume=False)
+    saved = json.loads((tmp_path / "sgd" / experiment_runs.HALVINGS_FILE).read_text())
+    assert saved == {"halvings": 3}
+
+
+def test_the_report_names_the_runs_whose_step_was_halved(tmp_path):
+    section = {"name": "synthetic", "particles": "400 simulated particles", "tuning": [],
+               "figures": [], "folder": "synthetic", "cutoff_a": 50.0,
+               "table": [{"method": "nesterov", "final_test_nll": 1.0},
+                         {"method": "sgd", "final_test_nll": 2.0}],
+               "lr_halvings": {"nesterov": 1}}
+    config = ExperimentConfig(out_dir=str(tmp_path), real_particles="none", tuning=None)
+    text = experiment_module._markdown([section], config, 60.0, 60.0, False)
+    assert ("run again from the start at a smaller one: nesterov (1/2 of it)." in text)
+    del section["lr_halvings"]
+    assert "run again from the start" not in experiment_module._markdown(
+        [section], config, 60.0, 60.0, False)

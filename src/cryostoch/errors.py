@@ -17,6 +17,10 @@ class InputError(Exception):
         super().__init__(f"{self.source}: {self.problem}")
 
 
+class DivergedError(InputError):
+    """A run whose objective, held-out NLL or map became non-finite: its step was too large."""
+
+
 class SharedInputError(InputError):
     """An InputError that rank 0 of a data parallel run met and handed to the other ranks:
     rank 0 prints it, the others stay quiet (`engine/distributed.py`)."""

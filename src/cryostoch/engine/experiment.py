@@ -235,6 +235,7 @@ def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
             row["fsc_0.5_over_cutoff"] = round(row["fsc_0.5_a"] / cutoff_a, 2)
         table.append(row)
     return {"name": name, "table": table, "tuning": tuning_rows, "cutoff_a": cutoff_a,
+            "lr_halvings": {r.name: r.lr_halvings for r in runs if r.lr_halvings},
             "figures": ["fig3_test_nll.png", "fig4_maps.png", "fig6_baselines.png"]}
 
 
@@ -284,6 +285,11 @@ def _markdown(sections: list[dict], config: ExperimentConfig, seconds: float,
                                                    and k == "final_test_nll" else str(v)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if section.get("lr_halvings"):
+            lines += ["Diverged over the whole run at the step chosen on the subset, and run "
+                      "again from the start at a smaller one: " + ", ".join(
+                          f"{m} (1/{2**h} of it)" for m, h in section["lr_halvings"].items())
+                      + ".", ""]
         if "fsc_0.5_a" in keys:
             paper = tuple(m for m in OPTIMIZER_NAMES if m != "adam")  # the paper's seven
             ran = [m for m in paper if m in config.optimizers]

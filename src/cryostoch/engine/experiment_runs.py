@@ -25,6 +25,7 @@ import torch
 from cryostoch.engine.baseline import BaselineConfig, BaselineRun
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.reconstruct import Reconstruction
+from cryostoch.errors import DivergedError
 from cryostoch.io._common import atomic_path
 from cryostoch.io.mrc import read_map
 from cryostoch.optim.external import is_import_path
@@ -32,6 +33,8 @@ from cryostoch.optim.external import is_import_path
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "experiment_run.json"
+HALVINGS_FILE = "lr_halvings.json"
+MAX_LR_HALVINGS = 3
 BASELINES = ("projmatch", "em")
 
 
@@ -44,6 +47,7 @@ class MethodRun:
     seconds: float
     gradient_evaluations: int
     final_test_nll: float | None
+    lr_halvings: int = 0  # times the run diverged and was run again at half its step
 
 
 def method_name(optimizer: str) -> str:
@@ -79,14 +83,15 @@ def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
         return None
     volume, _ = read_map(out_dir / "map.mrc")
     return MethodRun(name, out_dir, saved["metrics"], volume, saved["seconds"],
-                     saved["gradient_evaluations"], saved["final_test_nll"])
+                     saved["gradient_evaluations"], saved["final_test_nll"],
+                     int(saved.get("lr_halvings", 0)))
 
 
 def _record_run(run: MethodRun, settings: dict) -> None:
     """Written last, atomically: its presence means the run's outputs are complete."""
     record = {"settings": settings, "metrics": run.metrics, "seconds": run.seconds,
               "gradient_evaluations": run.gradient_evaluations,
-              "final_test_nll": run.final_test_nll}
+              "final_test_nll": run.final_test_nll, "lr_halvings": run.lr_halvings}
     with atomic_path(run.out_dir / RUN_RECORD) as tmp:
         tmp.write_text(json.dumps(record, default=str))
 
@@ -132,19 +137,51 @@ def run_methods(plan: Plan, out: Path, *,
             continue
         log.info("%s: %s", out.name, name)
         start = time.perf_counter()
-        # a study replaces its own runs: a fresh start all of them, a resume the unfinished
-        # baselines (which keep no checkpoint)
-        job = (BaselineRun(cfg, overwrite=True, progress=progress) if is_baseline
-               else Reconstruction(cfg, resume=resume, overwrite=not resume, progress=progress))
-        earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
-        result = job.run()
+        result, earlier, halvings = _run_halving_on_divergence(name, cfg, run_dir,
+                                                               progress=progress,
+                                                               resume=resume)
         # wall time, data preparation included, plus any time spent before a resume
         seconds = time.perf_counter() - start + earlier
         run = MethodRun(name, run_dir, result.metrics, result.volume, seconds,
-                        result.gradient_evaluations, result.final_test_nll)
+                        result.gradient_evaluations, result.final_test_nll, halvings)
         _record_run(run, settings)
         runs.append(run)
     return runs
+
+
+def _run_halving_on_divergence(name: str, cfg: ReconstructionConfig | BaselineConfig,
+                               run_dir: Path, *, progress: bool, resume: bool):
+    """(result, seconds before a resume, halvings) of one method run. A paper method whose
+    step (tuned on a subset, for a short budget) diverges over the whole run is run again
+    from the start at half the step, at most MAX_LR_HALVINGS times, rather than ending the
+    study: the report says which. The halvings are kept in `HALVINGS_FILE` so that a resumed
+    study continues the run at the step it had."""
+    halvings_path = run_dir / HALVINGS_FILE
+    saved = read_json(halvings_path) if resume else None
+    halvings = int(saved["halvings"]) if saved else 0
+    while True:
+        if isinstance(cfg, BaselineConfig):
+            # a study replaces its own runs; the baselines keep no checkpoint
+            job = BaselineRun(cfg, overwrite=True, progress=progress)
+        else:
+            if halvings:
+                cfg = dataclasses.replace(cfg, lr=cfg.lr / 2**halvings)
+            job = Reconstruction(cfg, resume=resume, overwrite=not resume, progress=progress)
+        earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
+        try:
+            return job.run(), earlier, halvings
+        except DivergedError as err:
+            if (isinstance(cfg, BaselineConfig) or cfg.lr is None
+                    or halvings >= MAX_LR_HALVINGS):
+                raise
+            log.warning("%s: %s; running it again from the start at half the step",
+                        name, err.problem)
+            cfg = dataclasses.replace(cfg, lr=cfg.lr * 2**halvings)  # the planned step
+            halvings += 1
+            resume = False  # a fresh start at the smaller step
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(halvings_path) as tmp:
+                tmp.write_text(json.dumps({"halvings": halvings}))
 
 
 __all__ = ["BASELINES", "RUN_RECORD", "MethodRun", "external_optimizers", "method_name",

@@ -25,7 +25,7 @@ from cryostoch.engine.prepare import PreparedRun
 from cryostoch.engine.run_folder import CHIMERAX_SCRIPT, StagedOutputs
 from cryostoch.engine.schedule import run_epochs
 from cryostoch.engine.viewer import ViewedMap, write_chimerax_script
-from cryostoch.errors import InputError
+from cryostoch.errors import DivergedError
 from cryostoch.fourier.resample import resample_volume, soft_low_pass
 from cryostoch.io.mrc import write_map
 
@@ -200,8 +200,8 @@ def check_finite_result(run: PreparedRun, volume: Tensor, poses: PoseAssignment 
         last_test is not None and not math.isfinite(last_test)) or (
         poses is not None and not bool(torch.isfinite(poses.nll).all()))
     if bad:
-        raise InputError(run.config.particles, "the reconstruction diverged (the final map or "
-                         "its likelihood is not finite); no map written: lower --lr")
+        raise DivergedError(run.config.particles, "the reconstruction diverged (the final map "
+                            "or its likelihood is not finite); no map written: lower --lr")
 
 
 def finish(out: Path, run: PreparedRun, volume: Tensor, metrics: list[dict], *,

@@ -44,7 +44,7 @@ from cryostoch.engine.run_folder import (
 )
 from cryostoch.engine.schedule import Schedule, Stage
 from cryostoch.engine.step_size import gauss_newton_curvature
-from cryostoch.errors import InputError, SharedInputError
+from cryostoch.errors import DivergedError, InputError, SharedInputError
 from cryostoch.io.mrc import write_map
 from cryostoch.model.curvature import expected_curvature, fourier_preconditioner
 from cryostoch.model.likelihood import MarginalLikelihood
@@ -373,9 +373,10 @@ class Reconstruction:
         finite = math.isfinite(objective) and (test is None or math.isfinite(test))
         if finite and bool(torch.isfinite(self.volume.detach()).all()):
             return
-        raise InputError(self.config.particles,
-                         f"the reconstruction diverged at iteration {self.state.iteration} (the "
-                         "objective or the map became non-finite); no map written: lower --lr")
+        raise DivergedError(self.config.particles,
+                            f"the reconstruction diverged at iteration {self.state.iteration} "
+                            "(the objective or the map became non-finite); no map written: "
+                            "lower --lr")
 
     def _log_metrics(self, objective: float | None, test: float | None,
                      start_time: float) -> None:
