@@ -455,3 +455,16 @@ def test_the_report_names_the_runs_whose_step_was_halved(tmp_path):
     del section["lr_halvings"]
     assert "run again from the start" not in experiment_module._markdown(
         [section], config, 60.0, 60.0, False)
+
+
+def test_resume_starts_again_a_run_stopped_before_its_first_checkpoint(small_set, tmp_path):
+    """A method folder with outputs (snapshots) but no checkpoint, as a run left that
+    diverged before the study could go on: --resume runs it again rather than refusing."""
+    config = dataclasses.replace(halving_config(small_set, tmp_path, 1.0), lr=None)
+    snapshots = tmp_path / "sgd" / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / "map_000000050.mrc").write_bytes(b"left from a stopped run")
+    (run,) = experiment_runs.run_methods([("sgd", config)], tmp_path, progress=False,
+                                         resume=True)
+    assert torch.isfinite(run.volume).all() and run.lr_halvings == 0
+    assert (tmp_path / "sgd" / RUN_RECORD).exists()

@@ -25,6 +25,7 @@ import torch
 from cryostoch.engine.baseline import BaselineConfig, BaselineRun
 from cryostoch.engine.config import ReconstructionConfig
 from cryostoch.engine.reconstruct import Reconstruction
+from cryostoch.engine.run_folder import CHECKPOINT_NAME
 from cryostoch.errors import DivergedError
 from cryostoch.io._common import atomic_path
 from cryostoch.io.mrc import read_map
@@ -159,6 +160,9 @@ def _run_halving_on_divergence(name: str, cfg: ReconstructionConfig | BaselineCo
     halvings_path = run_dir / HALVINGS_FILE
     saved = read_json(halvings_path) if resume else None
     halvings = int(saved["halvings"]) if saved else 0
+    # a study replaces its own runs: one stopped before its first checkpoint (interrupted, or
+    # diverged by an older version that ended the study) starts again
+    resume = resume and (run_dir / CHECKPOINT_NAME).exists()
     while True:
         if isinstance(cfg, BaselineConfig):
             # a study replaces its own runs; the baselines keep no checkpoint
