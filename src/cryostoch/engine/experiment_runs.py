@@ -157,6 +157,10 @@ def _run_halving_on_divergence(name: str, cfg: ReconstructionConfig | BaselineCo
     from the start at half the step, at most MAX_LR_HALVINGS times, rather than ending the
     study: the report says which. The halvings are kept in `HALVINGS_FILE` so that a resumed
     study continues the run at the step it had."""
+    if isinstance(cfg, BaselineConfig):  # a study replaces its own runs; no checkpoint kept
+        job = BaselineRun(cfg, overwrite=True, progress=progress)
+        earlier = job.state.seconds
+        return job.run(), earlier, 0
     halvings_path = run_dir / HALVINGS_FILE
     saved = read_json(halvings_path) if resume else None
     halvings = int(saved["halvings"]) if saved else 0
@@ -164,23 +168,16 @@ def _run_halving_on_divergence(name: str, cfg: ReconstructionConfig | BaselineCo
     # diverged by an older version that ended the study) starts again
     resume = resume and (run_dir / CHECKPOINT_NAME).exists()
     while True:
-        if isinstance(cfg, BaselineConfig):
-            # a study replaces its own runs; the baselines keep no checkpoint
-            job = BaselineRun(cfg, overwrite=True, progress=progress)
-        else:
-            if halvings:
-                cfg = dataclasses.replace(cfg, lr=cfg.lr / 2**halvings)
-            job = Reconstruction(cfg, resume=resume, overwrite=not resume, progress=progress)
+        attempt = dataclasses.replace(cfg, lr=cfg.lr / 2**halvings) if halvings else cfg
+        job = Reconstruction(attempt, resume=resume, overwrite=not resume, progress=progress)
         earlier = job.state.seconds  # optimisation time before a resume (0 for a fresh run)
         try:
             return job.run(), earlier, halvings
         except DivergedError as err:
-            if (isinstance(cfg, BaselineConfig) or cfg.lr is None
-                    or halvings >= MAX_LR_HALVINGS):
+            if cfg.lr is None or halvings >= MAX_LR_HALVINGS:
                 raise
             log.warning("%s: %s; running it again from the start at half the step",
                         name, err.problem)
-            cfg = dataclasses.replace(cfg, lr=cfg.lr * 2**halvings)  # the planned step
             halvings += 1
             resume = False  # a fresh start at the smaller step
             run_dir.mkdir(parents=True, exist_ok=True)
