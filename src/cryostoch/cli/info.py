@@ -17,7 +17,7 @@ from cryostoch.errors import InputError
 from cryostoch.io.dataset import ParticleDataset, read_particle_table
 from cryostoch.io.mrc import MODE_DTYPES, data_statistics, read_header
 from cryostoch.io.records import ParticleTable
-from cryostoch.operators.ctf import box_limits
+from cryostoch.operators.ctf import at_nyquist, box_limits
 
 PARTICLE_SUFFIXES = (".star", ".cs")
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".st", ".rec")
@@ -75,7 +75,7 @@ def _aliasing(table: ParticleTable, box: int, pixel_a: float) -> str:
     limits = box_limits(table.ctf, box, pixel_a, 0.0)
     if not math.isfinite(limits.aliasing_a):
         return "unknown"
-    if limits.aliasing_a <= 2 * pixel_a * (1 + 1e-9):
+    if at_nyquist(limits.aliasing_a, pixel_a):
         return f"sampled up to Nyquist at the median defocus ({limits.defocus_a:.0f} A)"
     return (f"aliases beyond {limits.aliasing_a:.1f} A at the median defocus "
             f"({limits.defocus_a:.0f} A): finer detail's signal lies outside the {box}-px box")

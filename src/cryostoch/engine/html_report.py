@@ -246,12 +246,14 @@ def refine_report_html(run: PreparedRun, state: RefineState, post: PostprocessRe
                "post-processing warnings": "; ".join(post.warnings) or "none",
                "B-factor applied (A^2)": post.bfactor}
     limits = record.get("box_limits")
-    if limits:  # None: the particle fills the box
-        inside = limits["particle_inside_a"]
-        results["the whole particle's signal in the box (median defocus) up to"] = (
-            "no resolution" if inside is None else f"{inside:.3g} A")
-        results["the CTF aliased in the box (median defocus) beyond"] = (
-            f"{limits['aliasing_a']:.3g} A")
+    if limits:
+        def resolution(value_a: float | None) -> str:  # None: nothing kept (infinite)
+            return "no resolution" if value_a is None else f"{value_a:.3g} A"
+
+        results["the whole particle's signal in the box (median defocus) up to"] = resolution(
+            limits["particle_inside_a"])
+        results["the CTF aliased in the box (median defocus) beyond"] = resolution(
+            limits["aliasing_a"])
     header = RunHeader("cryostoch refine", str(run.config.particles), record["n_particles"],
                        dataset.box_size, dataset.pixel_size_a, record["config"], timings,
                        results)

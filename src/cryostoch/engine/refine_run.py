@@ -54,7 +54,7 @@ from cryostoch.evaluate.postprocess_output import write_postprocess
 from cryostoch.evaluate.transform import soft_sphere_mask
 from cryostoch.geometry.rotations import matrix_to_euler
 from cryostoch.io.mrc import write_map
-from cryostoch.operators.ctf import BoxLimits, box_limits
+from cryostoch.operators.ctf import BoxLimits, at_nyquist, box_limits
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _refine(config: RefineConfig, out: Path, resume: bool, run: PreparedRun,
     seconds = time.perf_counter() - started
     world.check_same(state.unfiltered, "half maps")
     return world.on_main(lambda: _finish(config, out, run, refinement, state, seconds,
-                                         world.size))
+                                         world.size, limits))
 
 
 def _search_again(refinement: Refinement, run: PreparedRun, state: RefineState) -> bool:
@@ -174,7 +174,8 @@ def _saved_state(config: RefineConfig, out: Path) -> dict | None:
 
 
 def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refinement,
-            state: RefineState, seconds: float, world_size: int) -> RefineResult:
+            state: RefineState, seconds: float, world_size: int,
+            limits: BoxLimits | None) -> RefineResult:
     """The half maps, poses and records first, then the post-processing (map.mrc last)."""
     pixel = run.geometry.pixel_size_a
     half1, half2 = state.unfiltered[0], state.unfiltered[1]  # as RELION's _unfil maps
@@ -187,7 +188,7 @@ def _finish(config: RefineConfig, out: Path, run: PreparedRun, refinement: Refin
               "resolution_corrected_a": post.resolution_corrected_a,
               "fsc_used": post.final_curve_name, "postprocess_warnings": post.warnings,
               "bfactor_a2": post.bfactor, "history": state.history, "world_size": world_size,
-              "box_limits": _as_record(box_limits_of(run))}
+              "box_limits": _as_record(limits)}
     with StagedOutputs(out) as staged:
         write_map(staged.path("half1.mrc"), half1, pixel)
         write_map(staged.path("half2.mrc"), half2, pixel)
@@ -232,12 +233,12 @@ def box_limits_line(limits: BoxLimits, box_size: int, pixel_size_a: float) -> st
     def resolution(value_a: float) -> str:
         if math.isinf(value_a):
             return "no resolution"
-        return "Nyquist" if value_a <= 2 * pixel_size_a * (1 + 1e-9) else f"{value_a:.1f} A"
+        return "Nyquist" if at_nyquist(value_a, pixel_size_a) else f"{value_a:.1f} A"
 
     line = (f"the {box_size}-px box at the median defocus ({limits.defocus_a / 1e4:.2f} um) "
             f"keeps the whole particle's signal up to {resolution(limits.particle_inside_a)} "
             f"and some of it up to {resolution(limits.aliasing_a)}")
-    if limits.particle_inside_a > 2 * pixel_size_a * (1 + 1e-9):
+    if not at_nyquist(limits.particle_inside_a, pixel_size_a):
         line += ("; beyond, the CTF moves the signal of the particle's rim out of the box "
                  "(re-extract with a larger box for finer detail)")
     return line

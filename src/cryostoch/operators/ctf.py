@@ -160,6 +160,11 @@ def box_limits(ctf: CtfParameters, box_size: int, pixel_size_a: float,
                      float(defocus[median]))
 
 
+def at_nyquist(resolution_a: float, pixel_size_a: float) -> bool:
+    """Whether a `BoxLimits` resolution is Nyquist's (nothing lost up to it)."""
+    return resolution_a <= 2 * pixel_size_a * (1 + 1e-9)
+
+
 class CtfGrid:
     """The CTF of many particles on one fixed set of frequencies, evaluated fast.
 
