@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ import torch
 # fixtures of the bad-input tests: `sim` (a tiny simulated set) and `finished` (a run of it)
 from bad_input_support import finished, sim  # noqa: F401, E402, I001
 from cryostoch.operators.ctf import CtfParameters
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores (torch here, OpenMP in the
+    CLI subprocesses it starts): two workers of two threads each on two cores run slower
+    than one."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
