@@ -424,7 +424,8 @@ def test_a_run_that_diverges_is_run_again_at_half_the_step(small_set, tmp_path, 
     assert run.lr_halvings == 2 and torch.isfinite(run.volume).all()
     assert sum("half the step" in r.getMessage() for r in caplog.records) == 2
     record = json.loads((tmp_path / "sgd" / RUN_RECORD).read_text())
-    assert record["lr_halvings"] == 2
+    assert record["lr_halvings"] == 2 and record["lr_used"] == 0.25
+    assert record["settings"]["lr"] == 1.0  # the plan, which a resumed study matches
     # the finished run is reused on resume, its halvings with it
     tried.clear()
     (again,) = experiment_runs.run_methods(plan, tmp_path, progress=False, resume=True)

@@ -89,10 +89,14 @@ def _finished_run(name: str, out_dir: Path, settings: dict) -> MethodRun | None:
 
 
 def _record_run(run: MethodRun, settings: dict) -> None:
-    """Written last, atomically: its presence means the run's outputs are complete."""
+    """Written last, atomically: its presence means the run's outputs are complete.
+    `settings` are the planned ones (what a resumed study matches); `lr_used` is the base
+    rate the run had after its halvings (None where the rate was calibrated in the run)."""
+    planned_lr = settings.get("lr")
     record = {"settings": settings, "metrics": run.metrics, "seconds": run.seconds,
               "gradient_evaluations": run.gradient_evaluations,
-              "final_test_nll": run.final_test_nll, "lr_halvings": run.lr_halvings}
+              "final_test_nll": run.final_test_nll, "lr_halvings": run.lr_halvings,
+              "lr_used": None if planned_lr is None else planned_lr / 2**run.lr_halvings}
     with atomic_path(run.out_dir / RUN_RECORD) as tmp:
         tmp.write_text(json.dumps(record, default=str))
 
