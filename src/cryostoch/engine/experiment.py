@@ -175,7 +175,7 @@ def _study(config: ExperimentConfig, name: str, particles: Path, out: Path, *,
 
     save_figure(nll_figure(runs, f"{name}: held-out NLL"), out / "fig3_test_nll.png")
     final_maps = map_figures(out, runs, truth, pixel, snapshot_counts, n_train,
-                              config.baseline_iterations)
+                             config.baseline_iterations)
     table = []
     cutoff_a = 2 * pixel / max_freq
     for r in runs:

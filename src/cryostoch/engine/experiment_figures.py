@@ -13,6 +13,9 @@ from cryostoch.evaluate.fsc import compute_fsc
 from cryostoch.evaluate.plots import projection_gallery_figure
 from cryostoch.io.mrc import read_map
 
+# the table's column of the one-epoch map's FSC 0.5 over the cutoff resolution
+ONE_EPOCH_KEY = "one_epoch_fsc_0.5_over_cutoff"
+
 
 def save_figure(fig, path: Path) -> None:
     """Write a figure (pyplot's or a plain Agg one) and release it."""
@@ -30,8 +33,8 @@ def _snapshot(run: MethodRun, count: int) -> torch.Tensor | None:
 
 
 def map_figures(out: Path, runs: list[MethodRun], truth: torch.Tensor | None, pixel: float,
-                 snapshot_counts: tuple[int, ...], n_train: int,
-                 baseline_iterations: int) -> dict[str, torch.Tensor]:
+                snapshot_counts: tuple[int, ...], n_train: int,
+                baseline_iterations: int) -> dict[str, torch.Tensor]:
     """Fig. 4 (every stochastic run's snapshots and final map) and Fig. 6 (the baselines
     against one epoch of SGD), each map as three projections aligned onto the truth (on real
     data, onto SGD's final map), the reference in the first row. Returns the aligned final
@@ -65,7 +68,7 @@ def map_figures(out: Path, runs: list[MethodRun], truth: torch.Tensor | None, pi
 
 
 def fsc_columns(run: MethodRun, aligned_final: torch.Tensor, truth: torch.Tensor,
-                 pixel: float, cutoff_a: float, n_train: int) -> dict:
+                pixel: float, cutoff_a: float, n_train: int) -> dict:
     """The final map's FSC 0.5 against the truth (A, and over the cutoff) and, for the
     stochastic runs, that of the one-epoch snapshot aligned on its own (the paper's "a
     reasonable structure within one epoch"; it may sit elsewhere than the final map)."""
@@ -79,5 +82,3 @@ def fsc_columns(run: MethodRun, aligned_final: torch.Tensor, truth: torch.Tensor
             compute_fsc(truth, moved, pixel_size_a=pixel).resolution_at(0.5) / cutoff_a, 2)
     return columns
 
-
-ONE_EPOCH_KEY = "one_epoch_fsc_0.5_over_cutoff"
