@@ -77,6 +77,17 @@ def test_tune_lr_tunes_the_damping_of_tonga(tiny_set, tmp_path):
     assert record["base_damping"] == pytest.approx(1.0)  # TONGA's default regulariser
 
 
+def test_tune_lr_tunes_the_model_trust_lambda_of_online_lbfgs(tiny_set, tmp_path):
+    out = tmp_path / "olbfgs"
+    assert tune(tiny_set, out, "--optimizer", "olbfgs", "--multiples", "1",
+                "--damping-multiples", "0.1,10", "--budget", "100") == 0
+    record = json.loads((out / "tune_lr.json").read_text())
+    base = record["base_damping"]
+    assert base > 0
+    assert [p["damping"] for p in record["grid"]] == pytest.approx([0.1 * base, 10 * base])
+    assert record["optimizer_options"] == {"damping": record["chosen"]["damping"]}
+
+
 @pytest.mark.parametrize("extra, says", [
     (("--multiples", "1,-2"), "--multiples"),
     (("--multiples", "a,b"), "--multiples"),

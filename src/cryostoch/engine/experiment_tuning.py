@@ -1,6 +1,7 @@
 """The paper's step-size protocol inside the study: each built-in method's base learning rate
-(and TONGA's regulariser, HF's damping) tuned on a subset of the training images before its
-run, with `tune-lr`'s grid (engine/tune_lr.py), and the chosen values handed to the run.
+(and TONGA's regulariser, online L-BFGS's lambda, HF's damping) tuned on a subset of the
+training images before its run, with `tune-lr`'s grid (engine/tune_lr.py), and the chosen
+values handed to the run.
 
 Why: the paper tuned every base rate by hand "by examining performance on a subset of the
 training examples"; the curvature calibration alone is a stability bound, not the best step
@@ -25,7 +26,13 @@ from pathlib import Path
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
 from cryostoch.engine.experiment_runs import Plan, read_json, settings_json
 from cryostoch.engine.schedule import run_epochs
-from cryostoch.engine.tune_lr import TUNE_FILE, TuneConfig, tune_learning_rate
+from cryostoch.engine.tune_lr import (
+    DAMPED_METHODS,
+    DEFAULT_DAMPING_MULTIPLES,
+    TUNE_FILE,
+    TuneConfig,
+    tune_learning_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,13 @@ class StudyTuning:
         return max(STUDY_MIN_BUDGET, round(self.run_fraction * run))
 
 
+def _saved_dampings(saved: dict) -> list[float]:
+    """The damping multiples a saved grid tried (none for an undamped method, or one tuned
+    before its damping was)."""
+    return sorted({p["damping_multiple"] for p in saved.get("grid", [])
+                   if p.get("damping_multiple") is not None})
+
+
 def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Path,
                   n_train: int, *, progress: bool, resume: bool) -> dict:
     """The tune_lr.json record for one method: reused on `resume` when it was written with
@@ -84,10 +98,12 @@ def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Pat
     saved = read_json(folder / TUNE_FILE) if resume else None
     tune_base = dataclasses.replace(config, out_dir=str(folder))
     budget = tuning.point_budget(config, n_train)
+    dampings = sorted(DEFAULT_DAMPING_MULTIPLES) if config.optimizer in DAMPED_METHODS else []
     if saved is not None and saved.get("settings") == settings_json(tune_base.to_dict()) \
             and saved.get("budget_per_run") == budget \
             and saved.get("grid_multiples") == list(tuning.multiples) \
-            and saved.get("extend_edges") == tuning.extend_edges:
+            and saved.get("extend_edges") == tuning.extend_edges \
+            and _saved_dampings(saved) == dampings:
         log.info("%s: tuned rate reused from %s", config.optimizer, folder / TUNE_FILE)
         return saved
     tune = TuneConfig(tune_base, multiples=tuning.multiples,
@@ -144,10 +160,10 @@ def tuning_markdown(rows: list[dict], tuning: StudyTuning) -> list[str]:
             f"({', '.join(str(b) for b in budgets)})")
     lines = [f"Step sizes tuned (the paper's protocol): for each method a grid of "
              f"{', '.join(f'{m:g}' for m in tuning.multiples)} x the calibrated rate (TONGA, "
-             f"HF: x 0.1, 1, 10 the default damping too; a choice at the grid's edge tries x 2 "
-             f"past it, up to {tuning.extend_edges} times), each point {each} gradient "
-             f"evaluations on {tuning.subset_images} training images (at most), the lowest "
-             "held-out NLL chosen. In all "
+             f"online L-BFGS, HF: x 0.1, 1, 10 the default damping too; a choice at the "
+             f"grid's edge tries x 2 past it, up to {tuning.extend_edges} times), each point "
+             f"{each} gradient evaluations on {tuning.subset_images} training images (at "
+             "most), the lowest held-out NLL chosen. In all "
              f"{sum(r.get('gradient_evaluations', 0) for r in rows)} gradient evaluations, "
              f"{sum(r.get('seconds', 0.0) for r in rows) / 60:.1f} min.", "",
              "| method | calibrated lr | multiple | lr | damping | multiples added past an "

@@ -2,7 +2,8 @@
 
 The paper tuned each method's base learning rate by hand on a subset of the training data
 (section 4). Here: prepare the particles once, draw a seeded subset of the training images,
-measure the method's calibrated base rate (and, for TONGA and Hessian-free, its damping) with
+measure the method's calibrated base rate (and, for TONGA, online L-BFGS and Hessian-free, its
+damping) with
 one calibrating step, then run one short reconstruction per point of a grid of multiples of
 them, each for the same budget of single-image gradient evaluations from the same random
 start, and choose the point with the lowest held-out NLL (the test images no run trains on,
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 TUNE_FILE = "tune_lr.json"
 DEFAULT_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # the methods with a damping to tune beside the rate: TONGA's regulariser (relative to the top
-# covariance eigenvalue) and Hessian-free's initial Levenberg-Marquardt damping
-DAMPED_METHODS = ("tonga", "hf")
+# covariance eigenvalue), online L-BFGS's model-trust lambda (which bounds its inverse
+# Hessian's gain along flat, noisy directions) and Hessian-free's initial Levenberg-Marquardt
+# damping
+DAMPED_METHODS = ("tonga", "olbfgs", "hf")
 DEFAULT_DAMPING_MULTIPLES = (0.1, 1.0, 10.0)
 
 
@@ -49,7 +52,7 @@ DEFAULT_DAMPING_MULTIPLES = (0.1, 1.0, 10.0)
 class TuneConfig:
     """base: the reconstruction to tune (its out_dir is the tuning folder; lr must be unset);
     multiples: of the calibrated base rate; damping_multiples: of the default damping (TONGA,
-    hf; None: DEFAULT_DAMPING_MULTIPLES for them, none for the others); subset_images:
+    olbfgs, hf; None: DEFAULT_DAMPING_MULTIPLES for them, none for the others); subset_images:
     training images the short runs draw from; budget: gradient evaluations per run (None: two
     passes over the subset); extend_edges: how many times a choice at an edge of the grid of
     multiples extends it past that edge (0: never)."""
@@ -69,8 +72,8 @@ class TuneConfig:
         if self.damping_multiples is not None:
             positive(self.damping_multiples, "--damping-multiples")
             if self.base.optimizer not in DAMPED_METHODS:
-                raise InputError("--damping-multiples", "only tonga and hf have a damping to "
-                                 f"tune, not {self.base.optimizer}")
+                raise InputError("--damping-multiples", "only tonga, olbfgs and hf have a "
+                                 f"damping to tune, not {self.base.optimizer}")
         if self.base.lr is not None:
             raise InputError("--lr", "tune-lr measures the rate; leave --lr out")
         if self.subset_images < self.base.effective_batch_size:
@@ -114,6 +117,8 @@ def calibrated_values(config: ReconstructionConfig, prepared: PreparedRun
     damping = None
     if config.optimizer == "tonga":
         damping = float(optimizer.param_groups[0]["damping"])
+    elif config.optimizer == "olbfgs":
+        damping = float(optimizer.model_trust)
     elif config.optimizer == "hf":
         damping = DAMPING_REL * float(optimizer.calibrated_curvature)
     return rate, damping, run.state.gradient_evaluations

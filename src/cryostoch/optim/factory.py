@@ -17,7 +17,7 @@ adagrad       AdaGrad               eta = 0.1 RMS(x) (RMS(g) / L from x = 0), ep
 tonga         TONGA                 eta_0 = 1 / L, annealed; rank 20, refresh every 20,
                                     damping 1.0 (relative to the top covariance eigenvalue)
 olbfgs        OnlineLBFGS           gain eta_0 = 0.1, annealed; m = 30, H^0 = 1 / L before
-  (lbfgs)                           the first pair, lambda = 1e-3 L
+  (lbfgs)                           the first pair, lambda (damping) = 0.1 L
 hf            HessianFree           step 1 (full CG step), 5 CG iterations, damping
   (hessian_free)                    lambda_0 = 1.0 L adapted by Levenberg-Marquardt, CG warm
                                     start x 0.95; the paper's minibatch is 300
