@@ -475,6 +475,37 @@ def test_resume_starts_again_a_run_stopped_before_its_first_checkpoint(small_set
     assert (tmp_path / "sgd" / RUN_RECORD).exists()
 
 
+def test_resume_starts_afresh_a_run_whose_planned_settings_changed(small_set, tmp_path,
+                                                                   monkeypatch):
+    """A method re-tuned between two invocations (another rate): --resume must not continue
+    (or refuse) the checkpoint of the old settings, nor apply the old run's halvings; it runs
+    the method again from the start with the new plan."""
+    from cryostoch.engine.reconstruct import Reconstruction
+
+    old = [("sgd", halving_config(small_set, tmp_path, 0.5))]
+    experiment_runs.run_methods(old, tmp_path, progress=False, resume=False)
+    (tmp_path / "sgd" / RUN_RECORD).unlink()  # as if stopped after its last checkpoint
+    (tmp_path / "sgd" / experiment_runs.HALVINGS_FILE).write_text('{"halvings": 1}')
+    seen = []
+    real_init = Reconstruction.__init__
+
+    def tracked(self, config, *, resume=False, overwrite=False, progress=True):
+        seen.append((config.lr, resume))
+        real_init(self, config, resume=resume, overwrite=overwrite, progress=progress)
+
+    monkeypatch.setattr(Reconstruction, "__init__", tracked)
+    new = [("sgd", halving_config(small_set, tmp_path, 0.25))]
+    (run,) = experiment_runs.run_methods(new, tmp_path, progress=False, resume=True)
+    assert seen == [(0.25, False)] and run.lr_halvings == 0
+    record = json.loads((tmp_path / "sgd" / RUN_RECORD).read_text())
+    assert record["settings"]["lr"] == 0.25 and record["lr_used"] == 0.25
+    # and the same plan again resumes (here: reuses) rather than starting over
+    seen.clear()
+    (tmp_path / "sgd" / RUN_RECORD).unlink()
+    experiment_runs.run_methods(new, tmp_path, progress=False, resume=True)
+    assert seen == [(0.25, True)]
+
+
 def test_the_one_epoch_column_aligns_the_snapshot_on_its_own(tmp_path):
     """A one-epoch snapshot that is the truth turned 90 degrees about z (exactly, by
     permuting voxels) scores as the truth itself once aligned on its own, although the final

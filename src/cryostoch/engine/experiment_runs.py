@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 RUN_RECORD = "experiment_run.json"
 HALVINGS_FILE = "lr_halvings.json"
+# the planned settings of a started run: a resumed study continues its checkpoint (and its
+# halvings) only when they are still the plan's (a re-tuned rate starts the run afresh)
+STARTED_FILE = "experiment_started.json"
 MAX_LR_HALVINGS = 3
 BASELINES = ("projmatch", "em")
 
@@ -142,9 +145,9 @@ def run_methods(plan: Plan, out: Path, *,
             continue
         log.info("%s: %s", out.name, name)
         start = time.perf_counter()
-        result, earlier, halvings = _run_halving_on_divergence(name, cfg, run_dir,
-                                                               progress=progress,
-                                                               resume=resume)
+        started = _started_with(run_dir, settings)  # always: marks a fresh start too
+        result, earlier, halvings = _run_halving_on_divergence(
+            name, cfg, run_dir, progress=progress, resume=resume and started)
         # wall time, data preparation included, plus any time spent before a resume
         seconds = time.perf_counter() - start + earlier
         run = MethodRun(name, run_dir, result.metrics, result.volume, seconds,
@@ -152,6 +155,19 @@ def run_methods(plan: Plan, out: Path, *,
         _record_run(run, settings)
         runs.append(run)
     return runs
+
+
+def _started_with(run_dir: Path, settings: dict) -> bool:
+    """Whether the run in `run_dir` was started with `settings` (else it starts afresh); marks
+    it so for the run about to start."""
+    saved = read_json(run_dir / STARTED_FILE)
+    same = saved is not None and saved.get("settings") == settings
+    if not same:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / HALVINGS_FILE).unlink(missing_ok=True)
+        with atomic_path(run_dir / STARTED_FILE) as tmp:
+            tmp.write_text(json.dumps({"settings": settings}, default=str))
+    return same
 
 
 def _run_halving_on_divergence(name: str, cfg: ReconstructionConfig | BaselineConfig,
