@@ -181,6 +181,21 @@ def test_adagrad_matches_torch_exactly():
         assert torch.equal(a, b)
 
 
+def test_adagrad_damping_is_torch_adagrad_with_a_larger_eps_and_rate():
+    """damping d: delta = d * RMS of the first gradient over all parameters, the rate times
+    (1 + d); i.e. torch's Adagrad with lr (1 + d) eta and eps + delta."""
+    d, eta = 2.5, 0.1
+    p0, cl0 = _fixed_problem()()
+    cl0()
+    g1 = torch.cat([p.grad.reshape(-1) for p in p0])
+    delta = float(g1.pow(2).mean().sqrt())
+    p1, p2 = _run_pair(lambda p: AdaGrad(p, lr=eta, damping=d),
+                       lambda p: torch.optim.Adagrad(p, lr=(1 + d) * eta, eps=1e-10 + d * delta,
+                                                     foreach=False), 6)
+    for a, b in zip(p1, p2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_adam_matches_torch_exactly(dtype):
     make = _fixed_problem(dtype)
@@ -625,6 +640,7 @@ def test_default_lrs_follow_documented_constants():
     ("nesterov", {"momentum": 1.5}),
     ("nesterov", {"mu_max": 1.0}),
     ("adagrad", {"eps": -1e-10}),
+    ("adagrad", {"damping": -1.0}),
     ("adam", {"betas": (0.9, 1.0)}),
     ("adam", {"betas": (-0.1, 0.999)}),
     ("tonga", {"rank": 0}),

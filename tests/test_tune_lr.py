@@ -88,6 +88,16 @@ def test_tune_lr_tunes_the_model_trust_lambda_of_online_lbfgs(tiny_set, tmp_path
     assert record["optimizer_options"] == {"damping": record["chosen"]["damping"]}
 
 
+def test_tune_lr_tunes_the_delta_of_adagrad_in_units_of_the_first_gradient(tiny_set, tmp_path):
+    out = tmp_path / "adagrad"
+    assert tune(tiny_set, out, "--optimizer", "adagrad", "--multiples", "1",
+                "--damping-multiples", "0.5,4", "--budget", "100") == 0
+    record = json.loads((out / "tune_lr.json").read_text())
+    assert record["base_damping"] == 1.0  # the unit: delta = d x RMS(first gradient)
+    assert [p["damping"] for p in record["grid"]] == [0.5, 4.0]
+    assert record["optimizer_options"] == {"damping": record["chosen"]["damping"]}
+
+
 @pytest.mark.parametrize("extra, says", [
     (("--multiples", "1,-2"), "--multiples"),
     (("--multiples", "a,b"), "--multiples"),

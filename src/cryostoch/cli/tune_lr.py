@@ -1,4 +1,4 @@
-"""Tune a method's learning rate (and tonga's, olbfgs's or hf's damping) on a particle subset.
+"""Tune a method's learning rate (and the damping of adagrad, tonga, olbfgs, hf) on a subset.
 
 Short reconstructions over a grid of multiples of the calibrated base rate, each for the same
 budget of gradient evaluations; the lowest held-out NLL wins. Writes DIR/tune_lr.json, which
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multiples", default="0.25,0.5,1,2,4",
                         help="multiples of the calibrated base rate (default 0.25,0.5,1,2,4)")
     parser.add_argument("--damping-multiples", default=None,
-                        help="tonga, olbfgs and hf: multiples of the default damping, tried "
+                        help="adagrad, tonga, olbfgs, hf: multiples of the default damping, tried "
                              "with every rate (default 0.1,1,10)")
     parser.add_argument("--subset", type=int, default=1000,
                         help="training images the short runs draw from (default 1000)")

@@ -1,7 +1,7 @@
 """The paper's step-size protocol inside the study: each built-in method's base learning rate
-(and TONGA's regulariser, online L-BFGS's lambda, HF's damping) tuned on a subset of the
-training images before its run, with `tune-lr`'s grid (engine/tune_lr.py), and the chosen
-values handed to the run.
+(and AdaGrad's delta, TONGA's regulariser, online L-BFGS's lambda, HF's damping) tuned on a
+subset of the training images before its run, with `tune-lr`'s grid (engine/tune_lr.py), and
+the chosen values handed to the run.
 
 Why: the paper tuned every base rate by hand "by examining performance on a subset of the
 training examples"; the curvature calibration alone is a stability bound, not the best step
@@ -159,8 +159,8 @@ def tuning_markdown(rows: list[dict], tuning: StudyTuning) -> list[str]:
             f"{tuning.run_fraction:.0%} of a method run's, at least {STUDY_MIN_BUDGET} "
             f"({', '.join(str(b) for b in budgets)})")
     lines = [f"Step sizes tuned (the paper's protocol): for each method a grid of "
-             f"{', '.join(f'{m:g}' for m in tuning.multiples)} x the calibrated rate (TONGA, "
-             f"online L-BFGS, HF: x 0.1, 1, 10 the default damping too; a choice at the "
+             f"{', '.join(f'{m:g}' for m in tuning.multiples)} x the calibrated rate (AdaGrad, "
+             f"TONGA, online L-BFGS, HF: x 0.1, 1, 10 the default damping too; a choice at the "
              f"grid's edge tries x 2 past it, up to {tuning.extend_edges} times), each point "
              f"{each} gradient evaluations on {tuning.subset_images} training images (at "
              "most), the lowest held-out NLL chosen. In all "

@@ -2,13 +2,13 @@
 
 The paper tuned each method's base learning rate by hand on a subset of the training data
 (section 4). Here: prepare the particles once, draw a seeded subset of the training images,
-measure the method's calibrated base rate (and, for TONGA, online L-BFGS and Hessian-free, its
-damping) with
-one calibrating step, then run one short reconstruction per point of a grid of multiples of
-them, each for the same budget of single-image gradient evaluations from the same random
-start, and choose the point with the lowest held-out NLL (the test images no run trains on,
-the same as a `reconstruct` run with this seed holds out). Every run uses a fixed rate (no
-recalibration at stage changes), as `reconstruct --lr` does with the chosen value.
+measure the method's calibrated base rate (and, for AdaGrad, TONGA, online L-BFGS and
+Hessian-free, its damping) with one calibrating step, then run one short reconstruction per
+point of a grid of multiples of them, each for the same budget of single-image gradient
+evaluations from the same random start, and choose the point with the lowest held-out NLL
+(the test images no run trains on, the same as a `reconstruct` run with this seed holds
+out). Every run uses a fixed rate (no recalibration at stage changes), as `reconstruct --lr`
+does with the chosen value.
 
 With `extend_edges` > 0, a choice at the grid's largest or smallest multiple (the best rate may
 lie beyond it) adds the next multiple past that edge, at the grid's own ratio there (x 2 on a
@@ -40,22 +40,24 @@ log = logging.getLogger(__name__)
 
 TUNE_FILE = "tune_lr.json"
 DEFAULT_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
-# the methods with a damping to tune beside the rate: TONGA's regulariser (relative to the top
-# covariance eigenvalue), online L-BFGS's model-trust lambda (which bounds its inverse
-# Hessian's gain along flat, noisy directions) and Hessian-free's initial Levenberg-Marquardt
-# damping
-DAMPED_METHODS = ("tonga", "olbfgs", "hf")
+# the methods with a damping to tune beside the rate: AdaGrad's delta (relative to the first
+# gradient's RMS; its default 0 is the plain method, so the grid is of multiples of 1),
+# TONGA's regulariser (relative to the top covariance eigenvalue), online L-BFGS's model-trust
+# lambda (which bounds its inverse Hessian's gain along flat, noisy directions) and
+# Hessian-free's initial Levenberg-Marquardt damping
+DAMPED_METHODS = ("adagrad", "tonga", "olbfgs", "hf")
+ADAGRAD_DAMPING_UNIT = 1.0
 DEFAULT_DAMPING_MULTIPLES = (0.1, 1.0, 10.0)
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     """base: the reconstruction to tune (its out_dir is the tuning folder; lr must be unset);
-    multiples: of the calibrated base rate; damping_multiples: of the default damping (TONGA,
-    olbfgs, hf; None: DEFAULT_DAMPING_MULTIPLES for them, none for the others); subset_images:
-    training images the short runs draw from; budget: gradient evaluations per run (None: two
-    passes over the subset); extend_edges: how many times a choice at an edge of the grid of
-    multiples extends it past that edge (0: never)."""
+    multiples: of the calibrated base rate; damping_multiples: of the default damping (adagrad,
+    TONGA, olbfgs, hf; None: DEFAULT_DAMPING_MULTIPLES for them, none for the others);
+    subset_images: training images the short runs draw from; budget: gradient evaluations per
+    run (None: two passes over the subset); extend_edges: how many times a choice at an edge of
+    the grid of multiples extends it past that edge (0: never)."""
 
     base: ReconstructionConfig
     multiples: tuple[float, ...] = DEFAULT_MULTIPLES
@@ -72,7 +74,7 @@ class TuneConfig:
         if self.damping_multiples is not None:
             positive(self.damping_multiples, "--damping-multiples")
             if self.base.optimizer not in DAMPED_METHODS:
-                raise InputError("--damping-multiples", "only tonga, olbfgs and hf have a "
+                raise InputError("--damping-multiples", "only adagrad, tonga, olbfgs and hf have a "
                                  f"damping to tune, not {self.base.optimizer}")
         if self.base.lr is not None:
             raise InputError("--lr", "tune-lr measures the rate; leave --lr out")
@@ -115,7 +117,9 @@ def calibrated_values(config: ReconstructionConfig, prepared: PreparedRun
     optimizer = run.optimizer
     rate = float(optimizer.param_groups[0]["lr"])
     damping = None
-    if config.optimizer == "tonga":
+    if config.optimizer == "adagrad":
+        damping = ADAGRAD_DAMPING_UNIT
+    elif config.optimizer == "tonga":
         damping = float(optimizer.param_groups[0]["damping"])
     elif config.optimizer == "olbfgs":
         damping = float(optimizer.model_trust)
