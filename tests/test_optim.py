@@ -514,6 +514,7 @@ def test_step_without_closure_counts_the_callers_gradient():
 
 # ----------------------------------------------------------------------------- checkpoints
 ROUND_TRIP_OPTIONS = {
+    "adagrad": {"damping": 2.0},  # delta, from the first gradient, must come back too
     "tonga": {"rank": 2, "refresh_every": 3},
     "olbfgs": {"history": 3},
     "hf": {"cg_iters": 3},

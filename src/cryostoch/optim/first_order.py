@@ -245,10 +245,6 @@ class AdaGrad(CountingOptimizer):
                                       if grads else 0.0)
         return float(glob["first_grad_rms"])
 
-    @property
-    def first_grad_rms(self) -> float | None:
-        return self._global.get("first_grad_rms")
-
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:
         counted = self._begin(closure)
