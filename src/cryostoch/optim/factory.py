@@ -13,7 +13,7 @@ momentum      ClassicalMomentum     eta_0 = (1 - 0.9) / L, annealed; mu_t = pape
 nesterov      NesterovMomentum      as momentum; gradient at the look-ahead point
   (nag)
 adagrad       AdaGrad               eta = 0.1 RMS(x) (RMS(g) / L from x = 0), eps 1e-10,
-                                    not annealed
+                                    not annealed; damping 0 (delta = d RMS(g_1), rate x 1 + d)
 tonga         TONGA                 eta_0 = 1 / L, annealed; rank 20, refresh every 20,
                                     damping 1.0 (relative to the top covariance eigenvalue)
 olbfgs        OnlineLBFGS           gain eta_0 = 0.1, annealed; m = 30, H^0 = 1 / L before
