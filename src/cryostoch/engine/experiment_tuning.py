@@ -26,13 +26,7 @@ from pathlib import Path
 from cryostoch.engine.config import OPTIMIZER_NAMES, ReconstructionConfig
 from cryostoch.engine.experiment_runs import Plan, read_json, settings_json
 from cryostoch.engine.schedule import run_epochs
-from cryostoch.engine.tune_lr import (
-    DAMPED_METHODS,
-    DEFAULT_DAMPING_MULTIPLES,
-    TUNE_FILE,
-    TuneConfig,
-    tune_learning_rate,
-)
+from cryostoch.engine.tune_lr import TUNE_FILE, TuneConfig, tune_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +92,16 @@ def _tuned_record(tuning: StudyTuning, config: ReconstructionConfig, folder: Pat
     saved = read_json(folder / TUNE_FILE) if resume else None
     tune_base = dataclasses.replace(config, out_dir=str(folder))
     budget = tuning.point_budget(config, n_train)
-    dampings = sorted(DEFAULT_DAMPING_MULTIPLES) if config.optimizer in DAMPED_METHODS else []
+    tune = TuneConfig(tune_base, multiples=tuning.multiples,
+                      subset_images=min(tuning.subset_images, n_train), budget=budget,
+                      extend_edges=tuning.extend_edges)
     if saved is not None and saved.get("settings") == settings_json(tune_base.to_dict()) \
             and saved.get("budget_per_run") == budget \
             and saved.get("grid_multiples") == list(tuning.multiples) \
             and saved.get("extend_edges") == tuning.extend_edges \
-            and _saved_dampings(saved) == dampings:
+            and _saved_dampings(saved) == sorted(tune.tuned_dampings or ()):
         log.info("%s: tuned rate reused from %s", config.optimizer, folder / TUNE_FILE)
         return saved
-    tune = TuneConfig(tune_base, multiples=tuning.multiples,
-                      subset_images=min(tuning.subset_images, n_train), budget=budget,
-                      extend_edges=tuning.extend_edges)
     return tune_learning_rate(tune, progress=progress)
 
 
